@@ -1,0 +1,44 @@
+"""Typed configuration of the sparsity core. Built once at the entry point and passed down."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RuntimeConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (CPU); None: torch default")
+    gather_cache_mb: int = Field(512, ge=0, description="byte budget of the gathered-weights LRU")
+    mode: Literal["per_layer", "global"] = "per_layer"
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def apply_threads(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+
+
+class PredictorConfig(BaseModel):
+    """Shapes of the predictors (paper: a 2048-wide unified MLP)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    hidden: int = Field(2048, ge=8, description="width of the unified (shadowllm) predictor")
+    neuron_rank: int = Field(0, ge=0, description="rank of the factored neuron output; 0: full, "
+                             "auto-chosen when (L-1)*F*hidden would exceed max_neuron_params")
+    max_neuron_params: int = Field(8_000_000, ge=1)
+    dejavu_rank: int = Field(128, ge=4, description="width of each per-layer dejavu predictor")
+
+    def rank_for(self, layers: int, ffn: int) -> int:
+        if self.neuron_rank or (layers - 1) * ffn * self.hidden <= self.max_neuron_params:
+            return self.neuron_rank
+        return 128

@@ -1,0 +1,48 @@
+"""Load a causal LM (embedded default, local directory or hub id) into the gated runtime."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapter.config import RuntimeConfig
+from adapter.default_model import resolve_model
+from adapter.runtime import GatedModel
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Loaded:
+    name: str
+    path: str
+    runtime: GatedModel
+    tokenizer: object
+
+
+def load(name: str, config: RuntimeConfig | None = None) -> Loaded:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapter.arch import UnsupportedModel
+
+    try:
+        path = resolve_model(name)
+    except FileNotFoundError as exc:
+        raise ModelLoadError(str(exc)) from None
+    local = Path(path)
+    if local.exists() and not (local / "config.json").exists():
+        raise ModelLoadError(f"{path} is not a saved model: no config.json (save it with save_pretrained)")
+    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise ModelLoadError(f"model path {path} does not exist")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load model {name!r}: {exc}") from None
+    try:
+        runtime = GatedModel(model, config)
+    except UnsupportedModel as exc:
+        raise ModelLoadError(str(exc)) from None
+    return Loaded(name=name, path=path, runtime=runtime, tokenizer=tokenizer)

@@ -1,0 +1,162 @@
+"""Predictor modules and the selection methods the runtime applies per request.
+
+- shadowllm: ONE predictor, run once per request on the output of layer 0's attention
+  block at the last prompt token (D,), min-max normalised per example, scoring every head
+  and FFN neuron of layers 1..L-1. Heads: Linear(D, Hp) -> ReLU -> Linear(Hp, n*H).
+  Neurons: the same trunk shape, with a low-rank factored output when n*F is large
+  (Linear(Hp, n*r) then one (r, F) factor per layer) so it stays small next to the model.
+- dejavu: one small predictor per layer, run at EVERY decode step on the hidden state
+  entering that layer, scoring that layer's heads and neurons for the current token.
+- static: one fixed mask for every input, no predictor.
+
+Shapes: D model dim, n gated layers (L-1), H heads, F FFN neurons, Hp predictor width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adapter import masks
+from adapter.arch import Shape
+
+
+def minmax(u: torch.Tensor) -> torch.Tensor:
+    """Per-example min-max normalisation of the predictor input (ShadowLLM), (B, D)."""
+    lo = u.amin(-1, keepdim=True)
+    hi = u.amax(-1, keepdim=True)
+    return (u - lo) / (hi - lo).clamp_min(1e-6)
+
+
+class UnifiedPredictor(nn.Module):
+    def __init__(self, shape: Shape, hidden: int = 2048, neuron_rank: int = 0):
+        super().__init__()
+        self.shape = shape
+        self.n = shape.layers - 1
+        self.hidden, self.neuron_rank = hidden, neuron_rank
+        d = shape.hidden
+        self.heads = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, self.n * shape.heads))
+        if neuron_rank:
+            self.neurons = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, self.n * neuron_rank))
+            self.neuron_factors = nn.Parameter(torch.randn(self.n, neuron_rank, shape.ffn) / neuron_rank**0.5)
+        else:
+            self.neurons = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, self.n * shape.ffn))
+            self.neuron_factors = None
+
+    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u: (B, D) raw layer-0 attention outputs -> heads (B, n, H), neurons (B, n, F)."""
+        x = minmax(u)
+        heads = self.heads(x).view(-1, self.n, self.shape.heads)
+        z = self.neurons(x)
+        if self.neuron_factors is None:
+            neurons = z.view(-1, self.n, self.shape.ffn)
+        else:
+            neurons = torch.einsum("bnr,nrf->bnf", z.view(-1, self.n, self.neuron_rank), self.neuron_factors)
+        return heads, neurons
+
+
+class LayerPredictor(nn.Module):
+    """DejaVu-style predictor of one layer: Linear(D, 2r) -> ReLU -> (heads H, neurons F)."""
+
+    def __init__(self, shape: Shape, rank: int = 128):
+        super().__init__()
+        self.rank = rank
+        self.trunk = nn.Linear(shape.hidden, 2 * rank)
+        self.heads = nn.Linear(rank, shape.heads)
+        self.neurons = nn.Linear(rank, shape.ffn)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: (N, D) hidden entering the layer -> heads (N, H), neurons (N, F)."""
+        a, b = torch.relu(self.trunk(h)).split(self.rank, dim=-1)
+        return self.heads(a), self.neurons(b)
+
+
+class DejaVuPredictors(nn.Module):
+    def __init__(self, shape: Shape, rank: int = 128):
+        super().__init__()
+        self.shape = shape
+        self.layers = nn.ModuleList(LayerPredictor(shape, rank) for _ in range(shape.layers - 1))
+
+
+# ---- selection methods -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dense:
+    name: str = "dense"
+    sparsity: float = 0.0
+    per_token: bool = False
+
+    def choose(self, shape: Shape, u: torch.Tensor) -> masks.Mask:
+        return masks.full_mask(shape)
+
+
+@dataclass(frozen=True)
+class ShadowLLM:
+    predictor: UnifiedPredictor
+    sparsity: float
+    mode: masks.Mode = "per_layer"
+    name: str = "shadowllm"
+    per_token: bool = False
+
+    def choose(self, shape: Shape, u: torch.Tensor) -> masks.Mask:
+        if self.sparsity == 0.0:
+            return masks.full_mask(shape)
+        heads, neurons = self.predictor(u[None].to(next(self.predictor.parameters()).dtype))
+        return masks.select(shape, heads[0].cpu(), neurons[0].cpu(), self.sparsity, self.mode)
+
+
+@dataclass(frozen=True)
+class Static:
+    mask: masks.Mask
+    sparsity: float
+    name: str = "static"
+    per_token: bool = False
+
+    @classmethod
+    def from_scores(cls, shape: Shape, head_scores: torch.Tensor, neuron_scores: torch.Tensor,
+                    sparsity: float, mode: masks.Mode = "per_layer") -> "Static":
+        return cls(masks.select(shape, head_scores, neuron_scores, sparsity, mode), sparsity)
+
+    def choose(self, shape: Shape, u: torch.Tensor) -> masks.Mask:
+        return self.mask
+
+
+@dataclass(frozen=True)
+class DejaVu:
+    """Per-token selection in decode; the prompt is processed densely (as in DejaVu)."""
+
+    predictors: DejaVuPredictors
+    sparsity: float
+    name: str = "dejavu"
+    per_token: bool = True
+
+    def choose(self, shape: Shape, u: torch.Tensor) -> masks.Mask:
+        return masks.full_mask(shape)
+
+    def counts(self, shape: Shape) -> tuple[int, int]:
+        return masks.keep_count(shape.heads, self.sparsity), masks.keep_count(shape.ffn, self.sparsity)
+
+    def units(self, layer: int, h: torch.Tensor, kh: int, kf: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept heads (Kh,) and neurons (K,) of `layer` (>= 1) for one token h (D,)."""
+        heads, neurons = self.predictors.layers[layer - 1](h[None])
+        return heads[0].topk(kh).indices.sort().values, neurons[0].topk(kf).indices.sort().values
+
+
+def random_unified(shape: Shape, hidden: int, neuron_rank: int = 0, seed: int = 0) -> UnifiedPredictor:
+    torch.manual_seed(seed)
+    return UnifiedPredictor(shape, hidden, neuron_rank).eval().requires_grad_(False)
+
+
+def random_dejavu(shape: Shape, rank: int = 128, seed: int = 0) -> DejaVuPredictors:
+    torch.manual_seed(seed)
+    return DejaVuPredictors(shape, rank).eval().requires_grad_(False)
+
+
+def random_static(shape: Shape, sparsity: float, seed: int = 0) -> Static:
+    g = torch.Generator().manual_seed(seed)
+    n = shape.layers - 1
+    return Static.from_scores(shape, torch.rand(n, shape.heads, generator=g),
+                              torch.rand(n, shape.ffn, generator=g), sparsity)

@@ -1,0 +1,140 @@
+"""`shadowgate eval`: accuracy and perplexity of every method against sparsity, through the
+gated runtime (real sparse execution), plus predictor rank correlations, and the plot.
+
+Predictor folder layout (what `shadowgate predictor build` writes):
+  <dir>/shadowllm-<criterion>/  for each criterion   (the unified predictor)
+  <dir>/dejavu-l2norm/                                (per-layer magnitude predictors)
+  <dir>/static-plainact/                              (one mask from mean importance)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from adapter import evaluate, predictors as P, tasks, traces, training
+from adapter.criteria import CRITERIA
+
+SPARSITIES = (0.3, 0.5, 0.7)
+MODES = ("per_layer", "global")
+
+
+def load_set(folder: Path, shape, fingerprint: str) -> dict[str, training.LoadedPredictor]:
+    found = {}
+    for sub in sorted(Path(folder).glob("*/predictor.json")):
+        found[sub.parent.name] = training.load_predictor(sub.parent, shape, fingerprint)
+    if not found:
+        raise FileNotFoundError(f"no predictors under {folder}: run `shadowgate predictor build`")
+    return found
+
+
+def _configs(preds: dict, sparsities, modes):
+    """(method name, criterion, mode, sparsity, method object) to evaluate."""
+    out = []
+    for s in sparsities:
+        for name, lp in preds.items():
+            if lp.kind == "dejavu":
+                out.append(("dejavu", lp.criterion, "per_layer", s, lp.method(s)))
+            elif lp.kind == "static":
+                for mode in modes:
+                    out.append(("static", lp.criterion, mode, s, lp.method(s, mode, lp.module_shape)))
+            elif lp.criterion == "plainact":
+                for mode in modes:
+                    out.append(("shadowllm", lp.criterion, mode, s, lp.method(s, mode)))
+            else:  # other criteria: per-layer only, to compare criteria
+                out.append(("shadowllm", lp.criterion, "per_layer", s, lp.method(s)))
+    return out
+
+
+def spearman_table(preds: dict, test: traces.TraceSet) -> dict:
+    out = {}
+    x = test.tensors["predictor_input"]
+    for name, lp in preds.items():
+        if lp.kind != "shadowllm":
+            continue
+        yh, yn = training._unified_targets(test, lp.criterion)
+        with torch.no_grad():
+            ph, pn = lp.module(x)
+        out[lp.criterion] = {"heads": round(float(training.spearman(ph, yh).mean()), 4),
+                             "neurons": round(float(training.spearman(pn, yn).mean()), 4)}
+    for name, lp in preds.items():
+        if lp.kind == "static":
+            m = training.static_metrics(test, lp.criterion, lp.module)
+            out[f"static-{lp.criterion}"] = {"heads": round(m["rho_heads"], 4), "neurons": round(m["rho_neurons"], 4)}
+    return out
+
+
+def run_eval(runtime, tokenizer, model_name: str, predictor_dir: Path, data_dir: Path | None,
+             quick: bool = False, plot_path: Path | None = None, sparsities=SPARSITIES, modes=MODES) -> dict:
+    fingerprint = traces.model_fingerprint(runtime.model)
+    preds = load_set(predictor_dir, runtime.shape, fingerprint)
+    per_family = 25 if quick else 100
+    instances = tasks.split("test", per_family)
+    ppl_pairs = evaluate.text_pairs(tokenizer, tasks.heldout_text(100 if quick else 400))
+
+    def measure(method):
+        acc = evaluate.accuracy(evaluate.runtime_score_fn(runtime, method), tokenizer, instances)
+        ppl = evaluate.pair_perplexity(evaluate.runtime_score_fn(runtime, method), ppl_pairs)
+        return acc, ppl
+
+    dense_acc, dense_ppl = measure(P.Dense())
+    results = []
+    configs = _configs(preds, sparsities, modes)
+    for name, criterion, mode, s, method in tqdm(configs, desc="eval", unit="config"):
+        acc, ppl = measure(method)
+        st, _ = runtime.prefill(evaluate.encode_pairs(tokenizer, instances[:1])[0][0], method, 0)
+        results.append({"method": name, "criterion": criterion, "mode": mode, "sparsity": s,
+                        "accuracy": round(acc["mean"], 4), "perplexity": round(ppl, 4),
+                        "effective_sparsity": round(st.effective_sparsity, 4),
+                        "families": {f: round(v, 4) for f, v in acc["families"].items()}})
+    out = {
+        "model": model_name, "n_test": len(instances), "quick": quick,
+        "dense": {"accuracy": round(dense_acc["mean"], 4), "perplexity": round(dense_ppl, 4),
+                  "families": {f: round(v, 4) for f, v in dense_acc["families"].items()}},
+        "results": results,
+    }
+    if data_dir is not None:
+        out["spearman"] = spearman_table(preds, traces.load_split(data_dir, "test"))
+    else:
+        out["spearman"] = {lp.criterion: {"heads": round(lp.config["metrics"]["rho_heads"], 4),
+                                          "neurons": round(lp.config["metrics"]["rho_neurons"], 4)}
+                           for lp in preds.values() if lp.kind == "shadowllm"}
+    if plot_path is not None:
+        plot(out, plot_path)
+        out["plot"] = str(plot_path)
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    lines: dict[str, list] = {}
+    for r in report["results"]:
+        label = f"{r['method']}/{r['criterion']}" + ("" if r["mode"] == "per_layer" else " (global)")
+        lines.setdefault(label, []).append(r)
+    for label, rows in sorted(lines.items()):
+        rows = sorted(rows, key=lambda r: r["sparsity"])
+        xs = [0.0] + [r["sparsity"] for r in rows]
+        style = "--" if "global" in label else "-"
+        axes[0].plot(xs, [report["dense"]["accuracy"]] + [r["accuracy"] for r in rows], style, marker="o", label=label)
+        axes[1].plot(xs, [report["dense"]["perplexity"]] + [r["perplexity"] for r in rows], style, marker="o", label=label)
+    axes[0].set_title("5-shot exact-match accuracy (test split)")
+    axes[0].set_ylabel("accuracy")
+    axes[1].set_title("perplexity of held-out text")
+    axes[1].set_ylabel("perplexity")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("sparsity (fraction of heads and neurons skipped in layers >= 1)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{report['model']}: sparse vs dense (sparsity 0 = dense)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

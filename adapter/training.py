@@ -1,0 +1,228 @@
+"""Predictor training (`shadowgate predictor train`), saving and validated loading.
+
+Targets are normalised per example and per layer to [0, 1] (min-max), the loss is MSE,
+the optimiser AdamW with a cosine schedule, and training stops early on the validation
+Spearman rho (mean over examples and layers of the rank correlation between predicted and
+true scores of one layer's units: the ranking that per-layer selection uses).
+
+A saved predictor is a folder: predictor.safetensors (weights, plus "stats.*" tensors: the
+predictor-input statistics that a drift monitor compares against) and predictor.json (kind,
+criterion, model fingerprint, shape, sizes, normalisation, metrics, dataset). Loading
+checks fingerprint and shape and refuses a predictor built for another model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from adapter import predictors as P
+from adapter.arch import Shape
+from adapter.traces import TraceSet
+
+KINDS = ("shadowllm", "dejavu", "static")
+NORMALISATION = {"input": "minmax_per_example", "targets": "minmax_per_example_per_layer"}
+
+
+class PredictorMismatch(ValueError):
+    """The predictor was built for another model or shape."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 80
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    patience: int = 12
+    hidden: int = 512
+    neuron_rank: int = 64
+    dejavu_rank: int = 64
+    seed: int = 0
+
+
+def normalise(t: torch.Tensor) -> torch.Tensor:
+    """Min-max to [0, 1] over the last dim (units of one layer of one example)."""
+    lo, hi = t.amin(-1, keepdim=True), t.amax(-1, keepdim=True)
+    return (t - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def spearman(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """Rank correlation over the last dim; returns one rho per leading index."""
+    def ranks(x):
+        return x.argsort(-1).argsort(-1).float()
+
+    a, b = ranks(pred), ranks(true)
+    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
+
+
+def _fit(model: torch.nn.Module, inputs: torch.Tensor, targets: tuple[torch.Tensor, ...], forward,
+         evaluate, cfg: TrainConfig, desc: str) -> tuple[torch.nn.Module, dict]:
+    """Shared loop: minibatch MSE over every target, early stopping on evaluate() -> score."""
+    torch.manual_seed(cfg.seed)
+    n = inputs.shape[0]
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    best, best_state, best_metrics, stale = -2.0, None, {}, 0
+    bar = tqdm(range(cfg.epochs), desc=desc, unit="epoch")
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(n)
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            outs = forward(inputs[idx])
+            loss = sum(torch.nn.functional.mse_loss(o, t[idx]) for o, t in zip(outs, targets))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        model.eval()
+        with torch.no_grad():
+            metrics = evaluate()
+        score = sum(metrics.values()) / len(metrics)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
+        if score > best:
+            best, best_state, best_metrics, stale = score, copy.deepcopy(model.state_dict()), metrics, 0
+            best_metrics["epoch"] = epoch
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    return model.eval().requires_grad_(False), best_metrics
+
+
+def _unified_targets(ts: TraceSet, criterion: str):
+    return normalise(ts.heads(criterion)[:, 1:]), normalise(ts.neurons(criterion)[:, 1:])
+
+
+def train_shadowllm(train: TraceSet, val: TraceSet, shape: Shape, criterion: str, cfg: TrainConfig):
+    x, yh, yn = train.tensors["predictor_input"], *_unified_targets(train, criterion)
+    vx, vh, vn = val.tensors["predictor_input"], *_unified_targets(val, criterion)
+    rank = cfg.neuron_rank if (shape.layers - 1) * shape.ffn > 4 * cfg.hidden else 0
+    model = P.UnifiedPredictor(shape, cfg.hidden, rank)
+
+    def evaluate():
+        ph, pn = model(vx)
+        return {"rho_heads": float(spearman(ph, vh).mean()), "rho_neurons": float(spearman(pn, vn).mean())}
+
+    return _fit(model, x, (yh, yn), model, evaluate, cfg, f"train shadowllm/{criterion}")
+
+
+def _token_targets(ts: TraceSet):
+    """Per-token inputs/targets of layers 1..L-1: x (N, L-1, D), heads (N, L-1, H), neurons."""
+    return (ts.tensors["layer_inputs"][:, 1:], normalise(ts.tensors["token_heads_l2"][:, 1:]),
+            normalise(ts.tensors["token_neurons_l2"][:, 1:]))
+
+
+def train_dejavu(train: TraceSet, val: TraceSet, shape: Shape, cfg: TrainConfig):
+    """Magnitude (l2norm) targets per token, one predictor per layer, trained jointly."""
+    x, yh, yn = _token_targets(train)
+    vx, vh, vn = _token_targets(val)
+    model = P.DejaVuPredictors(shape, cfg.dejavu_rank)
+
+    def forward(xb):  # xb (N, L-1, D)
+        outs = [layer(xb[:, i]) for i, layer in enumerate(model.layers)]
+        return torch.stack([o[0] for o in outs], 1), torch.stack([o[1] for o in outs], 1)
+
+    def evaluate():
+        ph, pn = forward(vx)
+        return {"rho_heads": float(spearman(ph, vh).mean()), "rho_neurons": float(spearman(pn, vn).mean())}
+
+    return _fit(model, x, (yh, yn), forward, evaluate, cfg, "train dejavu/l2norm")
+
+
+def static_scores(train: TraceSet, criterion: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean normalised importance over the training traces: one score per unit."""
+    yh, yn = _unified_targets(train, criterion)
+    return yh.mean(0), yn.mean(0)
+
+
+def static_metrics(val: TraceSet, criterion: str, scores) -> dict:
+    vh, vn = _unified_targets(val, criterion)
+    return {"rho_heads": float(spearman(scores[0].expand_as(vh), vh).mean()),
+            "rho_neurons": float(spearman(scores[1].expand_as(vn), vn).mean())}
+
+
+# ---- save / load ---------------------------------------------------------------------------
+
+
+def save_predictor(folder: Path, kind: str, criterion: str, module_or_scores, shape: Shape,
+                   fingerprint: str, metrics: dict, train: TraceSet, cfg: TrainConfig) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "static":
+        tensors = {"heads": module_or_scores[0], "neurons": module_or_scores[1]}
+        sizes = {}
+    else:
+        tensors = dict(module_or_scores.state_dict())
+        sizes = ({"hidden": module_or_scores.hidden, "neuron_rank": module_or_scores.neuron_rank}
+                 if kind == "shadowllm" else {"rank": module_or_scores.layers[0].rank})
+    x = P.minmax(train.tensors["predictor_input"])
+    tensors["stats.input_mean"], tensors["stats.input_std"] = x.mean(0), x.std(0)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "predictor.safetensors"))
+    config = {
+        "kind": kind, "criterion": criterion, "model_fingerprint": fingerprint, "shape": shape.as_dict(),
+        "sizes": sizes, "normalisation": NORMALISATION, "metrics": metrics,
+        "input_stats": {"n": int(x.shape[0]), "mean_of_mean": float(x.mean()), "mean_of_std": float(x.std(0).mean())},
+        "dataset": {"version": train.manifest["version"], "records": len(train)},
+        "train_config": asdict(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (folder / "predictor.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+@dataclass(frozen=True)
+class LoadedPredictor:
+    kind: str
+    criterion: str
+    config: dict
+    module: object  # UnifiedPredictor | DejaVuPredictors | (head_scores, neuron_scores)
+
+    def method(self, sparsity: float, mode: str = "per_layer", shape: Shape | None = None):
+        if self.kind == "shadowllm":
+            return P.ShadowLLM(self.module, sparsity, mode)
+        if self.kind == "dejavu":
+            return P.DejaVu(self.module, sparsity)
+        return P.Static.from_scores(shape or self.module_shape, self.module[0], self.module[1], sparsity, mode)
+
+    @property
+    def module_shape(self) -> Shape:
+        return Shape(**self.config["shape"])
+
+
+def load_predictor(folder: Path, shape: Shape, fingerprint: str) -> LoadedPredictor:
+    folder = Path(folder)
+    cfg_path = folder / "predictor.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{folder} holds no predictor (predictor.json missing)")
+    config = json.loads(cfg_path.read_text())
+    if config.get("kind") not in KINDS:
+        raise PredictorMismatch(f"{folder}: unknown predictor kind {config.get('kind')!r}")
+    if config["shape"] != shape.as_dict():
+        raise PredictorMismatch(
+            f"predictor {folder} was built for a model of shape {config['shape']}, "
+            f"but the loaded model has shape {shape.as_dict()}")
+    if config["model_fingerprint"] != fingerprint:
+        raise PredictorMismatch(
+            f"predictor {folder} was built for model {config['model_fingerprint']}, "
+            f"not for the loaded model {fingerprint}")
+    tensors = load_file(str(folder / "predictor.safetensors"))
+    state = {k: v for k, v in tensors.items() if not k.startswith("stats.")}
+    if config["kind"] == "static":
+        return LoadedPredictor("static", config["criterion"], config, (state["heads"], state["neurons"]))
+    if config["kind"] == "shadowllm":
+        module = P.UnifiedPredictor(shape, config["sizes"]["hidden"], config["sizes"]["neuron_rank"])
+    else:
+        module = P.DejaVuPredictors(shape, config["sizes"]["rank"])
+    module.load_state_dict(state)
+    return LoadedPredictor(config["kind"], config["criterion"], config, module.eval().requires_grad_(False))
