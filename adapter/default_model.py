@@ -43,10 +43,15 @@ class RecipeConfig:
     text_fraction: float = 0.1
     seed: int = 0
     max_positions: int = 128
+    stage2_steps: int = 0
+    stage2_lr: float = 5e-4
+    stage2_induction: float = 0.25
+    stage2_threads: int | None = None  # stage 2 was run single-threaded (it shared the machine)
 
 
 RECIPES = {
-    "llama": RecipeConfig("llama", hidden=256, layers=6, heads=8, kv_heads=2, ffn=512, steps=1500),
+    "llama": RecipeConfig("llama", hidden=256, layers=6, heads=8, kv_heads=2, ffn=512, steps=1500,
+                         stage2_steps=500, stage2_threads=1),
     "opt": RecipeConfig("opt", hidden=128, layers=4, heads=4, kv_heads=4, ffn=512, steps=400),
 }
 
@@ -112,54 +117,58 @@ def make_config(recipe: RecipeConfig, tokenizer):
     )
 
 
-def _batches(tokenizer, recipe: RecipeConfig, rng: random.Random, n: int):
-    """Rows of one instance each (or grammar text), right-padded; loss on every real token."""
+def _rows(recipe: RecipeConfig, rng: random.Random, n: int, stage2: bool):
+    """Training rows (text) for n steps. Stage 1: suite instances plus grammar text. Stage 2
+    adds rows that only induction solves (a random word sequence, ";", the same sequence
+    again) and draws half of the suite rows from the two in-context recall families: the
+    copy-from-context circuit they need forms slowly from the suite alone."""
     train = tasks.split("train", 20_000)
     text = tasks.plain_text(50_000)
     rng.shuffle(train)
+    recall = [inst for inst in train if inst.family in ("table_lookup", "kv_recall")]
+    words = [w for w in tasks.vocabulary() if w != ";"]
     cursor = 0
     for _ in range(n):
         rows = []
         for _ in range(recipe.batch_size):
-            if rng.random() < recipe.text_fraction:
+            r = rng.random()
+            if r < recipe.text_fraction:
                 k = rng.randrange(len(text) - 6)
                 rows.append(" ".join(text[k:k + 6]))
+            elif stage2 and r < recipe.text_fraction + recipe.stage2_induction:
+                seq = " ".join(rng.choice(words) for _ in range(rng.randrange(8, 17)))
+                rows.append(f"{seq} ; {seq} ;")
+            elif stage2 and rng.random() < 0.5:
+                rows.append(rng.choice(recall).text + " ;")
+            elif stage2:
+                rows.append(rng.choice(train).text + " ;")
             else:
                 rows.append(train[cursor % len(train)].text + " ;")
                 cursor += 1
-        enc = tokenizer([f"<bos> {r}" for r in rows], padding=True, return_tensors="pt",
-                        add_special_tokens=False)
-        ids = enc["input_ids"][:, : recipe.max_positions]
-        mask = enc["attention_mask"][:, : recipe.max_positions]
-        labels = ids.masked_fill(mask == 0, -100)
-        yield ids, mask, labels
+        yield rows
 
 
-def train_model(recipe: RecipeConfig, tokenizer, out_dir: Path, threads: int) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(recipe.seed)
-    torch.set_num_threads(threads)
-    config = make_config(recipe, tokenizer)
-    model = AutoModelForCausalLM.from_config(config).float()
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
-                            betas=(0.9, 0.95))
+def _train_stage(model, tokenizer, recipe: RecipeConfig, steps: int, lr: float, seed: int,
+                 stage2: bool, desc: str) -> tuple[int, float]:
+    """AdamW, linear warm-up then cosine to 5% of lr; loss on every real token."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.95))
 
     def lr_at(step: int) -> float:
         if step < recipe.warmup:
             return (step + 1) / recipe.warmup
-        frac = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+        frac = (step - recipe.warmup) / max(1, steps - recipe.warmup)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    rng = random.Random(recipe.seed)
     model.train()
-    start = time.perf_counter()
-    tokens = 0
-    bar = tqdm(_batches(tokenizer, recipe, rng, recipe.steps), total=recipe.steps,
-               desc=f"train {recipe.family}")
-    for step, (ids, mask, labels) in enumerate(bar):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    tokens, loss = 0, torch.tensor(0.0)
+    bar = tqdm(_rows(recipe, random.Random(seed), steps, stage2), total=steps, desc=desc)
+    for step, rows in enumerate(bar):
+        enc = tokenizer([f"<bos> {r}" for r in rows], padding=True, return_tensors="pt",
+                        add_special_tokens=False)
+        ids = enc["input_ids"][:, : recipe.max_positions]
+        mask = enc["attention_mask"][:, : recipe.max_positions]
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -168,18 +177,42 @@ def train_model(recipe: RecipeConfig, tokenizer, out_dir: Path, threads: int) ->
         tokens += int(mask.sum())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    seconds = time.perf_counter() - start
     model.eval()
+    return tokens, float(loss.detach())
+
+
+def train_model(recipe: RecipeConfig, tokenizer, out_dir: Path, threads: int,
+                resume_stage1: Path | None = None) -> dict:
+    """Both stages of the recipe. `resume_stage1` starts from a saved stage-1 result (the
+    same weights stage 1 produces with the same threads), to skip recomputing it."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    tokens = 0
+    if resume_stage1 is not None:
+        model = AutoModelForCausalLM.from_pretrained(resume_stage1).float()
+    else:
+        torch.manual_seed(recipe.seed)
+        model = AutoModelForCausalLM.from_config(make_config(recipe, tokenizer)).float()
+        tokens, loss = _train_stage(model, tokenizer, recipe, recipe.steps, recipe.lr, recipe.seed,
+                                    False, f"train {recipe.family} stage 1")
+    if recipe.stage2_steps:
+        torch.set_num_threads(recipe.stage2_threads or threads)
+        torch.manual_seed(recipe.seed + 1)
+        t2, loss = _train_stage(model, tokenizer, recipe, recipe.stage2_steps, recipe.stage2_lr,
+                                recipe.seed + 1, True, f"train {recipe.family} stage 2")
+        tokens += t2
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    return {"train_seconds": round(seconds, 1), "train_tokens": tokens,
-            "params": sum(p.numel() for p in model.parameters()),
-            "final_loss": round(float(loss.detach()), 4)}
+    return {"train_seconds": round(time.perf_counter() - start, 1), "train_tokens": tokens,
+            "params": sum(p.numel() for p in model.parameters()), "final_loss": round(loss, 4),
+            "resumed_stage1": resume_stage1 is not None}
 
 
 def build(families: list[str], out_root: Path, threads: int = 2,
-          steps: dict[str, int] | None = None) -> dict:
+          steps: dict[str, int] | None = None, resume_stage1: dict[str, Path] | None = None) -> dict:
     """Run the recipe for `families`; returns the figures written to build.json."""
     from adapter.evaluate import dense_accuracy
 
@@ -190,7 +223,7 @@ def build(families: list[str], out_root: Path, threads: int = 2,
         if steps and family in steps:
             recipe = RecipeConfig(**{**asdict(recipe), "steps": steps[family]})
         out_dir = out_root / family
-        figures = train_model(recipe, tokenizer, out_dir, threads)
+        figures = train_model(recipe, tokenizer, out_dir, threads, (resume_stage1 or {}).get(family))
         figures["test_accuracy"] = dense_accuracy(str(out_dir), per_family=100)
         figures["recipe"] = asdict(recipe)
         figures["threads"] = threads

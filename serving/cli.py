@@ -252,6 +252,11 @@ def eval_cmd(
     Console().print(f"spearman: {json.dumps(report['spearman'])}\nplot: {report['plot']}")
 
 
+from serving import cli_service  # noqa: E402  (service commands live beside the core ones)
+
+cli_service.register(app, bench_app)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
