@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= 3 + 4 = 7 ; 2 + 5 = 7 ; 9 + 9 = 8 ; 1 + 0 = 1 ; 6 + 2 = 8 ; 4 + 4 =
 
-.PHONY: run test venv bench clean
+.PHONY: run test venv bench clean redis
 
 venv: $(STAMP)
 
@@ -16,11 +16,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-run: $(STAMP)
-	$(BIN)/shadowgate generate --model default --method shadowllm --sparsity 0.5 \
-		--max-tokens 4 --prompt "$(PROMPT)"
+# the service tests and `shadowgate up` start their own redis-server where none answers
+redis:
+	command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server) || (sudo apt-get update && sudo apt-get install -y redis-server)
 
-test: $(STAMP)
+run: $(STAMP) redis
+	$(BIN)/shadowgate up
+
+test: $(STAMP) redis
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -126,12 +126,15 @@ class Static:
 
 @dataclass(frozen=True)
 class DejaVu:
-    """Per-token selection in decode; the prompt is processed densely (as in DejaVu)."""
+    """Per-token selection at every layer >= 1. With sparse_prompt (the default) prompt
+    tokens are gated too, one token at a time, so quality comparisons against sequence-level
+    methods are fair; without it the prompt runs densely and only decode is sparse."""
 
     predictors: DejaVuPredictors
     sparsity: float
     name: str = "dejavu"
     per_token: bool = True
+    sparse_prompt: bool = True
 
     def choose(self, shape: Shape, u: torch.Tensor) -> masks.Mask:
         return masks.full_mask(shape)

@@ -67,12 +67,13 @@ def spearman_table(preds: dict, test: traces.TraceSet) -> dict:
 
 
 def run_eval(runtime, tokenizer, model_name: str, predictor_dir: Path, data_dir: Path | None,
-             quick: bool = False, plot_path: Path | None = None, sparsities=SPARSITIES, modes=MODES) -> dict:
+             quick: bool = False, plot_path: Path | None = None, sparsities=SPARSITIES, modes=MODES,
+             per_family: int | None = None, text_sentences: int | None = None) -> dict:
     fingerprint = traces.model_fingerprint(runtime.model)
     preds = load_set(predictor_dir, runtime.shape, fingerprint)
-    per_family = 25 if quick else 100
+    per_family = per_family or (25 if quick else 100)
     instances = tasks.split("test", per_family)
-    ppl_pairs = evaluate.text_pairs(tokenizer, tasks.heldout_text(100 if quick else 400))
+    ppl_pairs = evaluate.text_pairs(tokenizer, tasks.heldout_text(text_sentences or (100 if quick else 400)))
 
     def measure(method):
         acc = evaluate.accuracy(evaluate.runtime_score_fn(runtime, method), tokenizer, instances)

@@ -189,7 +189,14 @@ class GatedModel:
         st.effective_sparsity = self._effective(method, st.mask)
         for layer in range(1, self.shape.layers):
             self._alloc(st, layer, st.weights[layer].attn.n_groups, cap, h.dtype)
-            h, _ = self._seq_layer(st, layer, h, rope, 0)
+            if getattr(method, "per_token", False) and getattr(method, "sparse_prompt", False):
+                # per-token selection on prompt tokens too, one token at a time (causal: each
+                # token's keys are cached before the next token of the same layer attends)
+                h = torch.cat([self._dejavu_layer(st, layer, h[i:i + 1],
+                                                  None if rope is None else (rope[0][i:i + 1], rope[1][i:i + 1]), i)
+                               for i in range(t)])
+            else:
+                h, _ = self._seq_layer(st, layer, h, rope, 0)
         st.length = t
         return st, self.view.logits(h if all_logits else h[-1:])
 
@@ -221,6 +228,12 @@ class GatedModel:
         for i, st in enumerate(seqs):
             key = ("token", i) if st.method.per_token else st.mask.key
             groups.setdefault(key, []).append(i)
+        if len(groups) == 1 and not seqs[0].method.per_token:  # one shared mask: no row shuffling
+            for layer in range(self.shape.layers):
+                h = self._group_layer(seqs, layer, h, cos_sin)
+            for st in seqs:
+                st.length += 1
+            return self.view.logits(h)
         for layer in range(self.shape.layers):
             out = torch.empty_like(h)
             for key, idx in groups.items():
@@ -269,7 +282,7 @@ class GatedModel:
                               for ref in self.view.layers]
         return self._dejavu_t
 
-    def _dejavu_layer(self, st: Sequence, layer: int, h: torch.Tensor, rope) -> torch.Tensor:
+    def _dejavu_layer(self, st: Sequence, layer: int, h: torch.Tensor, rope, pos: int | None = None) -> torch.Tensor:
         """DejaVu-style layer for one token h (1, D): the predictor picks heads and neurons
         from the hidden state entering the layer; all KV groups are computed and cached."""
         ref, method, shape = self.view.layers[layer], st.method, self.shape
@@ -282,7 +295,7 @@ class GatedModel:
             q = F.linear(x, ref.wq.index_select(0, rows_q), None if ref.bq is None else ref.bq[rows_q])
             k, v = F.linear(x, ref.wk, ref.bk), F.linear(x, ref.wv, ref.bv)
             q2g = heads // shape.group_size
-            o = self._attend(st, layer, q, k, v, kh, shape.kv_heads, q2g, rope, st.length)
+            o = self._attend(st, layer, q, k, v, kh, shape.kv_heads, q2g, rope, st.length if pos is None else pos)
             out = F.embedding_bag(rows_q[None], wo_t, per_sample_weights=o, mode="sum")
             return out if ref.bo is None else out + ref.bo
 

@@ -222,6 +222,8 @@ def eval_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="Trace dataset (its test split gives Spearman rho)."),
     plot: Path = typer.Option(Path("docs/eval.png"), "--plot", help="Where to write the PNG plot."),
     with_09: bool = typer.Option(False, "--with-0.9", help="Also evaluate sparsity 0.9."),
+    per_family: Optional[int] = typer.Option(None, "--per-family", min=1,
+                                             help="Test prompts per family (default 100, 25 with --quick)."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Accuracy and perplexity against sparsity for every method, through the gated runtime."""
@@ -235,7 +237,9 @@ def eval_cmd(
     try:
         report = quality.run_eval(loaded.runtime, loaded.tokenizer, name,
                                   predictors or default_predictor_dir(name),
-                                  data if data.exists() else None, quick, plot, sparsities)
+                                  data if data.exists() else None, quick, plot, sparsities,
+                                  per_family=per_family,
+                                  text_sentences=None if per_family is None else 4 * per_family)
     except (FileNotFoundError, PredictorMismatch, ValueError) as exc:
         fail(str(exc))
     if as_json:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from adapter.config import RuntimeConfig
 
@@ -28,12 +28,117 @@ class ModelSettings(BaseModel):
     name: str = "default"  # default | default-llama | default-opt | local path | hub id
 
 
+class KeyPolicy(BaseModel):
+    """What one API key (a tenant or use case) may do. A domain that tolerates no
+    approximation gets max_sparsity 0; shadow samples hold prompt tokens, hence the opt-out
+    and the retention time of its stored samples."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    min_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
+    max_sparsity: float = Field(0.9, ge=0.0, lt=1.0)
+    shadow: bool = True
+    shadow_retention_s: int = Field(7 * 86400, ge=1)
+    rate_limit_per_min: int | None = Field(None, ge=1, description="requests per minute; None: unlimited")
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_sparsity > self.max_sparsity:
+            raise ValueError(f"min_sparsity {self.min_sparsity} exceeds max_sparsity {self.max_sparsity}")
+        return self
+
+
+class ApiKey(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    key: SecretStr
+    name: str | None = None  # shown in audit records and metrics instead of the secret
+    policy: KeyPolicy | None = None  # None: the default policy
+
+
+class RedisSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    url: str = "redis://127.0.0.1:6379/0"
+    start_local: bool = True  # `shadowgate up` starts a redis-server when none answers at url
+    prefix: str = "shadowgate"  # every key and stream lives under this prefix
+
+
+class MlflowSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    tracking_uri: str = "http://127.0.0.1:5000"
+    start_local: bool = True  # `shadowgate up` starts a lean server when none answers
+    registered_model: str = "shadowgate-predictor"
+    bootstrap_per_family: int = Field(60, ge=1, description="suite instances per family when the "
+                                      "first predictor must be trained (nothing shipped)")
+    bootstrap_epochs: int = Field(30, ge=1)
+
+
+class RaySettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    address: str | None = None  # None: `shadowgate up` starts a local head
+    num_cpus: float = Field(2, gt=0)
+    dashboard: bool = False
+    object_store_mb: int = Field(200, ge=75)
+
+
+class ControlDefaults(BaseModel):
+    """The control state a fresh deployment starts from (generation 1). At run time the
+    document in Redis rules; these are only its first values."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    shadow_rate: float = Field(0.05, ge=0.0, le=1.0)
+    canary_share: float = Field(0.0, ge=0.0, le=1.0)
+    fallback: Literal["none", "dense", "lower"] = "none"
+
+
+class ServeSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    llm_replicas: int = Field(1, ge=1)
+    shadow_replicas: int = Field(1, ge=1)
+    replica_cpus: float = Field(0.25, ge=0.0)
+    max_ongoing_requests: int = Field(32, ge=1)
+    shadow_max_inflight: int = Field(4, ge=1, description="shadow runs in flight per gateway; beyond "
+                                      "this a sampled request is dropped and counted")
+    shadow_stream_maxlen: int = Field(10_000, ge=10)
+    audit_retention_s: int = Field(7 * 86400, ge=1)
+    reconcile_s: float = Field(5.0, gt=0, description="period of the control-state reconcile poll")
+    max_tokens_limit: int = Field(256, ge=1)
+    route_prefix: str = "/"
+    defaults: ControlDefaults = ControlDefaults()
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SHADOWGATE_", env_nested_delimiter="__",
                                       extra="forbid", frozen=True)
 
     model: ModelSettings = ModelSettings()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    # the HTTP API
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    # SHADOWGATE_API_KEYS="k1,k2" (plain keys, default policy) or, in YAML, a list of
+    # {key, name, policy} entries
+    api_keys: Annotated[list[ApiKey], NoDecode] = []
+    admin_key: SecretStr | None = None
+    default_policy: KeyPolicy = KeyPolicy()
+    state_dir: Path = Path.home() / ".shadowgate"  # generated keys, launcher state, local services' data
+
+    redis: RedisSettings = RedisSettings()
+    mlflow: MlflowSettings = MlflowSettings()
+    ray: RaySettings = RaySettings()
+    serve: ServeSettings = ServeSettings()
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_keys(cls, value):
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return [{"key": v} if isinstance(v, str) else v for v in value]
+
+    def policy_for(self, entry: ApiKey) -> KeyPolicy:
+        return entry.policy or self.default_policy
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings,

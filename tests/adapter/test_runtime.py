@@ -205,3 +205,16 @@ def test_seeded_sampling_is_reproducible():
     a = gm.generate([prompt()], P.Dense(), 8, sp)[0].token_ids
     b = gm.generate([prompt()], P.Dense(), 8, sp)[0].token_ids
     assert a == b
+
+
+def test_dejavu_sparse_prompt_equals_token_by_token_decode():
+    gm = GatedModel(tiny_llama())
+    method = P.DejaVu(P.random_dejavu(gm.shape, 8), 0.5)
+    ids = prompt()
+    st, last = gm.prefill(ids, method, 0)
+    st1, _ = gm.prefill(ids[:1], method, len(ids))
+    for tok in ids[1:]:
+        step = gm.decode([st1], torch.tensor([tok]))
+    torch.testing.assert_close(last, step, atol=ATOL, rtol=0)
+    dense = P.DejaVu(method.predictors, 0.5, sparse_prompt=False)
+    assert not torch.allclose(gm.prefill(ids, dense, 0)[1], last, atol=1e-3)

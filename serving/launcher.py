@@ -1,0 +1,287 @@
+"""`shadowgate up` / `shadowgate down`: one machine's service, started in the foreground.
+
+`up` starts what is missing (a redis-server when none answers at the configured URL, a
+lean MLflow server on SQLite + local artifacts when none answers at the tracking URI, a
+local Ray head unless an address is configured), registers a first predictor on an empty
+registry, deploys the Serve app and waits until it is ready. It records what it started
+(pids) in a state file; `down` stops exactly those, by signalling `up`, which tears down
+in order (Serve, Ray, MLflow, Redis), and then by pid for anything left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import redis
+
+from serving.keys import key_file, with_keys
+from serving.settings import Settings
+
+log = logging.getLogger("shadowgate.up")
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def state_file(settings: Settings) -> Path:
+    return settings.state_dir / "up.json"
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
+
+
+def mlflow_answers(uri: str) -> bool:
+    try:
+        return httpx.get(uri.rstrip("/") + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _wait(check, what: str, timeout: float, proc: subprocess.Popen | None = None, log_path: Path | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.3)
+    hint = f"; see {log_path}" if log_path else ""
+    raise LaunchError(f"{what} did not come up within {timeout:.0f} s{hint}")
+
+
+def _spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    out = open(log_path, "ab")
+    # own session: `down` signals exactly this process group, nothing else
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                            start_new_session=True)
+
+
+def start_redis(settings: Settings) -> subprocess.Popen | None:
+    url = settings.redis.url
+    if redis_answers(url):
+        log.info("Redis answers at %s: using it", _redacted(url))
+        return None
+    parts = urlparse(url)
+    if not settings.redis.start_local or parts.hostname not in LOCAL_HOSTS:
+        raise LaunchError(f"no Redis answers at {_redacted(url)} and starting one there is not configured")
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise LaunchError("redis-server is not installed: `apt-get install -y redis-server` (or point "
+                          "SHADOWGATE_REDIS__URL at a running Redis)")
+    folder = settings.state_dir / "redis"
+    folder.mkdir(parents=True, exist_ok=True)
+    # append-only file: control state and samples survive a restart of the service
+    proc = _spawn([exe, "--bind", parts.hostname, "--port", str(parts.port or 6379), "--dir", str(folder),
+                   "--appendonly", "yes", "--save", ""], settings.state_dir / "logs" / "redis.log")
+    _wait(lambda: redis_answers(url), "redis-server", 20, proc, settings.state_dir / "logs" / "redis.log")
+    log.info("started redis-server (pid %d) at %s", proc.pid, _redacted(url))
+    return proc
+
+
+def start_mlflow(settings: Settings) -> subprocess.Popen | None:
+    uri = settings.mlflow.tracking_uri
+    if not uri.startswith("http"):
+        return None  # a local store (sqlite:///, file paths): no server needed
+    if mlflow_answers(uri):
+        log.info("MLflow answers at %s: using it", uri)
+        return None
+    parts = urlparse(uri)
+    if not settings.mlflow.start_local or parts.hostname not in LOCAL_HOSTS:
+        raise LaunchError(f"no MLflow server answers at {uri} and starting one there is not configured")
+    folder = (settings.state_dir / "mlflow").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    logf = settings.state_dir / "logs" / "mlflow.log"
+    proc = _spawn([sys.executable, "-m", "mlflow", "server", "--host", parts.hostname,
+                   "--port", str(parts.port or 5000), "--workers", "1",
+                   "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+                   "--artifacts-destination", str(folder / "artifacts")], logf,
+                  env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"})
+    _wait(lambda: mlflow_answers(uri), "MLflow server", 120, proc, logf)
+    log.info("started MLflow server (pid %d) at %s", proc.pid, uri)
+    return proc
+
+
+def _redacted(url: str) -> str:
+    parts = urlparse(url)
+    if parts.password:
+        return url.replace(parts.password, "***")
+    return url
+
+
+def start_ray(settings: Settings) -> str | None:
+    import ray
+
+    if settings.ray.address:
+        ray.init(address=settings.ray.address, log_to_driver=True)
+        return None
+    # a single-user local head: Ray 2.60's token auth needs a token file it does not write
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # address="local": a new head of our own, never one that happens to run here already
+    ctx = ray.init(address="local", num_cpus=settings.ray.num_cpus, include_dashboard=settings.ray.dashboard,
+                   object_store_memory=settings.ray.object_store_mb << 20)
+    return getattr(ctx, "dashboard_url", None) or None
+
+
+def bootstrap_registry(settings: Settings) -> str:
+    from adapter.model_loading import load
+    from jobs.bootstrap import ensure_champion
+    from jobs.registry import PredictorRegistry
+
+    registry = PredictorRegistry(settings.mlflow.tracking_uri, settings.mlflow.registered_model)
+    if registry.resolve("champion") is not None:
+        return registry.resolve("champion")
+    loaded = load(settings.model.name, settings.runtime.model_copy(update={"dtype": "float32"}))
+    return ensure_champion(registry, settings.model.name, loaded, settings.mlflow.bootstrap_per_family,
+                           settings.mlflow.bootstrap_epochs)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame):
+    raise _Stop()
+
+
+def up(settings: Settings, say=print) -> None:
+    """Start everything that is missing and serve until interrupted (Ctrl-C or `down`)."""
+    path = state_file(settings)
+    if path.exists():
+        old = json.loads(path.read_text())
+        if _alive(old.get("pid")):
+            raise LaunchError(f"shadowgate is already up (pid {old['pid']}); run `shadowgate down` first")
+        path.unlink()
+    settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings, notes = with_keys(settings)
+    started: dict[str, int] = {}
+    procs: list[tuple[str, subprocess.Popen]] = []
+    ray_started = False
+
+    def record():
+        path.write_text(json.dumps({"pid": os.getpid(), "children": started, "ray_local": ray_started,
+                                    "api": f"http://{settings.host}:{settings.port}"}, indent=2))
+
+    signal.signal(signal.SIGTERM, _raise_stop)
+    record()
+    try:
+        for name, start in (("redis", start_redis), ("mlflow", start_mlflow)):
+            proc = start(settings)
+            if proc is not None:
+                procs.append((name, proc))
+                started[name] = proc.pid
+                record()
+        dashboard = start_ray(settings)
+        ray_started = settings.ray.address is None
+        signal.signal(signal.SIGTERM, _raise_stop)  # ray.init installs its own, which exits at once
+        record()
+        version = bootstrap_registry(settings)
+        log.info("predictor champion: %s version %s", settings.mlflow.registered_model, version)
+        from serving.app import deploy
+
+        deploy(settings)
+        api = f"http://{settings.host}:{settings.port}"
+        _wait(lambda: _ready(api), "the Serve app", 300)
+        say(f"shadowgate is up\n  API:        {api}/v1  (health {api}/healthz, ready {api}/readyz, "
+            f"metrics {api}/metrics)\n  MLflow UI:  {settings.mlflow.tracking_uri}")
+        if dashboard:
+            say(f"  Ray dashboard: http://{dashboard}")
+        for note in notes:
+            say(f"  {note}")
+        bearer = (f"$(cat {key_file(settings, 'api')})" if any(n.startswith("API key") for n in notes)
+                  else "$YOUR_API_KEY")
+        say(f"  try: curl -s {api}/v1/completions -H \"Authorization: Bearer {bearer}\" "
+            "-H 'Content-Type: application/json' "
+            "-d '{\"prompt\": \"3 + 4 = 7 ; 2 + 2 =\", \"max_tokens\": 4, \"temperature\": 0}'")
+        say("  stop with Ctrl-C or `shadowgate down`")
+        while True:
+            time.sleep(1)
+    except (KeyboardInterrupt, _Stop):
+        say("shutting down")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _teardown(ray_started, procs)
+        path.unlink(missing_ok=True)
+
+
+def _ready(api: str) -> bool:
+    try:
+        return httpx.get(api + "/readyz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _teardown(ray_started: bool, procs: list[tuple[str, subprocess.Popen]]) -> None:
+    try:
+        import ray
+        from ray import serve
+
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+    except Exception:
+        log.exception("Ray shutdown failed")
+    for name, proc in reversed(procs):
+        _stop_group(proc.pid)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            _stop_group(proc.pid, signal.SIGKILL)
+        log.info("stopped %s (pid %d)", name, proc.pid)
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _stop_group(pid: int, sig: int = signal.SIGTERM) -> None:
+    try:
+        os.killpg(pid, sig)  # the child was started in its own session: pgid == pid
+    except ProcessLookupError:
+        pass
+
+
+def down(settings: Settings, timeout: float = 90, say=print) -> bool:
+    """Stop what `up` started; False when nothing was up."""
+    path = state_file(settings)
+    if not path.exists():
+        say(f"nothing to stop: no state file at {path}")
+        return False
+    state = json.loads(path.read_text())
+    pid = state.get("pid")
+    if _alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + timeout
+        while _alive(pid) and time.time() < deadline:
+            time.sleep(0.5)
+    for name, child in state.get("children", {}).items():  # `up` died without cleaning up
+        if _alive(child):
+            _stop_group(child)
+            say(f"stopped {name} (pid {child})")
+    path.unlink(missing_ok=True)
+    say(f"stopped shadowgate (pid {pid})")
+    return True

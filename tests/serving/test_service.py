@@ -1,0 +1,302 @@
+"""The Serve app end to end: a real Ray Serve app, a real Redis, a real MLflow registry
+(SQLite store), driven over HTTP with httpx and the openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import statistics
+import time
+
+import httpx
+import pytest
+import redis
+import torch
+
+from serving.control import canary_arm
+from tests.serving.conftest import free_port
+
+pytestmark = pytest.mark.service
+
+KEY, STRICT, NOSHADOW, LIMITED, ADMIN = "sk-test-main", "sk-test-strict", "sk-test-noshadow", "sk-test-limited", "adm-test"
+PROMPT = "3 + 4 = 7 ; 2 + 2 = 4 ; 1 + 5 ="
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_dir, redis_url, registry_uri, tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from adapter.model_loading import load
+    from jobs.bootstrap import ensure_champion
+    from jobs.registry import PredictorRegistry
+    from serving.app import deploy
+    from serving.settings import load_settings
+
+    port = free_port()
+    settings = load_settings(
+        None, model={"name": str(tiny_model_dir)}, runtime={"threads": 1}, port=port,
+        api_keys=[{"key": KEY, "name": "main"},
+                  {"key": STRICT, "name": "strict", "policy": {"max_sparsity": 0.0}},
+                  {"key": NOSHADOW, "name": "noshadow", "policy": {"shadow": False}},
+                  {"key": LIMITED, "name": "limited", "policy": {"rate_limit_per_min": 3}}],
+        admin_key=ADMIN, redis={"url": redis_url}, mlflow={"tracking_uri": registry_uri},
+        serve={"reconcile_s": 1.0, "shadow_max_inflight": 1, "replica_cpus": 0.1,
+               "defaults": {"shadow_rate": 0.0, "sparsity": 0.5}})
+    registry = PredictorRegistry(registry_uri, settings.mlflow.registered_model,
+                                 tmp_path_factory.mktemp("predictor-cache"))
+    loaded = load(str(tiny_model_dir), settings.runtime)
+    v1 = ensure_champion(registry, str(tiny_model_dir), loaded, per_family=4, epochs=3)
+    v2 = registry.register(registry.download(v1), tags={"source": "test-challenger"})
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 << 20, log_to_driver=False)
+    deploy(settings)
+    base = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=base, timeout=60) as http:
+        for _ in range(120):
+            try:
+                if http.get("/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield {"http": http, "base": base, "settings": settings, "v1": v1, "v2": v2, "loaded": loaded,
+               "redis": redis.Redis.from_url(redis_url)}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def auth(key=KEY):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def put_state(service, **change):
+    r = service["http"].put("/admin/state", json=change, headers=auth(ADMIN))
+    assert r.status_code == 200, r.text
+    gen = r.json()["state"]["generation"]
+    deadline = time.time() + 20
+    while time.time() < deadline:  # every replica applied it
+        reps = service["http"].get("/admin/state", headers=auth(ADMIN)).json()["replicas"]
+        if reps and all(rep["generation"] >= gen for rep in reps):
+            return gen, reps
+        time.sleep(0.2)
+    raise AssertionError(f"replicas did not converge on generation {gen}: {reps}")
+
+
+def complete(service, key=KEY, **body):
+    body = {"prompt": PROMPT, "max_tokens": 3, "temperature": 0, **body}
+    return service["http"].post("/v1/completions", json=body, headers=auth(key))
+
+
+def test_health_ready_and_models(service):
+    http = service["http"]
+    assert http.get("/healthz").json() == {"status": "ok"}
+    ready = http.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["llm"]["champion"] == service["v1"]
+    models = http.get("/v1/models", headers=auth()).json()
+    assert models["data"][0]["id"] == service["settings"].model.name
+
+
+def test_openai_client_completion_and_stream(service):
+    import openai
+
+    client = openai.OpenAI(base_url=service["base"] + "/v1", api_key=KEY, max_retries=0)
+    out = client.completions.create(model=service["settings"].model.name, prompt=PROMPT, max_tokens=4,
+                                    temperature=0)
+    ext = out.model_extra["shadowgate"]
+    assert ext["predictor_version"] == service["v1"] and ext["sparsity"] == 0.5 and ext["arm"] == "champion"
+    assert ext["effective_sparsity"] > 0 and ext["shadowed"] is False
+    assert out.usage.completion_tokens == 4 and out.usage.prompt_tokens == len(
+        service["loaded"].tokenizer.encode(PROMPT))
+    chunks = list(client.completions.create(model=service["settings"].model.name, prompt=PROMPT, max_tokens=4,
+                                            temperature=0, stream=True))
+    text = "".join(c.choices[0].text for c in chunks)
+    assert text == out.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == out.choices[0].finish_reason
+
+
+def test_echo_logprobs_of_token_id_batch_equal_the_dense_model(service):
+    """What lm-evaluation-harness's local-completions sends: token-id prompts, echo, logprobs."""
+    tok, model = service["loaded"].tokenizer, service["loaded"].runtime.model
+    prompts = [tok.encode(PROMPT), tok.encode("the cat sees the dog")]
+    r = complete(service, prompt=prompts, max_tokens=1, logprobs=1, echo=True, sparsity=0.0)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    for ids, choice in zip(prompts, choices):
+        lp = choice["logprobs"]
+        assert choice["text"].startswith(tok.decode(ids, skip_special_tokens=True))
+        assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        want = [float(ref[t - 1, ids[t]]) for t in range(1, len(ids))]
+        assert lp["token_logprobs"][1:len(ids)] == pytest.approx(want, abs=1e-4)
+        for t in range(1, len(ids)):  # the top-1 entry is the argmax: lm-eval's is_greedy check
+            assert max(lp["top_logprobs"][t].values()) == pytest.approx(float(ref[t - 1].max()), abs=1e-4)
+
+
+@pytest.mark.parametrize("headers, status, message", [
+    ({}, 401, "missing API key"),
+    ({"Authorization": "Bearer wrong"}, 401, "invalid API key"),
+    ({"Authorization": "Basic abc"}, 401, "malformed Authorization"),
+    (auth(ADMIN), 403, "admin key is for /admin"),
+])
+def test_auth_errors(service, headers, status, message):
+    r = service["http"].post("/v1/completions", json={"prompt": "1"}, headers=headers)
+    assert r.status_code == status and message in r.json()["error"]["message"]
+
+
+def test_admin_api_needs_the_admin_key(service):
+    r = service["http"].get("/admin/state", headers=auth(KEY))
+    assert r.status_code == 403 and "admin key" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"temperature": 5}, "temperature"),
+    ({"n": 2}, "n other than 1"),
+    ({"stream": True, "prompt": ["a", "b"]}, "batch of prompts with stream"),
+    ({"bogus": 1}, "bogus"),
+    ({"prompt": [1, 2, 99999]}, "token ids must be in"),
+    ({"max_tokens": 100000}, "exceeds this server's limit"),
+    ({"prompt": []}, "must not be an empty list"),
+    ({"max_tokens": 0}, "only meaningful with echo"),
+])
+def test_bad_input_gets_a_400_with_a_message(service, body, message):
+    r = complete(service, **body)
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]["message"]
+
+
+def test_invalid_json_and_key_bounds(service):
+    r = service["http"].post("/v1/completions", content=b"{nope", headers={**auth(), "content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = complete(service, key=STRICT, sparsity=0.5)
+    assert r.status_code == 400 and "outside this key's bounds [0.0, 0.0]" in r.json()["error"]["message"]
+    r = complete(service, key=STRICT)  # the operator's sparsity is clamped to the key's bounds: dense
+    assert r.status_code == 200 and r.json()["shadowgate"]["sparsity"] == 0.0
+
+
+def test_rate_limit(service):
+    codes = [complete(service, key=LIMITED, max_tokens=1).status_code for _ in range(4)]
+    assert codes[:3] == [200, 200, 200] and codes[3] == 429
+
+
+def test_state_change_is_applied_in_place(service):
+    before = service["http"].get("/admin/state", headers=auth(ADMIN)).json()
+    pids = {r["replica"]: r["pid"] for r in before["replicas"]}
+    assert {"llm", "gateway"} <= {r["role"] for r in before["replicas"]}
+    gen, reps = put_state(service, sparsity=0.3)
+    assert gen == before["state"]["generation"] + 1
+    assert {r["replica"]: r["pid"] for r in reps} == pids  # same processes: nothing restarted
+    ext = complete(service).json()["shadowgate"]
+    assert ext["sparsity"] == 0.3 and ext["generation"] == gen
+    put_state(service, fallback="dense")
+    assert complete(service).json()["shadowgate"]["arm"] == "dense"
+    put_state(service, fallback="none", sparsity=0.5)
+
+
+def test_canary_share_routes_the_expected_requests(service):
+    put_state(service, challenger=service["v2"], canary_share=0.3)
+    ids = [f"canary-{i}" for i in range(40)]
+    arms = [service["http"].post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1},
+                                 headers={**auth(), "x-request-id": rid}).json()["shadowgate"]
+            for rid in ids]
+    want = [canary_arm(rid, 0.3) for rid in ids]
+    assert [a["arm"] for a in arms] == want
+    assert 4 <= want.count("challenger") <= 20
+    for a in arms:
+        assert a["predictor_version"] == (service["v2"] if a["arm"] == "challenger" else service["v1"])
+    put_state(service, challenger="none", canary_share=0.0)
+
+
+def wait_for(fn, timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = fn()
+        if out:
+            return out
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def test_shadowed_request_leaves_a_sample_and_audit(service):
+    from monitor.samples import SampleStore
+
+    put_state(service, shadow_rate=1.0)
+    try:
+        r = complete(service, max_tokens=4)
+        ext = r.json()["shadowgate"]
+        assert ext["shadowed"] is True
+        rid = ext["request_id"]
+        record = wait_for(lambda: (lambda a: a if a.get("shadow") else None)(
+            service["http"].get(f"/v1/requests/{rid}", headers=auth()).json()))
+        assert record["predictor_version"] == service["v1"] and len(record["layers"]) == 3
+        assert record["layers"][0]["heads_skipped"] == [] and record["layers"][1]["heads_skipped"]
+        assert math.isfinite(record["shadow"]["kl_mean"]) and 0 <= record["shadow"]["top1_agreement"] <= 1
+        store = SampleStore(service["redis"], "shadowgate", 100)
+        samples = [s for s in store.read(50) if s[1].meta["request_id"] == rid]
+        assert len(samples) == 1
+        _, rec, fid = samples[0]
+        shape = service["loaded"].runtime.shape
+        assert rec.meta["source"] == "shadow" and rec.meta["targets"] == "pseudo_labels"
+        assert rec.tensors["heads.plainact"].shape == (shape.layers, shape.heads)
+        assert rec.tensors["neurons.plainact"].shape == (shape.layers, shape.ffn)
+        assert rec.tensors["predictor_input"].shape == (shape.hidden,)
+        assert len(fid["kl"]) == 4 and all(math.isfinite(k) for k in fid["kl"])
+        assert torch.isfinite(rec.tensors["heads.plainact"]).all()
+        # another key cannot read this record; the opted-out key is never shadowed
+        assert service["http"].get(f"/v1/requests/{rid}", headers=auth(NOSHADOW)).status_code == 404
+        assert complete(service, key=NOSHADOW).json()["shadowgate"]["shadowed"] is False
+        metrics = service["http"].get("/metrics").text
+        assert f'shadowgate_fidelity_kl_count{{version="{service["v1"]}"}}' in metrics
+    finally:
+        put_state(service, shadow_rate=0.0)
+
+
+async def _burst(base: str, n: int) -> list[tuple[float, dict]]:
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        async def one(i):
+            t0 = time.perf_counter()
+            r = await client.post("/v1/completions", headers=auth(),
+                                  json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return time.perf_counter() - t0, r.json()["shadowgate"]
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def dropped(service) -> float:
+    for line in service["http"].get("/metrics").text.splitlines():
+        if line.startswith('shadowgate_shadow_dropped_total{reason="saturated"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_saturated_shadow_path_drops_without_delaying_clients(service):
+    base = asyncio.run(_burst(service["base"], 8))
+    put_state(service, shadow_rate=1.0)
+    try:
+        before = dropped(service)
+        burst = asyncio.run(_burst(service["base"], 8))
+    finally:
+        put_state(service, shadow_rate=0.0)
+    shadowed = [ext["shadowed"] for _, ext in burst]
+    assert any(shadowed) and not all(shadowed)  # in-flight bound 1: the rest were dropped
+    assert dropped(service) - before == shadowed.count(False)
+    # clients never wait for a shadow run: the burst is not slower than shadow work would make it
+    p50_base = statistics.median(t for t, _ in base)
+    p50_sat = statistics.median(t for t, _ in burst)
+    assert p50_sat < 3 * p50_base + 0.5
+
+
+def test_concurrent_plain_requests_are_batched_with_the_same_tokens(service):
+    prompts = [PROMPT, "the cat sees the dog ;", "a b c ; b c d ;", "9 + 1 = 0 ; 4 + 4 ="]
+
+    async def burst(extra):
+        async with httpx.AsyncClient(base_url=service["base"], timeout=60, headers=auth()) as client:
+            rs = await asyncio.gather(*(client.post("/v1/completions", json={
+                "prompt": p, "max_tokens": 5, "temperature": 0, **extra}) for p in prompts))
+        return [r.json()["choices"][0]["text"] for r in rs]
+
+    # logprobs makes a request unbatchable: the single-sequence token loop is the reference
+    assert asyncio.run(burst({})) == asyncio.run(burst({"logprobs": 0}))
