@@ -60,18 +60,15 @@ def step_bytes(gm: GatedModel, mask: masks.Mask | None, per_token: tuple[int, in
     shape, wb = gm.shape, gm.view.weight_bytes()
     total = wb["head"] + wb["layers"][0]
     elt = gm.view.layers[0].wq.element_size()
-    d, dh = shape.hidden, shape.head_dim
-    ffn_mats = 3 if shape.family == "llama" else 2
     for layer in range(1, shape.layers):
         if per_token is not None:
-            kh, kf = per_token
-            kept = 2 * d * dh * (kh + shape.kv_heads) + ffn_mats * d * kf
+            kept = masks.layer_params(shape, per_token[0], shape.kv_heads, per_token[1])
         elif mask is None or mask.layers[layer].full:
             total += wb["layers"][layer]
             continue
         else:
             lm = mask.layers[layer]
-            kept = 2 * d * dh * (lm.heads.numel() + lm.groups.numel()) + ffn_mats * d * lm.neurons.numel()
+            kept = masks.layer_params(shape, lm.heads.numel(), lm.groups.numel(), lm.neurons.numel())
         total += kept * elt
     return total
 

@@ -44,18 +44,10 @@ def accuracy(score_fn: ScoreFn, tokenizer, instances: Sequence[tasks.Instance],
             "n": len(pairs)}
 
 
-def perplexity(score_fn: ScoreFn, tokenizer, sentences: Sequence[str], batch_size: int = 64) -> float:
+def perplexity(score_fn: ScoreFn, tokenizer, sentences: Sequence[str]) -> float:
     """Token perplexity of each sentence given "<bos>" (every word is scored)."""
-    pairs = [([tokenizer.bos_token_id], tokenizer.encode(s, add_special_tokens=False))
-             for s in sentences]
-    nll, count = 0.0, 0
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        for (_, cont), logits in zip(chunk, score_fn(chunk)):
-            logp = torch.log_softmax(logits.float(), -1)
-            nll -= float(logp.gather(-1, torch.tensor(cont)[:, None]).sum())
-            count += len(cont)
-    return math.exp(nll / count)
+    return pair_perplexity(score_fn, [([tokenizer.bos_token_id], tokenizer.encode(s, add_special_tokens=False))
+                                      for s in sentences])
 
 
 def hf_score_fn(model) -> ScoreFn:

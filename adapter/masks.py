@@ -131,25 +131,30 @@ def _global_topk(scores: torch.Tensor, total: int, floor: int) -> list[torch.Ten
     return [row.nonzero().flatten() for row in chosen]
 
 
+def unit_params(shape: Shape) -> tuple[int, int, int]:
+    """Weights read per kept query head (q and o rows), per kept KV group (k and v rows) and
+    per kept neuron (gate/up/down or fc1/fc2) in one layer."""
+    d, dh = shape.hidden, shape.head_dim
+    return 2 * d * dh, 2 * d * dh, (3 if shape.family == "llama" else 2) * d
+
+
+def layer_params(shape: Shape, heads: int, groups: int, neurons: int) -> int:
+    per_head, per_group, per_neuron = unit_params(shape)
+    return heads * per_head + groups * per_group + neurons * per_neuron
+
+
 def effective_sparsity(shape: Shape, mask: Mask) -> float:
     """Fraction of the gateable weights of layers 1..L-1 (q/k/v/o and FFN) not read.
 
     q and o cost 2*D*Dh per kept head, k and v 2*D*Dh per kept KV group, a neuron
     (2 or 3)*D; layer 0 is dense by design and not counted."""
-    d, dh = shape.hidden, shape.head_dim
-    ffn_mats = 3 if shape.family == "llama" else 2
-    per_head, per_group, per_neuron = 2 * d * dh, 2 * d * dh, ffn_mats * d
-    dense = (shape.layers - 1) * (shape.heads * per_head + shape.kv_heads * per_group
-                                  + shape.ffn * per_neuron)
-    kept = sum(lm.heads.numel() * per_head + lm.groups.numel() * per_group
-               + lm.neurons.numel() * per_neuron for lm in mask.layers[1:])
+    dense = (shape.layers - 1) * layer_params(shape, shape.heads, shape.kv_heads, shape.ffn)
+    kept = sum(layer_params(shape, lm.heads.numel(), lm.groups.numel(), lm.neurons.numel())
+               for lm in mask.layers[1:])
     return 1.0 - kept / dense
 
 
 def effective_sparsity_counts(shape: Shape, kept_heads: int, kept_groups: int, kept_neurons: int) -> float:
     """Effective sparsity of a uniform per-layer selection (used by per-token methods)."""
-    d, dh = shape.hidden, shape.head_dim
-    ffn_mats = 3 if shape.family == "llama" else 2
-    dense = 2 * d * dh * (shape.heads + shape.kv_heads) + ffn_mats * d * shape.ffn
-    kept = 2 * d * dh * (kept_heads + kept_groups) + ffn_mats * d * kept_neurons
-    return 1.0 - kept / dense
+    dense = layer_params(shape, shape.heads, shape.kv_heads, shape.ffn)
+    return 1.0 - layer_params(shape, kept_heads, kept_groups, kept_neurons) / dense

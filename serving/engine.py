@@ -258,6 +258,7 @@ def mask_record(mask, shape) -> list[dict]:
     """Kept and skipped units per layer (the audit record's view of a mask)."""
     out = []
     for row in mask.summary():
-        out.append({**row, "heads_skipped": [h for h in range(shape.heads) if h not in set(row["heads"])],
+        kept = set(row["heads"])
+        out.append({**row, "heads_skipped": [h for h in range(shape.heads) if h not in kept],
                     "neurons_skipped": shape.ffn - row["neurons_kept"]})
     return out
