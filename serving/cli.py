@@ -94,6 +94,10 @@ def model_build(
     out: Optional[Path] = typer.Option(None, "--out", help="Output root (default: the embedded models folder)."),
     threads: int = typer.Option(2, "--threads", min=1, help="Torch threads (keep equal to reproduce bit-exactly)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Override the recipe's step count."),
+    resume_from: Optional[Path] = typer.Option(
+        None, "--resume-from", help="A saved model that is the recipe's result through --resume-stage."),
+    resume_stage: int = typer.Option(0, "--resume-stage", min=0, max=2,
+                                     help="The last stage --resume-from has done; later stages run."),
 ) -> None:
     """Train the tokenizer and the default models with the deterministic recipe."""
     from adapter import default_model
@@ -101,8 +105,16 @@ def model_build(
     bad = [f for f in family if f not in default_model.RECIPES]
     if bad:
         fail(f"unknown family {bad[0]!r}: use llama or opt")
+    resume = None
+    if resume_from is not None or resume_stage:
+        if resume_from is None or not resume_stage or len(family) != 1:
+            fail("--resume-from and --resume-stage go together, with exactly one --family")
+        if not (resume_from / "config.json").exists():
+            fail(f"--resume-from {resume_from}: no saved model there (config.json is missing)")
+        resume = {family[0]: (resume_stage, resume_from)}
     root = out or default_model.DEFAULT_MODELS_DIR
-    report = default_model.build(family, root, threads, {f: steps for f in family} if steps else None)
+    report = default_model.build(family, root, threads, {f: steps for f in family} if steps else None,
+                                 resume)
     print(json.dumps(report, indent=2))
 
 
