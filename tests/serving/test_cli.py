@@ -74,6 +74,20 @@ def test_bad_input_gets_a_clear_message(args, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--resume-stage", "2"], "go together"),
+    (["--resume-from", "/nonexistent/stage2", "--resume-stage", "2"], "no saved model there"),
+    (["--family", "llama", "--family", "opt", "--resume-from", ".", "--resume-stage", "2"],
+     "exactly one --family"),
+])
+def test_model_build_resume_needs_a_saved_model_and_one_family(args, message, tmp_path):
+    family = [] if "--family" in args else ["--family", "llama"]
+    proc = run_cli("model", "build", "--out", str(tmp_path), *family, *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing was trained or written
+
+
 def test_settings_yaml_and_env_overrides(tmp_path, monkeypatch):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("runtime:\n  dtype: bfloat16\n  gather_cache_mb: 64\nmodel:\n  name: default-opt\n")
