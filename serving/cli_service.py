@@ -74,4 +74,7 @@ def register(app, bench_app) -> None:
             table.add_row(f"{r['shadow_rate']:.2f}", str(r["concurrency"]), str(r["requests"]), str(r["failed"]),
                           f"{r['throughput_rps']:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['p50_ms']:.0f}",
                           f"{r['p99_ms']:.0f}", str(r["shadow_sampled"]), str(r["shadow_dropped"]))
-        Console(stderr=as_json).print(table)
+        console = Console(stderr=as_json)
+        if not console.is_terminal:  # a pipe or file: rich would squeeze the table to 80 columns
+            console.width = 120
+        console.print(table)
