@@ -54,3 +54,33 @@ def test_stage_three_starts_with_repeats_then_mixes_the_suite():
     suite_rows = [text for text, marked in mixed if marked is None]
     assert suite_rows and any(" = " in t for t in suite_rows)
     assert any(marked is not None for _, marked in mixed)
+
+
+def _tiny_recipe(**over):
+    base = dict(family="llama", hidden=32, layers=2, heads=2, kv_heads=1, ffn=64, steps=3,
+                batch_size=4, warmup=1, stage2_steps=2, stage3_steps=3, stage3_induction_steps=1)
+    return default_model.RecipeConfig(**{**base, **over})
+
+
+def test_recipe_is_deterministic_and_resuming_equals_running_through(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model.default_model_path("llama"))
+    full = default_model.train_model(_tiny_recipe(), tok, tmp_path / "full", threads=1)
+    again = default_model.train_model(_tiny_recipe(), tok, tmp_path / "again", threads=1)
+    assert {"stage1", "stage2", "stage3"} <= full.keys() and full["resumed_from_stage"] == 0
+    assert all(full[f"stage{k}"]["train_tokens"] > 0 for k in (1, 2, 3))
+    # stage 1 alone, then stages 2-3 resumed from its saved result
+    default_model.train_model(_tiny_recipe(stage2_steps=0, stage3_steps=0), tok, tmp_path / "s1", threads=1)
+    resumed = default_model.train_model(_tiny_recipe(), tok, tmp_path / "resumed", threads=1,
+                                        resume=(1, tmp_path / "s1"))
+    assert resumed["resumed_from_stage"] == 1 and "stage1" not in resumed
+    weights = {name: load_file(tmp_path / name / "model.safetensors") for name in ("full", "again", "resumed")}
+    for name in ("again", "resumed"):
+        assert weights[name].keys() == weights["full"].keys()
+        assert all(torch.equal(weights[name][k], weights["full"][k]) for k in weights["full"]), name
+    # the saved result loads the way a user's checkpoint does
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    assert model.config.num_key_value_heads == 1 and torch.isfinite(torch.tensor(full["final_loss"]))
