@@ -129,8 +129,11 @@ def make_config(recipe: RecipeConfig, tokenizer):
     )
 
 
-# Words a synthetic recall row draws its keys and values from: everything but the separators.
-_RECALL_WORDS = [w for w in tasks.vocabulary() if w not in (";", "=", ",", ":", "is", "table")]
+# The suite's in-context recall families, and the words a synthetic recall row draws its
+# keys and values from: everything but the separators.
+_RECALL_FAMILIES = ("table_lookup", "kv_recall")
+_RECALL_WORDS = [w for w in tasks.vocabulary()
+                 if w not in (";", ",", ":", "table", *tasks.ANSWER_SEPARATORS)]
 
 
 def _synthetic_recall(rng: random.Random) -> tuple[str, list[int]]:
@@ -186,8 +189,8 @@ def _rows(recipe: RecipeConfig, rng: random.Random, n: int, stage: int):
     train = tasks.split("train", 20_000)
     text = tasks.plain_text(50_000)
     rng.shuffle(train)
-    recall = [inst for inst in train if inst.family in ("table_lookup", "kv_recall")]
-    others = [inst for inst in train if inst.family not in ("table_lookup", "kv_recall")]
+    recall = [inst for inst in train if inst.family in _RECALL_FAMILIES]
+    others = [inst for inst in train if inst.family not in _RECALL_FAMILIES]
     words = [w for w in tasks.vocabulary() if w != ";"]
     cursor = 0
     for step in range(n):

@@ -35,12 +35,12 @@ def test_synthetic_recall_values_are_recoverable_from_the_context():
         text, marked = default_model._synthetic_recall(rng)
         words = text.split()
         forms.add(words[0] == "table")
-        assert marked and all(words[i - 1] in ("=", "is") for i in marked)
+        assert marked and all(words[i - 1] in tasks.ANSWER_SEPARATORS for i in marked)
         for i in marked:
             key, value = words[i - 2], words[i]
             # the key appeared earlier followed by the value, directly or after "=" / "is"
             assert any(words[j] == key and (words[j + 1] == value or
-                                            (words[j + 1] in ("=", "is") and words[j + 2] == value))
+                                            (words[j + 1] in tasks.ANSWER_SEPARATORS and words[j + 2] == value))
                        for j in range(i - 2)), (text, i)
         assert all(w in tasks.vocabulary() for w in words)
     assert forms == {True, False}
@@ -69,7 +69,7 @@ def test_recipe_is_deterministic_and_resuming_equals_running_through(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(default_model.default_model_path("llama"))
     full = default_model.train_model(_tiny_recipe(), tok, tmp_path / "full", threads=1)
-    again = default_model.train_model(_tiny_recipe(), tok, tmp_path / "again", threads=1)
+    default_model.train_model(_tiny_recipe(), tok, tmp_path / "again", threads=1)
     assert {"stage1", "stage2", "stage3"} <= full.keys() and full["resumed_from_stage"] == 0
     assert all(full[f"stage{k}"]["train_tokens"] > 0 for k in (1, 2, 3))
     # stage 1 alone, then stages 2-3 resumed from its saved result
