@@ -66,6 +66,7 @@ class Generation:
     effective_sparsity: float
     mask: masks.Mask
     logprobs: list[float] = field(default_factory=list)  # of the chosen tokens
+    predictor_input: torch.Tensor | None = None  # (D,) what selected the mask (drift features)
 
 
 class GatedModel:
@@ -368,7 +369,8 @@ class GatedModel:
             logits = self.decode([states[i] for i in active], toks[[j for j, _ in still]])
         return [Generation(token_ids=out_ids[i], finish_reason=finish[i], method=methods[i].name,
                            sparsity=methods[i].sparsity, effective_sparsity=states[i].effective_sparsity,
-                           mask=states[i].mask, logprobs=out_lp[i]) for i in range(n)]
+                           mask=states[i].mask, logprobs=out_lp[i], predictor_input=states[i].predictor_input)
+                for i in range(n)]
 
 
 def pick_tokens(logits: torch.Tensor, params: list[SamplingParams], gens) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ code as `shadowgate predictor build`, so a fresh `shadowgate up` serves a sparse
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from adapter.default_model import default_predictor_dir
 from adapter.predictor_build import train_one
 from adapter.training import PredictorMismatch, TrainConfig, load_predictor
 from jobs.registry import CHAMPION, PredictorRegistry
+from monitor import drift
 
 log = logging.getLogger(__name__)
 SERVED = "shadowllm-plainact"  # the paper's choice: a good and predictable criterion
@@ -43,8 +45,24 @@ def train_initial(runtime, tokenizer, work: Path, per_family: int, epochs: int) 
     return out, metrics
 
 
+def with_reference(folder: Path, loaded, work: Path, families: list[str] | None = None,
+                   per_family: int = 200) -> Path:
+    """A copy of a predictor folder that holds its drift reference: the feature rows of the
+    suite prompts it was trained on (all six families by default, 200 each: 1,200 rows) and the
+    projection basis. Whatever registers a version calls this; a folder that already holds a
+    reference is copied as it is."""
+    out = work / "with-reference"
+    shutil.copytree(folder, out)
+    if not (out / drift.REFERENCE_DIR / "features.parquet").exists():
+        predictor = load_predictor(out, loaded.runtime.shape, traces.model_fingerprint(loaded.runtime.model))
+        basis, rows = drift.build_reference(loaded.runtime, loaded.tokenizer, predictor,
+                                            drift.reference_prompts(families, per_family))
+        drift.write_reference(out, basis, rows)
+    return out
+
+
 def ensure_champion(registry: PredictorRegistry, model_name: str, loaded, per_family: int = 60,
-                    epochs: int = 30) -> str:
+                    epochs: int = 30, reference_per_family: int = 200) -> str:
     """The champion version, registering and aliasing version 1 first when there is none."""
     version = registry.resolve(CHAMPION)
     if version is not None:
@@ -56,6 +74,7 @@ def ensure_champion(registry: PredictorRegistry, model_name: str, loaded, per_fa
             log.info("no champion and no shipped predictor: training one from the task suite")
             folder, metrics = train_initial(loaded.runtime, loaded.tokenizer, Path(tmp), per_family, epochs)
             source = "bootstrap-trained"
+        folder = with_reference(folder, loaded, Path(tmp), per_family=reference_per_family)
         version = registry.register(folder, tags={"source": source, "model": model_name,
                                                   "model_fingerprint": traces.model_fingerprint(loaded.runtime.model)},
                                     metrics={k: v for k, v in metrics.items() if isinstance(v, float)})

@@ -25,6 +25,11 @@ class RegistryError(RuntimeError):
 def _quiet_env() -> None:
     # the client sends usage telemetry by default; this service never does
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # the client's defaults retry a dead server for minutes (7 retries, backoff factor 2): a
+    # replica must learn quickly that MLflow is down and serve on (jobs retry on their own)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 class PredictorRegistry:
@@ -52,6 +57,20 @@ class PredictorRegistry:
                 return None
             raise
 
+    def exists(self, version: str) -> bool:
+        """Whether the registry holds this version; RegistryError when it cannot be asked."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_model_version(self.name, str(version))
+            return True
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return False
+            raise RegistryError(f"the registry at {self.uri} did not answer: {exc.error_code}") from None
+        except Exception as exc:  # connection refused, timeouts
+            raise RegistryError(f"the registry at {self.uri} is unreachable ({type(exc).__name__})") from None
+
     def download(self, version: str) -> Path:
         """The predictor folder of one version (downloaded once per process)."""
         import mlflow.artifacts
@@ -71,8 +90,16 @@ class PredictorRegistry:
 
     def register(self, folder: Path, tags: dict[str, str] | None = None,
                  metrics: dict[str, float] | None = None) -> str:
-        """Log `folder` as a run's artifacts and register it; returns the new version."""
+        """Log `folder` as a run's artifacts and register it; returns the new version. The
+        folder must hold the version's drift reference (reference/features.parquet and
+        reference/basis.safetensors): every version has one."""
         from mlflow.exceptions import MlflowException
+
+        from monitor import drift
+
+        for name in ("features.parquet", "basis.safetensors"):
+            if not (Path(folder) / drift.REFERENCE_DIR / name).exists():
+                raise RegistryError(f"{folder} holds no drift reference ({drift.REFERENCE_DIR}/{name} missing)")
 
         exp = self.client.get_experiment_by_name(EXPERIMENT)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(

@@ -1,9 +1,10 @@
-"""The Serve application: Gateway -> GatedLLM, Gateway -> ShadowDense."""
+"""The Serve application: Gateway -> GatedLLM, Gateway -> ShadowDense, and the Monitor."""
 
 from __future__ import annotations
 
 from serving.gateway import Gateway
 from serving.llm import GatedLLM
+from serving.monitoring import Monitor
 from serving.settings import Settings
 from serving.shadow import ShadowDense
 
@@ -17,8 +18,11 @@ def build_app(settings: Settings):
                            max_ongoing_requests=s.max_ongoing_requests).bind(settings)
     shadow = ShadowDense.options(num_replicas=s.shadow_replicas, ray_actor_options=cpus,
                                  max_ongoing_requests=s.shadow_max_inflight * 2).bind(settings)
+    # one Monitor replica; a second one (during a restart) waits on the Redis lease
+    monitor = Monitor.options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(settings) \
+        if settings.monitor.enabled else None
     return Gateway.options(ray_actor_options={"num_cpus": 0},
-                           max_ongoing_requests=s.max_ongoing_requests * 4).bind(settings, llm, shadow)
+                           max_ongoing_requests=s.max_ongoing_requests * 4).bind(settings, llm, shadow, monitor)
 
 
 def deploy(settings: Settings, blocking: bool = False):

@@ -271,6 +271,9 @@ def eval_cmd(
 from serving import cli_service  # noqa: E402  (service commands live beside the core ones)
 
 cli_service.register(app, bench_app)
+from serving import cli_monitor  # noqa: E402
+
+cli_monitor.register(app)
 
 
 def main() -> None:  # pragma: no cover

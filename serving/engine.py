@@ -22,6 +22,7 @@ from adapter.runtime import RequestError, SamplingParams, pick_tokens
 from adapter.traces import model_fingerprint
 from adapter.training import LoadedPredictor, load_predictor
 from jobs.registry import PredictorRegistry
+from monitor import drift
 from serving.control import ControlState, canary_arm
 from serving.settings import Settings
 
@@ -55,6 +56,7 @@ class Plan:
     sparsity: float
     fallback: str
     generation: int
+    fallback_reason: str | None = None
 
 
 @dataclass
@@ -75,9 +77,11 @@ class GenResult:
     mode: str = "per_layer"
     elapsed_ms: float = 0.0
     prompt_text: str = ""  # filled for echo
+    fallback_reason: str | None = None  # why a replica serves dense without being told to
+    features: dict | None = None  # the request's drift feature row (monitor/drift.py), with "version"
 
     def meta(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("logprobs",)}
+        return {k: v for k, v in self.__dict__.items() if k not in ("logprobs", "features")}
 
 
 class Engine:
@@ -90,9 +94,11 @@ class Engine:
         self.fingerprint = model_fingerprint(self.runtime.model)
         self.registry = registry
         self.predictors: dict[str, LoadedPredictor] = {}
+        self.bases: dict[str, drift.Basis | None] = {}  # per version: the drift projection basis
         self.champion: str | None = None
         self.challenger: str | None = None
         self.state: ControlState | None = None
+        self.problem: str | None = None  # set while the champion cannot be had: serving dense
         eos = self.tokenizer.eos_token_id
         self.stop_ids = [eos] if eos is not None else []
 
@@ -101,20 +107,48 @@ class Engine:
         if version not in self.predictors:
             folder = self.registry.download(version)
             self.predictors[version] = load_predictor(folder, self.shape, self.fingerprint)
+            basis = folder / drift.REFERENCE_DIR / "basis.safetensors"
+            if basis.exists():
+                self.bases[version] = drift.load_basis(basis)
+            else:  # a version registered without one: served, but yields no drift features
+                log.warning("predictor version %s has no drift reference basis", version)
+                self.bases[version] = None
         return self.predictors[version]
 
-    def apply(self, state: ControlState) -> None:
-        """Load what `state` names (downloads happen before anything switches), then switch."""
+    def apply(self, state: ControlState) -> str | None:
+        """Load what `state` names (downloads happen before anything switches), then switch.
+
+        Never raises for registry trouble: a fallback must apply while MLflow is down. When
+        the champion cannot be resolved or loaded, the replica keeps the champion it already
+        holds if `state` still names it, else serves dense; the problem is returned (and
+        the follower applies the state again later)."""
+        problem = None
         champion = challenger = None
-        if self.registry is not None:
-            champion = self.registry.resolve(state.champion)
-            challenger = self.registry.resolve(state.challenger) if state.challenger else None
-            for v in (champion, challenger):
-                if v is not None:
-                    self.predictor(v)
-        if champion is None:
-            log.warning("no champion predictor in the registry: serving dense")
+        if self.registry is None:
+            problem = "no predictor registry configured"
+        else:
+            try:
+                champion = self.registry.resolve(state.champion)
+                if champion is None:
+                    problem = "no champion predictor in the registry"
+                else:
+                    self.predictor(champion)
+            except Exception as exc:  # MLflow down, a corrupt or mismatched artifact
+                problem = f"champion predictor {state.champion or 'alias champion'} unavailable: {_short(exc)}"
+                keep = self.champion is not None and state.champion in (None, self.champion)
+                champion = self.champion if keep else None
+            if state.challenger:
+                try:
+                    challenger = self.registry.resolve(state.challenger)
+                    self.predictor(challenger)
+                except Exception as exc:
+                    log.warning("challenger %s unavailable, no canary on this replica: %s", state.challenger, exc)
+                    challenger = None
+        if problem:
+            log.warning("%s%s", problem, "" if champion else ": serving dense")
         self.champion, self.challenger, self.state = champion, challenger, state
+        self.problem = None if champion else problem
+        return problem
 
     def plan(self, req: GenRequest) -> Plan:
         st = self.state
@@ -123,12 +157,25 @@ class Engine:
         arm = canary_arm(req.request_id, st.canary_share) if self.challenger else "champion"
         version = self.challenger if arm == "challenger" else self.champion
         fallback = st.fallback
+        if version is None:  # the champion cannot be had: dense, and the response says so
+            return Plan(P.Dense(), None, "dense", 0.0, "dense", st.generation, self.problem or "no champion")
         if fallback == "lower":
             sparsity = min(sparsity, st.fallback_sparsity)
-        if fallback == "dense" or version is None or sparsity == 0.0:
+        if fallback == "dense" or sparsity == 0.0:
             return Plan(P.Dense(), None, "dense", 0.0, fallback, st.generation)
         method = self.predictor(version).method(sparsity, self.settings.runtime.mode, self.shape)
         return Plan(method, version, arm, sparsity, fallback, st.generation)
+
+    def features(self, plan: Plan, predictor_input: torch.Tensor | None, prompt_len: int) -> dict | None:
+        """The request's drift feature row, projected on the basis of the version it was served
+        by (the champion's when served dense). Computed after the request, off the token loop."""
+        version = plan.version or self.champion
+        basis = self.bases.get(version) if version else None
+        if basis is None or predictor_input is None:
+            return None
+        x = predictor_input[None].float().cpu()
+        heads, neurons = drift.scores_for(self.predictors[version], x)
+        return {"version": version, **drift.feature_rows(basis, x, [prompt_len], heads, neurons)[0]}
 
     def method_for(self, version: str | None, sparsity: float):
         """The same method a plan used, rebuilt from its identity (the shadow path)."""
@@ -168,7 +215,7 @@ class Engine:
         plan = self.plan(req)
         res = GenResult(request_id=req.request_id, prompt_ids=ids, version=plan.version, arm=plan.arm,
                         sparsity=plan.sparsity, fallback=plan.fallback, generation=plan.generation,
-                        mode=self.settings.runtime.mode)
+                        mode=self.settings.runtime.mode, fallback_reason=plan.fallback_reason)
         want_lp = req.logprobs is not None
         lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} if want_lp else None
         st, logits = self.runtime.prefill(ids, plan.method, req.max_tokens, all_logits=req.echo)
@@ -223,6 +270,7 @@ class Engine:
             res.prompt_text = full[:len(full) - len(tail)] if tail and full.endswith(tail) else \
                 self.tokenizer.decode(ids, skip_special_tokens=True)
         res.mask = mask_record(st.mask, self.shape)
+        res.features = self.features(plan, st.predictor_input, len(ids))
         res.elapsed_ms = (time.perf_counter() - t0) * 1000
         yield ([res.token_ids[-1]] if res.token_ids else []), delta, res
 
@@ -244,7 +292,8 @@ class Engine:
                           text=self.tokenizer.decode(g.token_ids, skip_special_tokens=True),
                           finish_reason=g.finish_reason, version=p.version, arm=p.arm, sparsity=p.sparsity,
                           effective_sparsity=g.effective_sparsity, fallback=p.fallback, generation=p.generation,
-                          mask=mask_record(g.mask, self.shape), mode=self.settings.runtime.mode, elapsed_ms=elapsed)
+                          mask=mask_record(g.mask, self.shape), mode=self.settings.runtime.mode, elapsed_ms=elapsed,
+                          fallback_reason=p.fallback_reason, features=self.features(p, g.predictor_input, len(i)))
                 for r, i, p, g in zip(reqs, ids, plans, gens)]
 
     def complete(self, req: GenRequest) -> GenResult:
@@ -252,6 +301,11 @@ class Engine:
         for _, _, res in self.run(req):
             pass
         return res
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
 
 
 def mask_record(mask, shape) -> list[dict]:

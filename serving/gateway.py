@@ -20,6 +20,9 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jobs.registry import PredictorRegistry, RegistryError
+from monitor.alerts import KINDS as ALERT_KINDS
+from monitor.alerts import AlertStore
 from serving.control import ControlState, ControlStore, ControlUpdate, StateFollower, shadow_sampled
 from serving.engine import GenRequest, GenResult
 from serving.metrics import Metrics
@@ -54,6 +57,15 @@ async def _http_error(request, exc: StarletteHTTPException):
     return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code)
 
 
+def _stream_id(entry: str) -> tuple[int, int]:
+    """A Redis stream id ("ms-seq", an alert's id) as a sortable pair; junk sorts first."""
+    ms, _, seq = entry.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        raise ApiError(400, f"{entry!r} is not an alert id") from None
+
+
 def key_id(secret: str) -> str:
     """A stable, non-reversible name for a key: what logs, metrics and records carry."""
     return "key-" + hashlib.sha256(secret.encode()).hexdigest()[:12]
@@ -62,8 +74,8 @@ def key_id(secret: str) -> str:
 @serve.deployment(name="Gateway")
 @serve.ingress(app)
 class Gateway:
-    async def __init__(self, settings: Settings, llm, shadow):
-        self.settings, self.llm, self.shadow = settings, llm, shadow
+    async def __init__(self, settings: Settings, llm, shadow, monitor=None):
+        self.settings, self.llm, self.shadow, self.monitor = settings, llm, shadow, monitor
         self.prefix = settings.redis.prefix
         self.keys = {}
         for entry in settings.api_keys:
@@ -77,7 +89,10 @@ class Gateway:
                                       self._apply, settings.serve.reconcile_s)
         await self.follower.start()
         self.inflight = 0
+        self.feature_writes = 0  # feature-row writes in flight: bounded, beyond it rows are dropped
         self.tasks: set[asyncio.Task] = set()
+        self.alerts = AlertStore(redis.Redis.from_url(settings.redis.url), self.prefix, settings.alerts)
+        self.registry = PredictorRegistry(settings.mlflow.tracking_uri, settings.mlflow.registered_model)
         self.model_name = settings.model.name
         self.warm = False
 
@@ -139,6 +154,11 @@ class Gateway:
 
     @app.get("/metrics")
     async def metrics_endpoint(self):
+        try:
+            raw = await asyncio.wait_for(self.r.get(f"{self.prefix}:monitor:summary"), 2.0)
+            self.metrics.set_monitor(json.loads(raw) if raw else None, time.time())
+        except (redis.RedisError, asyncio.TimeoutError, OSError):
+            pass  # the request metrics are still worth serving
         return PlainTextResponse(generate_latest(self.metrics.registry).decode(),
                                  media_type="text/plain; version=0.0.4")
 
@@ -248,12 +268,37 @@ class Gateway:
         ext = {"request_id": res.request_id, "predictor_version": res.version, "arm": res.arm,
                "sparsity": res.sparsity, "effective_sparsity": round(res.effective_sparsity, 4),
                "fallback": res.fallback, "generation": res.generation, "shadowed": shadowed}
+        if res.fallback_reason:
+            ext["fallback_reason"] = res.fallback_reason
+        if res.features is not None:
+            self._write_features(res)
         record = {**ext, "key": ident, "created": time.time(), "prompt_tokens": len(res.prompt_ids),
                   "completion_tokens": len(res.token_ids), "finish_reason": res.finish_reason,
                   "mode": res.mode, "layers": res.mask}
         self._spawn(self.r.set(f"{self.prefix}:audit:{res.request_id}", json.dumps(record),
                                ex=self.settings.serve.audit_retention_s))
         return ext
+
+    def _write_features(self, res: GenResult) -> None:
+        """The request's drift feature row to the capped stream, off the response path: when
+        Redis is slow or down the row is dropped and counted, never raised to the client."""
+        if self.feature_writes >= 4 * self.settings.serve.max_ongoing_requests:
+            self.metrics.features_dropped.labels("backlog").inc()
+            return
+        self.feature_writes += 1
+        row = {**res.features, "request_id": res.request_id, "arm": res.arm, "ts": time.time()}
+        self._spawn(self._xadd_features(json.dumps(row)))
+
+    async def _xadd_features(self, row: str) -> None:
+        try:
+            await asyncio.wait_for(self.r.xadd(f"{self.prefix}:features", {"row": row},
+                                               maxlen=self.settings.monitor.features_maxlen, approximate=True),
+                                   timeout=1.0)
+            self.metrics.features_written.inc()
+        except (redis.RedisError, asyncio.TimeoutError, OSError):
+            self.metrics.features_dropped.labels("redis").inc()
+        finally:
+            self.feature_writes -= 1
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -264,7 +309,7 @@ class Gateway:
         self.metrics.shadow_inflight.set(self.inflight)
         self.metrics.shadow_sampled.inc()
         sample = {"request_id": res.request_id, "prompt_ids": res.prompt_ids, "token_ids": res.token_ids,
-                  "version": res.version, "sparsity": res.sparsity, "generation": res.generation,
+                  "version": res.version, "arm": res.arm, "sparsity": res.sparsity, "generation": res.generation,
                   "key": ident, "retention_s": policy.shadow_retention_s}
         try:
             summary = await self.shadow.run.remote(sample)
@@ -311,6 +356,45 @@ class Gateway:
             raise RequestValidationError(exc.errors()) from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON") from None
+        for field in ("champion", "challenger"):
+            version = getattr(change, field)
+            if version is not None and version.isdigit():
+                await self._require_version(field, version)
         state = await asyncio.to_thread(self.store.update, change, "admin-api")
         log.info("control state generation %d written by the admin API", state.generation)
         return {"state": state.model_dump()}
+
+    async def _require_version(self, field: str, version: str) -> None:
+        """A state naming a predictor version the registry does not hold is refused (4xx);
+        the registry being unreachable is a 503, never a silent accept."""
+        try:
+            exists = await asyncio.to_thread(self.registry.exists, version)
+        except RegistryError as exc:
+            raise ApiError(503, f"cannot check {field} version {version}: {exc}", "service_unavailable") from None
+        if not exists:
+            raise ApiError(404, f"{field} version {version} does not exist in the registry "
+                                f"({self.settings.mlflow.registered_model})", "not_found_error")
+
+    @app.get("/admin/monitor")
+    async def monitor_status(self, request: Request):
+        """The monitor's fidelity windows, drift checks and stream lag, and which instance is active."""
+        self.require_admin(request)
+        summary, status, lease = await asyncio.gather(
+            self.r.get(f"{self.prefix}:monitor:summary"), self.r.get(f"{self.prefix}:monitor:status"),
+            self.r.get(f"{self.prefix}:monitor:lease"))
+        summary = json.loads(summary) if summary else None
+        return {"active": lease.decode() if lease else None, "status": json.loads(status) if status else None,
+                "summary": summary, "age_s": round(time.time() - summary["ts"], 3) if summary else None}
+
+    @app.get("/admin/alerts")
+    async def list_alerts(self, request: Request, kind: str | None = None, limit: int = 50, after: str | None = None):
+        """Alerts newest first; `after` (an alert id) returns only newer ones (for --follow)."""
+        self.require_admin(request)
+        if kind is not None and kind not in ALERT_KINDS:
+            raise ApiError(400, f"unknown alert kind {kind!r}: use one of {', '.join(ALERT_KINDS)}")
+        if not 1 <= limit <= 1000:
+            raise ApiError(400, "limit must be in [1, 1000]")
+        alerts = await asyncio.to_thread(self.alerts.list, limit, kind)
+        if after is not None:
+            alerts = [a for a in alerts if _stream_id(a.id) > _stream_id(after)]
+        return {"alerts": [json.loads(a.to_json()) for a in alerts]}

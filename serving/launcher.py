@@ -149,7 +149,7 @@ def bootstrap_registry(settings: Settings) -> str:
         return registry.resolve("champion")
     loaded = load(settings.model.name, settings.runtime.model_copy(update={"dtype": "float32"}))
     return ensure_champion(registry, settings.model.name, loaded, settings.mlflow.bootstrap_per_family,
-                           settings.mlflow.bootstrap_epochs)
+                           settings.mlflow.bootstrap_epochs, settings.mlflow.reference_per_family)
 
 
 class _Stop(Exception):

@@ -15,8 +15,11 @@ import threading
 
 from ray import serve
 
+import redis
+
 from adapter.runtime import RequestError
 from jobs.registry import PredictorRegistry
+from monitor.alerts import AlertStore
 from serving.control import ControlState, StateFollower
 from serving.engine import Engine, GenRequest, GenResult
 from serving.settings import Settings
@@ -34,11 +37,37 @@ class GatedLLM:
         self.lock = threading.Lock()  # one token loop at a time per replica: the CPU is the limit
         self.follower = StateFollower(settings.redis.url, settings.redis.prefix, "llm",
                                       settings.serve.defaults, self._apply, settings.serve.reconcile_s)
+        self.alerts = AlertStore(redis.Redis.from_url(settings.redis.url), settings.redis.prefix, settings.alerts)
+        self.degraded: str | None = None
         self.warm = False
         await self._ensure_started()
 
-    async def _apply(self, state: ControlState) -> None:
-        await asyncio.to_thread(self.engine.apply, state)
+    async def _apply(self, state: ControlState) -> str | None:
+        problem = await asyncio.to_thread(self.engine.apply, state)
+        await asyncio.to_thread(self._report_degraded, self.engine.problem)
+        return problem
+
+    def _report_degraded(self, problem: str | None) -> None:
+        """A replica that cannot have its champion serves dense and says so once per incident;
+        when the champion loads again, that is said too."""
+        if problem == self.degraded:
+            return
+        try:
+            if problem:
+                self.alerts.raise_alert("fallback", "critical", f"a GatedLLM replica serves dense: {problem}",
+                                        evidence={"reason": problem, "replica": os.getpid()},
+                                        dedup_key="fallback:champion-unavailable")
+            else:
+                self.alerts.clear_dedup("fallback:champion-unavailable")
+                self.alerts.raise_alert("recovered", "info",
+                                        f"a GatedLLM replica serves predictor {self.engine.champion} again",
+                                        predictor_version=self.engine.champion,
+                                        evidence={"previous": self.degraded, "replica": os.getpid()},
+                                        dedup_key=f"recovered:champion-available:{self.engine.champion}")
+        except redis.RedisError as exc:  # the alert is retried with the next reconcile
+            log.warning("could not raise the replica's fallback alert: %s", exc)
+            return
+        self.degraded = problem
 
     async def _ensure_started(self) -> None:
         if not self.warm:

@@ -29,3 +29,42 @@ class Metrics:
         self.fid_exact = Counter("shadowgate_fidelity_exact_match", "Shadowed requests by exact match",
                                  ["version", "match"], registry=r)
         self.generation = Gauge("shadowgate_control_generation", "Control-state generation served", registry=r)
+        self.features_dropped = Counter("shadowgate_features_dropped", "Drift feature rows not written",
+                                        ["reason"], registry=r)
+        for reason in ("redis", "backlog"):
+            self.features_dropped.labels(reason)
+        self.features_written = Counter("shadowgate_features_written", "Drift feature rows written", registry=r)
+        # the monitor's fidelity windows (one source: its summary in Redis), per version and arm
+        va = ["version", "arm"]
+        self.window_kl = Gauge("shadowgate_fidelity_kl_mean", "Mean KL(dense||sparse) over the fidelity window",
+                               va, registry=r)
+        self.window_kl_p95 = Gauge("shadowgate_fidelity_kl_p95", "p95 of per-sample mean KL over the window",
+                                   va, registry=r)
+        self.window_top1 = Gauge("shadowgate_fidelity_top1", "Top-1 agreement over the fidelity window", va,
+                                 registry=r)
+        self.window_exact = Gauge("shadowgate_fidelity_exact_match_rate", "Exact-match rate over the window", va,
+                                  registry=r)
+        self.window_samples = Gauge("shadowgate_fidelity_samples", "Shadow samples in the fidelity window", va,
+                                    registry=r)
+        self.drift_share = Gauge("shadowgate_drift_share", "Share of drifted feature columns at the last check",
+                                 ["version"], registry=r)
+        self.monitor_age = Gauge("shadowgate_monitor_summary_age_seconds",
+                                 "Seconds since the monitor last wrote its summary", registry=r)
+
+    def set_monitor(self, summary: dict | None, now: float) -> None:
+        """Export the monitor's summary (read from Redis by the gateway)."""
+        gauges = (self.window_kl, self.window_kl_p95, self.window_top1, self.window_exact, self.window_samples)
+        for g in (*gauges, self.drift_share):
+            g.clear()
+        if not summary:
+            return
+        self.monitor_age.set(max(0.0, now - summary["ts"]))
+        for w in summary.get("windows", []):
+            labels = (w["version"], w["arm"])
+            self.window_samples.labels(*labels).set(w["count"])
+            for g, k in ((self.window_kl, "kl_mean"), (self.window_kl_p95, "kl_p95"), (self.window_top1, "top1"),
+                         (self.window_exact, "exact_match")):
+                if w.get(k) is not None:
+                    g.labels(*labels).set(w[k])
+        for version, d in summary.get("drift", {}).items():
+            self.drift_share.labels(version).set(d["share"])

@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from adapter.config import RuntimeConfig
+from monitor.alerts import AlertSettings
+from monitor.config import MonitorSettings
+from monitor.state import ControlDefaults
 
 
 class ConfigError(ValueError):
@@ -66,9 +69,12 @@ class MlflowSettings(BaseModel):
     tracking_uri: str = "http://127.0.0.1:5000"
     start_local: bool = True  # `shadowgate up` starts a lean server when none answers
     registered_model: str = "shadowgate-predictor"
+    ui_url: str | None = None  # where people open the MLflow UI (links in alerts); None: tracking_uri
     bootstrap_per_family: int = Field(60, ge=1, description="suite instances per family when the "
                                       "first predictor must be trained (nothing shipped)")
     bootstrap_epochs: int = Field(30, ge=1)
+    reference_per_family: int = Field(200, ge=1, description="suite prompts per family in a version's drift "
+                                      "reference (six families: 1,200 rows by default)")
 
 
 class RaySettings(BaseModel):
@@ -77,17 +83,6 @@ class RaySettings(BaseModel):
     num_cpus: float = Field(2, gt=0)
     dashboard: bool = False
     object_store_mb: int = Field(200, ge=75)
-
-
-class ControlDefaults(BaseModel):
-    """The control state a fresh deployment starts from (generation 1). At run time the
-    document in Redis rules; these are only its first values."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
-    shadow_rate: float = Field(0.05, ge=0.0, le=1.0)
-    canary_share: float = Field(0.0, ge=0.0, le=1.0)
-    fallback: Literal["none", "dense", "lower"] = "none"
 
 
 class ServeSettings(BaseModel):
@@ -127,6 +122,8 @@ class Settings(BaseSettings):
     mlflow: MlflowSettings = MlflowSettings()
     ray: RaySettings = RaySettings()
     serve: ServeSettings = ServeSettings()
+    monitor: MonitorSettings = MonitorSettings()
+    alerts: AlertSettings = AlertSettings()
 
     @field_validator("api_keys", mode="before")
     @classmethod

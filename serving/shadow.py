@@ -41,9 +41,12 @@ def shadow_run(engine: Engine, sample: dict) -> tuple[traces.TraceRecord, dict]:
     scores = criteria.compute(rt.model, batch, engine.shape.heads, engine.shape.head_dim)
     common = {"model_fingerprint": engine.fingerprint, "source": "shadow", "targets": "pseudo_labels",
               "criteria": list(criteria.CRITERIA)}
+    # the served prompt and continuation travel with the sample, so a job can rescore it later
+    # with another criterion or predictor
     meta = {"family": None, "prompt_len": len(prompt), "request_id": sample["request_id"],
-            "predictor_version": sample["version"], "sparsity": sample["sparsity"],
-            "generation": sample["generation"], "key": sample["key"]}
+            "predictor_version": sample["version"], "arm": sample.get("arm"), "sparsity": sample["sparsity"],
+            "generation": sample["generation"], "key": sample["key"],
+            "prompt_ids": list(prompt), "token_ids": list(cont)}
     record = traces.records_from_scores(scores, common, [meta])[0]
     return record, fid.as_dict()
 

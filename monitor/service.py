@@ -1,0 +1,400 @@
+"""The monitor: reads what the service measured and acts on it.
+
+One active instance (a Redis lease) in the deployed app. Each step it
+1. consumes shadow samples (group "monitor") into fidelity windows per predictor version and
+   canary arm, and feature rows (group "monitor") into a drift window per version, each
+   exactly once (monitor/streams.py);
+2. checks the champion's window against the fidelity SLO and, when it breaks, pulls the
+   control state's fallback lever (updated_by "monitor") and raises a fallback alert;
+3. notices a fallback that ended (fallback clear, PUT /admin/state, a promotion) and raises
+   `recovered`, starting the champion's window afresh;
+4. every `drift.every_requests` rows (or `drift.interval_s` seconds) runs Evidently against
+   the version's reference, logs the check as an MLflow run and raises a drift alert;
+5. writes a summary that /metrics, GET /admin/monitor and `shadowgate monitor status` show.
+
+Redis keys (prefix p): p:monitor:lease, p:monitor:window:<version>:<arm> (JSON rows of the
+last `slo.window` samples), p:monitor:totals (hash "<version>|<arm>" -> samples counted),
+p:monitor:features:<version> (JSON rows of the last `drift.window` feature rows),
+p:monitor:feature_totals, p:monitor:drift (hash version -> last check), p:monitor:summary,
+p:monitor:fallback_seen, p:monitor:status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import redis
+
+from monitor import drift as drift_mod
+from monitor.alerts import AlertSettings, AlertStore, Notifier
+from monitor.config import MonitorSettings
+from monitor.state import ControlStore, ControlUpdate
+from monitor.streams import GroupReader, Lease
+
+log = logging.getLogger(__name__)
+GROUP = "monitor"
+DENSE = "dense"
+
+ReferenceLoader = Callable[[str], tuple[object, pd.DataFrame]]  # version -> (Basis, reference rows)
+
+
+@dataclass(frozen=True)
+class MonitorContext:
+    redis_url: str
+    prefix: str
+    monitor: MonitorSettings
+    alerts: AlertSettings
+    mlflow_uri: str | None = None
+    mlflow_ui: str | None = None  # base URL of the MLflow UI for links in alerts
+
+
+def window_stats(rows: list[dict]) -> dict:
+    """Count, mean and p95 of the per-sample mean KL, top-1 agreement, exact-match rate."""
+    if not rows:
+        return {"count": 0, "kl_mean": None, "kl_p95": None, "top1": None, "exact_match": None}
+    kl = np.array([r["kl_mean"] for r in rows], dtype=float)
+    return {"count": len(rows), "kl_mean": float(kl.mean()), "kl_p95": float(np.percentile(kl, 95)),
+            "top1": float(np.mean([r["top1"] for r in rows])),
+            "exact_match": float(np.mean([bool(r["exact_match"]) for r in rows]))}
+
+
+class Monitor:
+    def __init__(self, ctx: MonitorContext, reference_loader: ReferenceLoader | None = None,
+                 client: redis.Redis | None = None, instance: str | None = None):
+        self.ctx, self.cfg, p = ctx, ctx.monitor, ctx.prefix
+        self.r = client or redis.Redis.from_url(ctx.redis_url)
+        # blocking stream reads must not hit the client's socket timeout (ENV: redis-py 8)
+        self.rb = redis.Redis.from_url(ctx.redis_url, socket_timeout=None)
+        self.instance = instance or f"monitor-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.p = p
+        self.lease = Lease(self.r, f"{p}:monitor:lease", self.instance, self.cfg.lease_ttl_s)
+        claim_ms = int(self.cfg.claim_idle_s * 1000)
+        self.samples = GroupReader(self.rb, f"{p}:shadow:samples", GROUP, self.instance, claim_ms)
+        self.features = GroupReader(self.rb, f"{p}:features", GROUP, self.instance, claim_ms)
+        self.alerts = AlertStore(self.r, p, ctx.alerts)
+        self.control = ControlStore(self.r, p)
+        self.reference_loader = reference_loader
+        self._references: dict[str, tuple[object, pd.DataFrame]] = {}
+        self.last_check: dict[str, float] = {}
+        self.active = False
+        self.counts = {"samples": 0, "features": 0, "invalid": 0, "checks": 0}
+
+    # ---- keys -------------------------------------------------------------------------------
+    def _window_key(self, version: str, arm: str) -> str:
+        return f"{self.p}:monitor:window:{version}:{arm}"
+
+    def _features_key(self, version: str) -> str:
+        return f"{self.p}:monitor:features:{version}"
+
+    # ---- consuming ------------------------------------------------------------------------------
+    def _sample_row(self, fields: dict) -> tuple[str, str, dict]:
+        meta = json.loads(_s(fields[b"meta"]))
+        fid = json.loads(_s(fields[b"fidelity"]))
+        version = meta.get("predictor_version") or DENSE
+        arm = meta.get("arm") or ("dense" if version == DENSE else "champion")
+        row = {"request_id": meta.get("request_id"), "kl_mean": float(fid["kl_mean"]),
+               "top1": float(fid["top1_agreement"]), "exact_match": bool(fid["exact_match"]),
+               "generation": meta.get("generation"), "sparsity": meta.get("sparsity"), "ts": time.time()}
+        return str(version), arm, row
+
+    def _consume_samples(self, entries) -> int:
+        applied = 0
+        for e in entries:
+            try:
+                version, arm, row = self._sample_row(e.fields)
+            except (KeyError, ValueError, TypeError):
+                log.warning("shadow sample %s is malformed: acknowledged and skipped", e.id)
+                self.samples.ack_append(e.id, "", "", 1, f"{self.p}:monitor:totals", "invalid|none")
+                self.counts["invalid"] += 1
+                continue
+            row["sample_id"] = e.id
+            if self.samples.ack_append(e.id, self._window_key(version, arm), json.dumps(row), self.cfg.slo.window,
+                                       f"{self.p}:monitor:totals", f"{version}|{arm}"):
+                applied += 1
+                if arm == "champion":
+                    self.r.set(f"{self.p}:monitor:champion_seen", version)
+        self.counts["samples"] += applied
+        return applied
+
+    def _consume_features(self, entries) -> int:
+        applied = 0
+        for e in entries:
+            try:
+                row = json.loads(_s(e.fields[b"row"]))
+                version = str(row.pop("version"))
+            except (KeyError, ValueError, TypeError):
+                log.warning("feature row %s is malformed: acknowledged and skipped", e.id)
+                self.features.ack_append(e.id, "", "", 1, f"{self.p}:monitor:feature_totals", "invalid")
+                self.counts["invalid"] += 1
+                continue
+            if self.features.ack_append(e.id, self._features_key(version), json.dumps(row), self.cfg.drift.window,
+                                        f"{self.p}:monitor:feature_totals", version):
+                applied += 1
+                self.r.hincrby(f"{self.p}:monitor:since_check", version, 1)
+        self.counts["features"] += applied
+        return applied
+
+    def drain(self, block_ms: int | None = None) -> int:
+        """Reclaim what dead consumers left, then read what is new; returns entries applied."""
+        n = self._consume_samples(self.samples.reclaim()) + self._consume_features(self.features.reclaim())
+        n += self._consume_samples(self.samples.own_pending()) + self._consume_features(self.features.own_pending())
+        while True:
+            got = self._consume_samples(self.samples.read_new(200, None))
+            got += self._consume_features(self.features.read_new(500, None))
+            n += got
+            if not got:
+                break
+        if not n and block_ms:  # nothing at all: wait for a sample (bounded), then take it
+            n += self._consume_samples(self.samples.read_new(200, block_ms))
+        return n
+
+    # ---- windows ------------------------------------------------------------------------------
+    def window(self, version: str, arm: str) -> list[dict]:
+        return [json.loads(x) for x in self.r.lrange(self._window_key(version, arm), 0, -1)]
+
+    def windows(self) -> list[dict]:
+        totals = {_s(k): int(v) for k, v in self.r.hgetall(f"{self.p}:monitor:totals").items()}
+        out = []
+        for key in sorted(totals):
+            version, _, arm = key.partition("|")
+            if version == "invalid":
+                continue
+            out.append({"version": version, "arm": arm, "total": totals[key],
+                        **window_stats(self.window(version, arm))})
+        return out
+
+    def champion_version(self, state) -> str | None:
+        if state is not None and state.champion:
+            return state.champion
+        v = self.r.get(f"{self.p}:monitor:champion_seen")
+        return _s(v) if v else None
+
+    # ---- the fidelity SLO and the fallback lever ------------------------------------------------
+    def check_slo(self) -> dict | None:
+        """Pull the fallback lever when the champion's window breaks the SLO; returns the breach."""
+        slo = self.cfg.slo
+        state = self.control.get()
+        version = self.champion_version(state)
+        if state is None or version is None:
+            return None
+        stats = window_stats(self.window(version, "champion"))
+        if stats["count"] < slo.min_samples:
+            return None
+        reasons = []
+        if stats["kl_mean"] > slo.kl_mean_max:
+            reasons.append(f"mean KL {stats['kl_mean']:.4f} > {slo.kl_mean_max}")
+        if stats["top1"] < slo.top1_min:
+            reasons.append(f"top-1 agreement {stats['top1']:.3f} < {slo.top1_min}")
+        if not reasons or state.fallback != "none":
+            return None
+        new = self.control.update(ControlUpdate(fallback=self.cfg.fallback), by="monitor")
+        self.r.set(f"{self.p}:monitor:fallback_seen", new.fallback)
+        evidence = {"window": stats, "slo": slo.model_dump(), "reasons": reasons, "generation": new.generation,
+                    "fallback": new.fallback}
+        self.alerts.raise_alert("fallback", "critical",
+                                f"predictor {version} broke the fidelity SLO ({'; '.join(reasons)}): "
+                                f"serving {new.fallback}", predictor_version=version, evidence=evidence,
+                                dedup_key=f"fallback:{version}:{new.generation}")
+        log.warning("fallback %s: predictor %s broke the SLO (%s)", new.fallback, version, "; ".join(reasons))
+        return evidence
+
+    def watch_fallback(self) -> None:
+        """A fallback that ended (whoever ended it) raises `recovered`; one set by someone else
+        is reported too. The champion's window starts afresh after a recovery."""
+        state = self.control.get()
+        if state is None:
+            return
+        seen = _s(self.r.get(f"{self.p}:monitor:fallback_seen") or b"none")
+        if seen == state.fallback:
+            return
+        version = self.champion_version(state)
+        if state.fallback == "none":
+            for key in self.r.scan_iter(f"{self.p}:monitor:window:*:champion"):
+                self.r.delete(key)
+            self.alerts.raise_alert("recovered", "info",
+                                    f"fallback {seen} ended by {state.updated_by}: serving predictor "
+                                    f"{version or 'champion'} again", predictor_version=version,
+                                    evidence={"generation": state.generation, "updated_by": state.updated_by,
+                                              "previous": seen},
+                                    dedup_key=f"recovered:{state.generation}")
+        elif state.updated_by != "monitor":
+            self.alerts.raise_alert("fallback", "warning",
+                                    f"fallback {state.fallback} set by {state.updated_by}",
+                                    predictor_version=version,
+                                    evidence={"generation": state.generation, "updated_by": state.updated_by},
+                                    dedup_key=f"fallback:manual:{state.generation}")
+        self.r.set(f"{self.p}:monitor:fallback_seen", state.fallback)
+
+    # ---- drift ---------------------------------------------------------------------------------
+    def reference(self, version: str):
+        if version not in self._references:
+            if self.reference_loader is None:
+                raise drift_mod.MissingReference("no reference loader configured")
+            self._references[version] = self.reference_loader(version)
+        return self._references[version]
+
+    def drift_columns(self, available: list[str]) -> list[str]:
+        d = self.cfg.drift
+        cols = d.columns or available
+        return [c for c in cols if c in available and c not in d.exclude_columns]
+
+    def check_drift_due(self, force: bool = False) -> list[dict]:
+        d, out = self.cfg.drift, []
+        since = {_s(k): int(v) for k, v in self.r.hgetall(f"{self.p}:monitor:since_check").items()}
+        for version, n_new in since.items():
+            if version == DENSE:
+                continue
+            waited = time.time() - self.last_check.get(version, 0.0)
+            if force or n_new >= d.every_requests or (n_new and waited >= d.interval_s):
+                res = self.check_drift(version)
+                if res is not None:
+                    out.append(res)
+        return out
+
+    def check_drift(self, version: str) -> dict | None:
+        d = self.cfg.drift
+        rows = [json.loads(x) for x in self.r.lrange(self._features_key(version), 0, -1)]
+        if len(rows) < d.min_rows:
+            return None
+        try:
+            _, ref = self.reference(version)
+        except Exception as exc:  # MLflow down or no reference: try again at the next due check
+            log.warning("no drift reference for version %s yet: %s", version, exc)
+            return None
+        current = pd.DataFrame(rows)
+        cols = self.drift_columns([c for c in ref.columns if c in current.columns])
+        t0 = time.perf_counter()
+        result = drift_mod.check_drift(ref[cols], current[cols], html=d.html_report, drift_share=d.drift_share)
+        elapsed = time.perf_counter() - t0
+        self.r.hset(f"{self.p}:monitor:since_check", version, 0)
+        self.last_check[version] = time.time()
+        self.counts["checks"] += 1
+        drifted = {c: v["score"] for c, v in result.columns.items() if v["drifted"]}
+        run_id, run_url = self._log_check(version, result, elapsed)
+        record = {"version": version, "drift": result.drift, "share": result.share, "drifted": drifted,
+                  "window": result.n_current, "reference": result.n_reference, "columns": cols,
+                  "ts": time.time(), "seconds": round(elapsed, 3), "run_id": run_id, "run_url": run_url}
+        self.r.hset(f"{self.p}:monitor:drift", version, json.dumps(record))
+        if result.drift:
+            top = ", ".join(f"{c} {s:.3g}" for c, s in sorted(drifted.items())[:8])
+            self.alerts.raise_alert("drift", "warning",
+                                    f"input drift against predictor {version}'s reference: "
+                                    f"{len(drifted)}/{result.n_columns} columns drifted ({top})",
+                                    predictor_version=version,
+                                    evidence={k: record[k] for k in ("share", "drifted", "window", "reference",
+                                                                     "run_id", "run_url")},
+                                    dedup_key=f"drift:{version}")
+        return record
+
+    def _log_check(self, version: str, result, elapsed: float) -> tuple[str | None, str | None]:
+        """Every check is an MLflow run (metrics + the HTML report); None when MLflow is down."""
+        if not self.ctx.mlflow_uri:
+            return None, None
+        try:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(tracking_uri=self.ctx.mlflow_uri)
+            exp = client.get_experiment_by_name(self.cfg.experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(self.cfg.experiment)
+            run = client.create_run(exp_id, tags={"shadowgate.kind": "drift-check", "predictor_version": version,
+                                                  "drift": str(result.drift).lower()},
+                                    run_name=f"drift-v{version}-{time.strftime('%Y%m%dT%H%M%S')}")
+            rid = run.info.run_id
+            for k, v in {"share_drifted": result.share, "drifted_columns": result.drifted_count,
+                         "columns": result.n_columns, "window_size": result.n_current,
+                         "reference_size": result.n_reference, "drift": float(result.drift),
+                         "seconds": elapsed}.items():
+                client.log_metric(rid, k, float(v))
+            client.log_dict(rid, result.as_dict(), "drift.json")
+            if result.html:
+                client.log_text(rid, result.html, "drift_report.html")
+            client.set_terminated(rid)
+            base = (self.ctx.mlflow_ui or self.ctx.mlflow_uri).rstrip("/")
+            return rid, f"{base}/#/experiments/{exp_id}/runs/{rid}"
+        except Exception as exc:
+            log.warning("drift check of version %s not logged to MLflow: %s", version, exc)
+            return None, None
+
+    # ---- summary and the loop --------------------------------------------------------------
+    def summary(self) -> dict:
+        state = self.control.get()
+        drifts = {_s(k): json.loads(v) for k, v in self.r.hgetall(f"{self.p}:monitor:drift").items()}
+        ftot = {_s(k): int(v) for k, v in self.r.hgetall(f"{self.p}:monitor:feature_totals").items()}
+        return {"ts": time.time(), "instance": self.instance, "champion": self.champion_version(state),
+                "fallback": state.fallback if state else None, "generation": state.generation if state else None,
+                "slo": self.cfg.slo.model_dump(), "windows": self.windows(),
+                "drift": drifts, "features": {v: {"total": n, "window": self.r.llen(self._features_key(v))}
+                                              for v, n in ftot.items() if v != "invalid"},
+                "streams": {"samples": self.samples.lag(), "features": self.features.lag()},
+                "counts": dict(self.counts)}
+
+    def step(self, block_ms: int | None = None) -> dict:
+        """One pass while holding the lease."""
+        self.drain(block_ms)
+        self.watch_fallback()
+        self.check_slo()
+        self.check_drift_due()
+        summary = self.summary()
+        self.r.set(f"{self.p}:monitor:summary", json.dumps(summary))
+        return summary
+
+    def _status(self, active: bool) -> None:
+        self.r.set(f"{self.p}:monitor:status", json.dumps({"instance": self.instance, "pid": os.getpid(),
+                                                           "active": active, "ts": time.time()}),
+                   ex=int(self.cfg.lease_ttl_s * 3))
+
+    def run(self, stop: threading.Event) -> None:
+        """Wait for the lease, then step until stopped or the lease is lost (then wait again)."""
+        notifier = Notifier(self.r, self.p, self.ctx.alerts, consumer=self.instance)
+        notifier_stop = threading.Event()
+        notifier_thread: threading.Thread | None = None
+        renew_every = self.cfg.lease_ttl_s / 3
+        while not stop.is_set():
+            try:
+                if not self.lease.hold():
+                    if self.active:
+                        log.warning("%s lost the monitor lease", self.instance)
+                        notifier_stop.set()
+                    self.active = False
+                    stop.wait(renew_every)
+                    continue
+                if not self.active:
+                    log.info("%s holds the monitor lease", self.instance)
+                    self.active = True
+                    notifier_stop = threading.Event()
+                    notifier_thread = threading.Thread(target=notifier.run, args=(notifier_stop,),
+                                                       name="alert-notifier", daemon=True)
+                    notifier_thread.start()
+                self._status(True)
+                t_end = time.time() + renew_every
+                while time.time() < t_end and not stop.is_set():
+                    self.step(block_ms=self.cfg.poll_ms)
+            except redis.RedisError as exc:
+                log.warning("monitor step failed (Redis): %s; retrying", exc)
+                stop.wait(1.0)
+            except Exception:
+                log.exception("monitor step failed; retrying")
+                stop.wait(1.0)
+        notifier_stop.set()
+        if notifier_thread is not None:
+            notifier_thread.join(5)
+        if self.active:
+            self.lease.release()
+
+
+def _s(v) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def finite_or_none(x):
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None

@@ -1,0 +1,113 @@
+"""The control state: one versioned JSON document in Redis that every replica applies in place.
+
+Everything that changes at run time (champion/challenger predictor versions, canary share,
+sparsity, shadow rate, fallback) lives in one document with a generation number. A writer
+(the admin API, the monitor pulling the fallback lever, a rollout controller) replaces it
+atomically with generation + 1 and publishes the new generation; replicas follow it
+(serving/control.py). It lives here, below serving/, because the monitor writes it too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Literal
+
+import redis
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ControlDefaults(BaseModel):
+    """The control state a fresh deployment starts from (generation 1). At run time the
+    document in Redis rules; these are only its first values."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    shadow_rate: float = Field(0.05, ge=0.0, le=1.0)
+    canary_share: float = Field(0.0, ge=0.0, le=1.0)
+    fallback: Literal["none", "dense", "lower"] = "none"
+
+
+class ControlState(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    generation: int = Field(1, ge=1)
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    shadow_rate: float = Field(0.05, ge=0.0, le=1.0)
+    canary_share: float = Field(0.0, ge=0.0, le=1.0)
+    fallback: Literal["none", "dense", "lower"] = "none"
+    fallback_sparsity: float = Field(0.25, ge=0.0, lt=1.0, description="ceiling when fallback is 'lower'")
+    champion: str | None = None  # a registry version; None: whatever alias 'champion' names
+    challenger: str | None = None  # a registry version served to canary_share of requests
+    updated_at: float = 0.0
+    updated_by: str = "defaults"
+
+
+class ControlUpdate(BaseModel):
+    """A PUT body: any subset of the live fields."""
+
+    model_config = ConfigDict(extra="forbid")
+    sparsity: float | None = Field(None, ge=0.0, lt=1.0)
+    shadow_rate: float | None = Field(None, ge=0.0, le=1.0)
+    canary_share: float | None = Field(None, ge=0.0, le=1.0)
+    fallback: Literal["none", "dense", "lower"] | None = None
+    fallback_sparsity: float | None = Field(None, ge=0.0, lt=1.0)
+    champion: str | None = Field(None, pattern=r"^(\d+|champion)$")
+    challenger: str | None = Field(None, pattern=r"^(\d+|none)$")
+
+
+def initial_state(defaults: ControlDefaults) -> ControlState:
+    return ControlState(sparsity=defaults.sparsity, shadow_rate=defaults.shadow_rate,
+                        canary_share=defaults.canary_share, fallback=defaults.fallback)
+
+
+class ControlStore:
+    """Synchronous access (admin API, launcher, tests)."""
+
+    def __init__(self, client: redis.Redis, prefix: str):
+        self.r = client
+        self.key, self.channel = f"{prefix}:control:state", f"{prefix}:control:notify"
+        self.replicas = f"{prefix}:control:replicas"
+
+    def ensure(self, defaults: ControlDefaults) -> ControlState:
+        """Write generation 1 unless a document exists (first replica wins)."""
+        first = initial_state(defaults).model_copy(update={"updated_at": time.time()})
+        self.r.set(self.key, first.model_dump_json(), nx=True)
+        return self.get()
+
+    def get(self) -> ControlState | None:
+        raw = self.r.get(self.key)
+        return ControlState.model_validate_json(raw) if raw else None
+
+    def update(self, change: ControlUpdate, by: str) -> ControlState:
+        """Apply a partial change atomically: generation + 1, then notify."""
+        fields = change.model_dump(exclude_unset=True)
+        if fields.get("challenger") == "none":
+            fields["challenger"] = None
+        if fields.get("champion") == "champion":
+            fields["champion"] = None
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(self.key)
+                    raw = pipe.get(self.key)
+                    cur = ControlState.model_validate_json(raw) if raw else ControlState()
+                    new = ControlState.model_validate({**cur.model_dump(), **fields,
+                                                       "generation": cur.generation + 1,
+                                                       "updated_at": time.time(), "updated_by": by})
+                    pipe.multi()
+                    pipe.set(self.key, new.model_dump_json())
+                    pipe.publish(self.channel, str(new.generation))
+                    pipe.execute()
+                    return new
+                except redis.WatchError:
+                    continue
+
+    def replica_reports(self, stale_s: float) -> list[dict]:
+        now, out = time.time(), []
+        for raw in self.r.hvals(self.replicas):
+            rep = json.loads(raw)
+            if now - rep["ts"] <= stale_s:
+                out.append(rep)
+        return sorted(out, key=lambda r: (r["role"], r["replica"]))
+
+
