@@ -28,8 +28,11 @@ def _suite_batch(tokenizer, model, instances, pseudo_labels: bool):
 
 
 def collect(model, tokenizer, out_root: Path, per_family: dict[str, int], batch_size: int = 32,
-            pseudo_labels: bool = False) -> Path:
-    """Write a new dataset version under out_root; returns its folder."""
+            pseudo_labels: bool = False, families: list[str] | None = None) -> Path:
+    """Write a new dataset version under out_root; returns its folder. `families` limits the
+    suite to some of its families (a predictor that has not seen the others)."""
+    if families is not None and (unknown := set(families) - set(tasks.FAMILIES)):
+        raise ValueError(f"unknown task families {sorted(unknown)}: use {', '.join(tasks.FAMILIES)}")
     view = ModelView(model)
     shape = view.shape
     model = model.eval().requires_grad_(False)
@@ -37,7 +40,7 @@ def collect(model, tokenizer, out_root: Path, per_family: dict[str, int], batch_
     folder, version = traces.new_version_dir(out_root)
     counts = {}
     for split, n in per_family.items():
-        instances = tasks.split(split, n)
+        instances = [i for i in tasks.split(split, n) if families is None or i.family in families]
         records = []
         bar = tqdm(range(0, len(instances), batch_size), desc=f"collect {split}", unit="batch")
         for start in bar:
@@ -52,5 +55,5 @@ def collect(model, tokenizer, out_root: Path, per_family: dict[str, int], batch_
             records.extend(traces.records_from_scores(scores, common, metas))
         counts[split] = traces.write_split(folder, split, records)
     traces.write_manifest(folder, version, fingerprint, shape.as_dict(), list(criteria.CRITERIA), counts,
-                          {"pseudo_labels": pseudo_labels, "per_family": per_family})
+                          {"pseudo_labels": pseudo_labels, "per_family": per_family, "families": families})
     return folder

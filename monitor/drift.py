@@ -47,11 +47,12 @@ class MissingReference(ValueError):
     """A predictor version has no usable drift reference (absent or unreadable)."""
 
 
+PC_COLUMNS = [f"pc{i:02d}" for i in range(16)]  # for the default k = 16
+
+
 def feature_columns(k: int = 16) -> list[str]:
+    """pc00..pc{k-1} then the four scalar columns: the columns check_drift tests."""
     return [f"pc{i:02d}" for i in range(k)] + SCALAR_COLUMNS
-
-
-PC_COLUMNS = feature_columns(16)[:16]
 
 
 # ---- the basis ------------------------------------------------------------------------------
@@ -279,17 +280,32 @@ class DriftResult:
 
 
 def _column_drifted(score: float, method: str, threshold: float) -> bool:
-    """Evidently's rule when no test status is at hand: p-values drift below the threshold,
-    distances at or above it."""
+    """Evidently's rule for its default methods (K-S, chi-square, Z: p-values, drift below
+    the threshold; Wasserstein, Jensen-Shannon: distances, drift at or above it). Only a
+    fallback: the per-column test status is Evidently's own decision for every method."""
     return score < threshold if "p_value" in method else score >= threshold
 
 
+def _display_name(method: str) -> str:
+    """A forced method appears in the report config by its registry name ("ks"); report the
+    name Evidently shows for an auto-chosen one ("K-S p_value") either way."""
+    from evidently.legacy.calculations.stattests.registry import StatTestNotFoundError, get_registered_stattest
+    from evidently.legacy.core import ColumnType
+
+    try:
+        return get_registered_stattest(method, ColumnType.Numerical).display_name
+    except StatTestNotFoundError:
+        return method
+
+
 def check_drift(reference: pd.DataFrame, current: pd.DataFrame, columns: list[str] | None = None,
-                html: bool = False, drift_share: float = 0.5, method: str | None = None) -> DriftResult:
+                html: bool = False, drift_share: float = 0.5, method: str | None = None,
+                threshold: float | None = None) -> DriftResult:
     """Evidently DataDriftPreset of `current` against `reference` on `columns` (default: the
     numeric columns both frames share). `method` None lets Evidently choose per column
     (K-S p-value up to 1,000 reference rows, normed Wasserstein above; chi-square / Jensen-
-    Shannon for <= 5 distinct values); "ks", "wasserstein", ... force one."""
+    Shannon for <= 5 distinct values); "ks", "wasserstein", ... force one, and `threshold`
+    replaces the method's default threshold (0.05 for p-values, 0.1 for distances)."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
@@ -308,7 +324,7 @@ def check_drift(reference: pd.DataFrame, current: pd.DataFrame, columns: list[st
     definition = DataDefinition(numerical_columns=cols)
     ref_ds = Dataset.from_pandas(reference[cols].astype("float64"), data_definition=definition)
     cur_ds = Dataset.from_pandas(current[cols].astype("float64"), data_definition=definition)
-    preset = DataDriftPreset(columns=cols, drift_share=drift_share, method=method)
+    preset = DataDriftPreset(columns=cols, drift_share=drift_share, method=method, threshold=threshold)
     snapshot = Report([preset], include_tests=True).run(current_data=cur_ds, reference_data=ref_ds)
     snap = snapshot.dict()
 
@@ -322,9 +338,9 @@ def check_drift(reference: pd.DataFrame, current: pd.DataFrame, columns: list[st
             dataset_fail = status.get(m["id"])  # the preset's "share < drift_share" test
         elif kind.endswith(":ValueDrift"):
             cfg, score = m["config"], float(m["value"])
-            flag = status.get(m["id"])
-            drifted = flag == "FAIL" if flag is not None else _column_drifted(score, cfg["method"], cfg["threshold"])
-            per_column[cfg["column"]] = {"score": score, "method": cfg["method"],
+            name, flag = _display_name(cfg["method"]), status.get(m["id"])
+            drifted = flag == "FAIL" if flag is not None else _column_drifted(score, name, cfg["threshold"])
+            per_column[cfg["column"]] = {"score": score, "method": name,
                                          "threshold": float(cfg["threshold"]), "drifted": drifted}
     if count is None:
         raise RuntimeError("Evidently's report has no DriftedColumnsCount metric")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +38,42 @@ def register(app, bench_app) -> None:
         from serving.launcher import down
 
         down(settings_or_exit(config))
+
+    @bench_app.command("monitor")
+    def bench_monitor(
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+        quick: bool = typer.Option(False, "--quick", help="One drift window size, fewer requests."),
+        work: Path = typer.Option(Path("runs/bench-monitor"), "--work", help="Folder for the private stacks."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON report here."),
+    ) -> None:
+        """The monitor's figures on private stacks: drift detection vs window size (with and
+        without prompt length), fallback on a broken predictor, monitor SIGKILL, MLflow stopped."""
+        import platform
+        import time as _time
+
+        from serving import bench_monitor
+
+        logging.basicConfig(level=logging.WARNING)
+        console = Console(stderr=True)
+        t0 = _time.time()
+        report = bench_monitor.run(work, quick=quick, progress=lambda line: console.print(line))
+        report["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
+        report["seconds"] = round(_time.time() - t0, 1)
+        if out:
+            out.write_text(json.dumps(report, indent=2) + "\n")
+        if as_json:
+            print(json.dumps(report))
+        table = Table(title="bench monitor: drift")
+        for col in ("window", "every", "columns", "in-dist requests", "false alarm at", "alert after", "seconds"):
+            table.add_column(col, justify="right")
+        for r in report["results"].get("drift", []):
+            table.add_row(str(r["window"]), str(r["every_requests"]),
+                          "no prompt_len" if r["exclude_columns"] else "all", str(r["in_distribution_requests"]),
+                          str(r["false_alarm_after"] or "-"), str(r["drift_alert_after_requests"] or "-"),
+                          str(r["seconds_to_alert"] or "-"))
+        console.print(table)
+        for name in ("fallback", "restart", "mlflow_down"):
+            console.print(f"{name}: {json.dumps(report['results'].get(name))}")
 
     @bench_app.command("serve")
     def bench_serve(

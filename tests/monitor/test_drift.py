@@ -149,6 +149,17 @@ def test_columns_restrict_the_check_and_nan_columns_are_skipped():
     assert result.drift and result.as_dict()["skipped_columns"] == ["c19"]
 
 
+def test_default_method_follows_reference_size_and_can_be_forced():
+    ref, cur = gaussian(1100, 0, cols=3), gaussian(100, 1, cols=3)
+    default = dr.check_drift(ref, cur)
+    assert {v["method"] for v in default.columns.values()} == {"Wasserstein distance (normed)"}
+    assert {v["threshold"] for v in default.columns.values()} == {0.1}
+    forced = dr.check_drift(ref, cur, method="ks", threshold=0.01)
+    assert {(v["method"], v["threshold"]) for v in forced.columns.values()} == {("K-S p_value", 0.01)}
+    assert_consistent(default)
+    assert_consistent(forced)
+
+
 def test_html_report():
     result = dr.check_drift(gaussian(200, 0, cols=3), gaussian(200, 1, cols=3), html=True)
     assert isinstance(result.html, str) and "<html" in result.html[:2000].lower()

@@ -117,7 +117,7 @@ def test_config_driven_app_builder_binds_the_three_deployments(tmp_path):
 
 
 def test_registry_versions_aliases_and_download(tmp_path, monkeypatch):
-    from jobs.registry import PredictorRegistry
+    from jobs.registry import PredictorRegistry, RegistryError
 
     uri = f"sqlite:///{tmp_path}/db/mlflow.db"
     (tmp_path / "db").mkdir()
@@ -127,12 +127,19 @@ def test_registry_versions_aliases_and_download(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "predictor.json").write_text('{"kind": "shadowllm"}')
     (folder / "predictor.safetensors").write_bytes(b"x")
+    with pytest.raises(RegistryError, match="holds no drift reference"):  # every version has one
+        reg.register(folder)
+    (folder / "reference").mkdir()
+    (folder / "reference" / "features.parquet").write_bytes(b"p")
+    (folder / "reference" / "basis.safetensors").write_bytes(b"b")
     v1, v2 = reg.register(folder, tags={"source": "test"}), reg.register(folder)
     assert (v1, v2) == ("1", "2") and reg.resolve("champion") is None
     reg.set_alias("champion", v2)
     assert reg.resolve("champion") == "2" and reg.resolve("1") == "1"
     got = reg.download("2")
     assert (got / "predictor.json").read_text() == '{"kind": "shadowllm"}'
+    assert (got / "reference" / "basis.safetensors").read_bytes() == b"b"
+    assert reg.exists("2") and not reg.exists("999")
     assert (tmp_path / "db" / "artifacts").exists()  # artifacts beside the store, not ./mlruns
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     down = PredictorRegistry("http://127.0.0.1:9", "p", tmp_path / "c2")

@@ -1,0 +1,104 @@
+"""The monitor end to end, on a private stack (redis-server, an MLflow server, Ray Serve) with
+the embedded default model, at sizes that fit the default test run. The full-size figures
+come from `shadowgate bench monitor` (docs/MONITOR.md).
+
+In order: drift (suite traffic, then grammar text); a broken champion (reversed scores)
+falls back within 20 shadow samples with a signed alert at a real HTTP receiver, and the
+responses after it are the dense model's; clearing it is `recovered`; the Monitor replica
+SIGKILLed mid-stream loses and double-counts nothing; MLflow stopped: requests answered and a
+fallback still applies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+
+from adapter import tasks
+from monitor.alerts import verify
+from serving.bench_monitor import (Driver, Receiver, dense_texts, drift_scenario, fallback_scenario,
+                                   mlflow_down_scenario, restart_scenario, reversed_predictor, suite_prompts,
+                                   wait_until)
+from serving.stack import private_stack
+
+pytestmark = pytest.mark.service
+SECRET = "test-webhook-secret"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    receiver = Receiver()
+    work = tmp_path_factory.mktemp("monitoring")
+    overrides = {"serve": {"defaults": {"shadow_rate": 1.0}, "shadow_max_inflight": 2, "replica_cpus": 0.1,
+                           "reconcile_s": 1.0},
+                 "monitor": {"slo": {"min_samples": 10, "window": 200}, "lease_ttl_s": 3, "claim_idle_s": 3,
+                             "drift": {"window": 40, "every_requests": 20, "min_rows": 20}},
+                 "alerts": {"webhooks": [{"url": receiver.url, "secret": SECRET}], "backoff_s": 0.2},
+                 "mlflow": {"reference_per_family": 170}, "runtime": {"threads": 1}}
+    with private_stack(work, **overrides) as st:
+        with st.client() as c, st.client(admin=True) as a:
+            yield {"stack": st, "driver": Driver(c, a), "receiver": receiver, "work": work,
+                   "redis": redis.Redis.from_url(st.settings.redis.url)}
+    receiver.close()
+
+
+def test_drift_alert_on_unseen_inputs_and_none_in_distribution(stack):
+    d = stack["driver"]
+    d.put_state(shadow_rate=0.0)
+    try:
+        res = drift_scenario(d, stack["stack"].champion, suite_prompts("test", None, 60),
+                             tasks.plain_text(40, seed_offset=7))
+    finally:
+        d.put_state(shadow_rate=1.0)
+    assert res["false_alarm_after"] is None
+    assert res["drift_alert_after_requests"] is not None and res["drift_alert_after_requests"] <= 40
+    assert res["drifted_columns"] and res["mlflow_run"]
+    assert d.failed == 0
+
+
+def test_broken_champion_falls_back_with_a_signed_alert_and_dense_answers(stack):
+    st, d, receiver = stack["stack"], stack["driver"], stack["receiver"]
+    registry = st.registry()
+    bad = registry.register(reversed_predictor(registry.download(st.champion), stack["work"] / "reversed"),
+                            tags={"source": "test-reversed"})
+    assert d.admin.put("/admin/state", json={"champion": "999"}).status_code == 404  # no such version
+    prompts = suite_prompts("test", None, 40)
+    dense = dense_texts(d, prompts[:6])
+    res = fallback_scenario(d, bad, prompts, dense, max_requests=40)
+    assert res["fell_back"] and res["fallback"] == "dense" and res["updated_by"] == "monitor"
+    assert res["samples_until_fallback"] <= 20
+    assert res["window_kl_mean"] > st.settings.monitor.slo.kl_mean_max or \
+        res["window_top1"] < st.settings.monitor.slo.top1_min
+    assert res["after_dense_equal"] == res["after_checked"] == 6
+    hook = wait_until(lambda: [r for r in receiver.requests if json.loads(r["body"])["kind"] == "fallback"], 30)
+    assert hook, "the fallback alert did not reach the receiver"
+    h = hook[0]["headers"]
+    assert verify(SECRET, h["x-shadowgate-timestamp"], hook[0]["body"], h["x-shadowgate-signature"])
+    assert not verify("wrong", h["x-shadowgate-timestamp"], hook[0]["body"], h["x-shadowgate-signature"])
+    assert json.loads(hook[0]["body"])["predictor_version"] == bad
+    metrics = d.admin.get("/metrics").text
+    assert f'shadowgate_fidelity_kl_mean{{arm="champion",version="{bad}"}}' in metrics
+    # the end is explicit, and an alert
+    d.put_state(champion=st.champion, fallback="none")
+    rec = wait_until(lambda: d.alerts("recovered"), 30)
+    assert rec and rec[0]["evidence"]["updated_by"] == "admin-api"
+    assert d.failed == 0
+
+
+def test_monitor_sigkilled_mid_stream_loses_and_double_counts_nothing(stack):
+    d = stack["driver"]
+    wait_until(lambda: d.alerts("recovered"), 30)
+    res = restart_scenario(d, suite_prompts("test", None, 24, offset=40), stack["redis"],
+                           stack["stack"].settings.redis.prefix)
+    assert res["new_pid"] is not None and res["new_pid"] != res["killed_pid"]
+    assert res["samples_written"] >= 20
+    assert res["lost"] == 0 and res["double_counted"] == 0
+    assert d.failed == 0
+
+
+def test_mlflow_stopped_requests_answered_and_fallback_applies(stack):
+    d = stack["driver"]
+    res = mlflow_down_scenario(d, stack["stack"], suite_prompts("test", None, 8, offset=70))
+    assert res["failed"] == 0 and res["fallback_applied"]
+    assert res["put_unknown_version_status"] == 503  # cannot check it: refused, never accepted blindly
