@@ -201,6 +201,22 @@ class GatedModel:
         st.length = t
         return st, self.view.logits(h if all_logits else h[-1:])
 
+    @torch.inference_mode()
+    def predictor_input(self, ids: Seq[int]) -> torch.Tensor:
+        """The (D,) input a method selects from, for a prompt: layer 0 only, the same code
+        path as prefill (drift references need only this, not the whole model)."""
+        if not ids:
+            raise RequestError("the prompt is empty")
+        t = len(ids)
+        ids_t = torch.as_tensor(list(ids), dtype=torch.long, device=self.device)
+        pos = torch.arange(t, device=self.device)
+        h = self.view.embed(ids_t, pos)
+        st = Sequence(method=None, mask=None, weights=self.cache.dense(), k=[], v=[], length=0,
+                      predictor_input=None, effective_sparsity=0.0)
+        self._alloc(st, 0, self.shape.kv_heads, t, h.dtype)
+        _, attn0 = self._seq_layer(st, 0, h, self.view.rope(h, pos), 0)
+        return attn0[t - 1]
+
     def _alloc(self, st: Sequence, layer: int, groups: int, cap: int, dtype) -> None:
         shape = (groups, cap, self.shape.head_dim)
         st.k.append(torch.empty(shape, dtype=dtype, device=self.device))

@@ -145,17 +145,27 @@ class Monitor:
         return applied
 
     def drain(self, block_ms: int | None = None) -> int:
-        """Reclaim what dead consumers left, then read what is new; returns entries applied."""
-        n = self._consume_samples(self.samples.reclaim()) + self._consume_features(self.features.reclaim())
-        n += self._consume_samples(self.samples.own_pending()) + self._consume_features(self.features.own_pending())
-        while True:
-            got = self._consume_samples(self.samples.read_new(200, None))
-            got += self._consume_features(self.features.read_new(500, None))
-            n += got
-            if not got:
+        """Reclaim what dead consumers left, then read what is new; returns entries applied.
+        Samples are taken in batches of at most `slo.min_samples` with the SLO checked after
+        each, so a breach is acted on within min_samples + one batch however far behind the
+        monitor is."""
+        batch = max(1, min(50, self.cfg.slo.min_samples))
+        n = self._consume_samples(self.samples.reclaim(batch)) + self._consume_features(self.features.reclaim())
+        n += self._consume_samples(self.samples.own_pending(batch))
+        n += self._consume_features(self.features.own_pending())
+        self.check_slo()
+        # bounded per step, so the summary is written under any load
+        for _ in range(20):
+            if not (got := self._consume_samples(self.samples.read_new(batch, None))):
                 break
+            n += got
+            self.check_slo()
+        for _ in range(10):
+            if not (got := self._consume_features(self.features.read_new(500, None))):
+                break
+            n += got
         if not n and block_ms:  # nothing at all: wait for a sample (bounded), then take it
-            n += self._consume_samples(self.samples.read_new(200, block_ms))
+            n += self._consume_samples(self.samples.read_new(batch, block_ms))
         return n
 
     # ---- windows ------------------------------------------------------------------------------
@@ -181,7 +191,9 @@ class Monitor:
 
     # ---- the fidelity SLO and the fallback lever ------------------------------------------------
     def check_slo(self) -> dict | None:
-        """Pull the fallback lever when the champion's window breaks the SLO; returns the breach."""
+        """Pull the fallback lever when the champion's window breaks the SLO; returns the breach.
+        A fallback that ended since the last look is handled first: its window is not evidence."""
+        self.watch_fallback()
         slo = self.cfg.slo
         state = self.control.get()
         version = self.champion_version(state)
@@ -219,8 +231,7 @@ class Monitor:
             return
         version = self.champion_version(state)
         if state.fallback == "none":
-            for key in self.r.scan_iter(f"{self.p}:monitor:window:*:champion"):
-                self.r.delete(key)
+            self._forget_before(state.generation)
             self.alerts.raise_alert("recovered", "info",
                                     f"fallback {seen} ended by {state.updated_by}: serving predictor "
                                     f"{version or 'champion'} again", predictor_version=version,
@@ -234,6 +245,17 @@ class Monitor:
                                     evidence={"generation": state.generation, "updated_by": state.updated_by},
                                     dedup_key=f"fallback:manual:{state.generation}")
         self.r.set(f"{self.p}:monitor:fallback_seen", state.fallback)
+
+    def _forget_before(self, generation: int) -> None:
+        """Drop champion-arm rows served before `generation` (a recovery): what broke the SLO
+        is no evidence against what is served now. Rows of later requests stay."""
+        for key in self.r.scan_iter(f"{self.p}:monitor:window:*:champion"):
+            rows = [x for x in self.r.lrange(key, 0, -1) if (json.loads(x).get("generation") or 0) >= generation]
+            with self.r.pipeline() as pipe:  # MULTI: the list is never seen half rewritten
+                pipe.delete(key)
+                if rows:
+                    pipe.rpush(key, *rows)
+                pipe.execute()
 
     # ---- drift ---------------------------------------------------------------------------------
     def reference(self, version: str):
@@ -341,7 +363,6 @@ class Monitor:
     def step(self, block_ms: int | None = None) -> dict:
         """One pass while holding the lease."""
         self.drain(block_ms)
-        self.watch_fallback()
         self.check_slo()
         self.check_drift_due()
         summary = self.summary()

@@ -194,12 +194,16 @@ def drift_scenario(d: Driver, version: str, known: list[str], shifted: list[str]
     seen = {a["id"] for a in d.alerts("drift")}
     detected_at, alert = None, None
     t_switch = time.time()
+    def fresh():
+        return [a for a in d.alerts("drift") if a["id"] not in seen and a["predictor_version"] == version]
+
     for i, p in enumerate(shifted):
         d.complete(p)
-        new = [a for a in d.alerts("drift") if a["id"] not in seen and a["predictor_version"] == version]
-        if new:
+        if new := fresh():
             detected_at, alert = i + 1, new[-1]
             break
+    if alert is None and (new := wait_until(fresh, 10)):  # a check still running on the last rows
+        detected_at, alert = len(shifted), new[-1]
     return {"in_distribution_requests": len(known), "false_alarm_after": false_alarm_at,
             "drift_alert_after_requests": detected_at, "seconds_to_alert": round(time.time() - t_switch, 2)
             if detected_at else None, "drifted_columns": sorted(alert["evidence"]["drifted"]) if alert else [],

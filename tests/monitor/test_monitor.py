@@ -95,7 +95,7 @@ def test_broken_slo_pulls_the_fallback_lever_once_and_clearing_it_is_recovered(r
     mon.step()
     rec = alerts.list(kind="recovered")
     assert len(rec) == 1 and rec[0].evidence["updated_by"] == "cli"
-    assert mon.window("1", "champion") == [] and control.get().fallback == "none"
+    assert mon.window("1", "champion") == [] and control.get().fallback == "none"  # served before
     for i in range(10, 20):  # a healthy champion after the recovery keeps serving
         add_sample(store, i, kl=0.05, top1=0.95)
     mon.step()

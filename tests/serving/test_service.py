@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import statistics
@@ -240,6 +241,10 @@ def test_shadowed_request_leaves_a_sample_and_audit(service):
         _, rec, fid = samples[0]
         shape = service["loaded"].runtime.shape
         assert rec.meta["source"] == "shadow" and rec.meta["targets"] == "pseudo_labels"
+        # the served prompt and continuation travel with the sample (a job can rescore it)
+        tok = service["loaded"].tokenizer
+        assert rec.meta["prompt_ids"] == tok.encode(PROMPT) and len(rec.meta["token_ids"]) == 4
+        assert rec.meta["arm"] == "champion"
         assert rec.tensors["heads.plainact"].shape == (shape.layers, shape.heads)
         assert rec.tensors["neurons.plainact"].shape == (shape.layers, shape.ffn)
         assert rec.tensors["predictor_input"].shape == (shape.hidden,)
@@ -252,6 +257,43 @@ def test_shadowed_request_leaves_a_sample_and_audit(service):
         assert f'shadowgate_fidelity_kl_count{{version="{service["v1"]}"}}' in metrics
     finally:
         put_state(service, shadow_rate=0.0)
+
+
+def test_every_served_request_yields_a_drift_feature_row(service):
+    from monitor import drift
+
+    r = service["redis"]
+    before = r.xlen("shadowgate:features")
+    rids = [complete(service, max_tokens=2).json()["shadowgate"]["request_id"] for _ in range(3)]
+    rids.append(complete(service, max_tokens=2, sparsity=0.0).json()["shadowgate"]["request_id"])  # dense too
+    wait_for(lambda: r.xlen("shadowgate:features") >= before + 4)
+    rows = [json.loads(f[b"row"]) for _, f in r.xrange("shadowgate:features")]
+    rows = {row["request_id"]: row for row in rows if row["request_id"] in rids}
+    assert set(rows) == set(rids)
+    for row in rows.values():
+        assert set(drift.feature_columns(16)) <= set(row) and row["version"] == service["v1"]
+        assert row["prompt_len"] == len(service["loaded"].tokenizer.encode(PROMPT))
+        assert 0.0 < row["head_entropy"] <= 1.0
+    metrics = service["http"].get("/metrics").text
+    assert 'shadowgate_features_dropped_total{reason="redis"} 0.0' in metrics
+
+
+def test_every_version_carries_its_drift_reference(service, tmp_path):
+    from jobs.registry import PredictorRegistry
+    from monitor import drift
+
+    s = service["settings"]
+    folder = PredictorRegistry(s.mlflow.tracking_uri, s.mlflow.registered_model, tmp_path).download(service["v1"])
+    basis, rows = drift.load_reference(folder)
+    assert len(rows) >= 1000 and list(rows.columns[:len(drift.feature_columns(16))]) == drift.feature_columns(16)
+    assert basis.components.shape == (16, service["loaded"].runtime.shape.hidden)
+
+
+def test_admin_state_refuses_a_version_the_registry_does_not_hold(service):
+    r = service["http"].put("/admin/state", json={"champion": "999"}, headers=auth(ADMIN))
+    assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
+    r = service["http"].put("/admin/state", json={"challenger": "998"}, headers=auth(ADMIN))
+    assert r.status_code == 404
 
 
 async def _burst(base: str, n: int) -> list[tuple[float, dict]]:
