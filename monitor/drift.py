@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from adapter import masks
-from adapter.predictors import Dense, minmax
+from adapter.predictors import minmax
 
 REFERENCE_DIR = "reference"
 FEATURES_FILE = "features.parquet"
@@ -201,12 +201,11 @@ def reference_prompts(families: list[str] | None = None, per_family: int = 200) 
 def request_inputs(runtime, tokenizer, prompts: list[str], progress: bool = True):
     """Predictor inputs (N, D) and prompt lengths of prompts tokenised as the service does:
     tokenizer.encode(prompt), which for the embedded tokenizer prepends <bos> (its
-    post-processor), giving the same ids the traces were collected on."""
+    post-processor), giving the same ids the traces were collected on. Only layer 0 runs."""
     inputs, lens = [], []
     for prompt in tqdm(prompts, desc="drift reference", unit="prompt", disable=not progress):
         ids = tokenizer.encode(prompt)
-        st, _ = runtime.prefill(ids, Dense())
-        inputs.append(st.predictor_input.float().cpu())
+        inputs.append(runtime.predictor_input(ids).float().cpu())
         lens.append(len(ids))
     return torch.stack(inputs), lens
 

@@ -296,7 +296,8 @@ class Monitor:
         current = pd.DataFrame(rows)
         cols = self.drift_columns([c for c in ref.columns if c in current.columns])
         t0 = time.perf_counter()
-        result = drift_mod.check_drift(ref[cols], current[cols], html=d.html_report, drift_share=d.drift_share)
+        result = drift_mod.check_drift(ref[cols], current[cols], html=d.html_report, drift_share=d.drift_share,
+                                       method=d.method)
         elapsed = time.perf_counter() - t0
         self.r.hset(f"{self.p}:monitor:since_check", version, 0)
         self.last_check[version] = time.time()

@@ -67,8 +67,9 @@ def test_fit_basis_rejects_k_above_rank():
 
 
 def test_feature_rows_entropy_and_margin():
-    basis = dr.fit_basis(torch.rand(20, 8), k=3)
-    inputs = torch.rand(2, 8)
+    g = torch.Generator().manual_seed(0)
+    basis = dr.fit_basis(torch.rand(20, 8, generator=g), k=3)
+    inputs = torch.rand(2, 8, generator=g)
     heads = torch.stack([
         torch.tensor([[4.0, 3.0, 1.0, 0.0], [0.0, 0.0, math.log(2.0), 0.0]]),  # request 0: 2 layers
         torch.zeros(2, 4),  # request 1: uniform scores
@@ -89,12 +90,13 @@ def test_feature_rows_entropy_and_margin():
     # keep 2 of 4: layer 1 gap 3 - 1 over std([4, 3, 1, 0]) = sqrt(10/3); layer 2 gap 0
     assert rows[0]["keep_margin"] == pytest.approx((2 / math.sqrt(10 / 3)) / 2, rel=1e-5)
     pcs = [rows[0][c] for c in dr.feature_columns(3)[:3]]
-    assert pcs == pytest.approx(dr.project(basis, inputs[0])[0].tolist(), rel=1e-6)
+    assert pcs == pytest.approx(dr.project(basis, inputs[0])[0].tolist(), rel=1e-5, abs=1e-6)
 
 
 def test_feature_rows_without_scores_are_nan():
-    basis = dr.fit_basis(torch.rand(20, 8), k=2)
-    rows = dr.feature_rows(basis, torch.rand(3, 8), [5, 6, 7], None, None)
+    g = torch.Generator().manual_seed(1)
+    basis = dr.fit_basis(torch.rand(20, 8, generator=g), k=2)
+    rows = dr.feature_rows(basis, torch.rand(3, 8, generator=g), [5, 6, 7], None, None)
     for row in rows:
         assert all(math.isnan(row[c]) for c in ("head_entropy", "neuron_entropy", "keep_margin"))
         assert all(math.isfinite(row[c]) for c in ("pc00", "pc01", "prompt_len"))
@@ -103,7 +105,7 @@ def test_feature_rows_without_scores_are_nan():
 # ---- the Evidently check ----------------------------------------------------------------------------
 
 
-def gaussian(n: int, seed: int, shift: float = 0.0, shifted: int = 0, cols: int = 20) -> pd.DataFrame:
+def gaussian(n: int, seed: int, shift: float = 0.0, shifted: int = 0, cols: int = 10) -> pd.DataFrame:
     x = np.random.default_rng(seed).normal(size=(n, cols))
     x[:, :shifted] += shift
     return pd.DataFrame(x, columns=[f"c{i:02d}" for i in range(cols)])
@@ -121,32 +123,32 @@ def assert_consistent(result: dr.DriftResult):
 def test_same_distribution_no_drift():
     result = dr.check_drift(gaussian(300, 0), gaussian(300, 1))
     assert not result.drift
-    assert result.n_columns == 20 and (result.n_reference, result.n_current) == (300, 300)
-    assert result.drifted_count <= 4
+    assert result.n_columns == 10 and (result.n_reference, result.n_current) == (300, 300)
+    assert result.drifted_count <= 3
     assert {v["method"] for v in result.columns.values()} == {"K-S p_value"}
     assert result.html is None and "html" not in result.as_dict()
     assert_consistent(result)
 
 
 def test_shifted_current_drifts():
-    result = dr.check_drift(gaussian(300, 0), gaussian(300, 1, shift=2.0, shifted=15))
+    result = dr.check_drift(gaussian(300, 0), gaussian(300, 1, shift=2.0, shifted=8))
     assert result.drift
-    shifted = {f"c{i:02d}" for i in range(15)}
+    shifted = {f"c{i:02d}" for i in range(8)}
     assert shifted <= set(result.drifted_columns)
     assert all(result.columns[c]["score"] < 1e-10 for c in shifted)  # K-S p-values
-    assert result.share >= 0.75
+    assert result.share >= 0.8
     assert_consistent(result)
 
 
 def test_columns_restrict_the_check_and_nan_columns_are_skipped():
-    ref, cur = gaussian(300, 0), gaussian(300, 1, shift=2.0, shifted=15)
-    result = dr.check_drift(ref, cur, columns=["c16", "c17", "c18"])
-    assert set(result.columns) == {"c16", "c17", "c18"} and result.n_columns == 3
-    assert not result.drift
-    cur["c19"] = np.nan
-    result = dr.check_drift(ref, cur, columns=["c00", "c19"])
-    assert result.skipped_columns == ("c19",) and set(result.columns) == {"c00"}
-    assert result.drift and result.as_dict()["skipped_columns"] == ["c19"]
+    ref, cur = gaussian(300, 0), gaussian(300, 1, shift=2.0, shifted=8)
+    result = dr.check_drift(ref, cur, columns=["c07", "c08", "c09"])
+    assert set(result.columns) == {"c07", "c08", "c09"} and result.n_columns == 3
+    assert not result.drift  # one of three drifted: share 1/3 < 0.5
+    cur["c09"] = np.nan
+    result = dr.check_drift(ref, cur, columns=["c00", "c09"])
+    assert result.skipped_columns == ("c09",) and set(result.columns) == {"c00"}
+    assert result.drift and result.as_dict()["skipped_columns"] == ["c09"]
 
 
 def test_default_method_follows_reference_size_and_can_be_forced():
