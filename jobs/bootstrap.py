@@ -52,6 +52,7 @@ def with_reference(folder: Path, loaded, work: Path, families: list[str] | None 
     projection basis. Whatever registers a version calls this; a folder that already holds a
     reference is copied as it is."""
     out = work / "with-reference"
+    shutil.rmtree(out, ignore_errors=True)  # a work folder used before
     shutil.copytree(folder, out)
     if not (out / drift.REFERENCE_DIR / "features.parquet").exists():
         predictor = load_predictor(out, loaded.runtime.shape, traces.model_fingerprint(loaded.runtime.model))

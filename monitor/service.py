@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -416,7 +415,3 @@ class Monitor:
 
 def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else v
-
-
-def finite_or_none(x):
-    return x if isinstance(x, (int, float)) and math.isfinite(x) else None

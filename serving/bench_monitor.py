@@ -35,6 +35,7 @@ from adapter import tasks
 def reversed_predictor(src: Path, dst: Path) -> Path:
     """A copy of a shadowllm predictor whose scores are negated: it keeps the units it should
     skip. Its drift reference is kept (the input distribution has not changed)."""
+    shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst)
     path = dst / "predictor.safetensors"
     tensors = load_file(str(path))
@@ -274,7 +275,8 @@ def run(work: Path, quick: bool = False, progress=print) -> dict:
     from adapter.model_loading import load
     from serving.stack import private_stack
 
-    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # each run starts from nothing
+    work.mkdir(parents=True)
     known_fams, shifted_fams = ["mod_add", "successor", "lexicon"], ["table_lookup", "kv_recall", "reverse"]
     receiver = Receiver()
     loaded = load("default", RuntimeConfig(threads=1))
