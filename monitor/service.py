@@ -374,42 +374,61 @@ class Monitor:
                                                            "active": active, "ts": time.time()}),
                    ex=int(self.cfg.lease_ttl_s * 3))
 
+    def _heartbeat(self, done: threading.Event, lost: threading.Event) -> None:
+        """Renews the lease at a third of its TTL, however long a step (a first Evidently
+        report imports for seconds) takes; sets `lost` when another instance holds it."""
+        while not done.wait(self.cfg.lease_ttl_s / 3):
+            try:
+                if not self.lease.hold():
+                    lost.set()
+                    return
+                self._status(True)
+            except redis.RedisError as exc:  # the TTL covers short outages; past it, lost
+                log.warning("monitor lease not renewed: %s", exc)
+
     def run(self, stop: threading.Event) -> None:
         """Wait for the lease, then step until stopped or the lease is lost (then wait again)."""
         notifier = Notifier(self.r, self.p, self.ctx.alerts, consumer=self.instance)
-        notifier_stop = threading.Event()
-        notifier_thread: threading.Thread | None = None
-        renew_every = self.cfg.lease_ttl_s / 3
+        done, lost = threading.Event(), threading.Event()
+        threads: list[threading.Thread] = []
+
+        def stand_down():
+            done.set()
+            for t in threads:
+                t.join(10)
+            threads.clear()
+            self.active = False
+
         while not stop.is_set():
             try:
-                if not self.lease.hold():
-                    if self.active:
-                        log.warning("%s lost the monitor lease", self.instance)
-                        notifier_stop.set()
-                    self.active = False
-                    stop.wait(renew_every)
-                    continue
                 if not self.active:
+                    if not self.lease.hold():
+                        stop.wait(self.cfg.lease_ttl_s / 3)
+                        continue
                     log.info("%s holds the monitor lease", self.instance)
+                    done, lost = threading.Event(), threading.Event()
+                    threads[:] = [threading.Thread(target=self._heartbeat, args=(done, lost), daemon=True,
+                                                   name="monitor-lease"),
+                                  threading.Thread(target=notifier.run, args=(done,), daemon=True,
+                                                   name="alert-notifier")]
+                    for t in threads:
+                        t.start()
                     self.active = True
-                    notifier_stop = threading.Event()
-                    notifier_thread = threading.Thread(target=notifier.run, args=(notifier_stop,),
-                                                       name="alert-notifier", daemon=True)
-                    notifier_thread.start()
-                self._status(True)
-                t_end = time.time() + renew_every
-                while time.time() < t_end and not stop.is_set():
-                    self.step(block_ms=self.cfg.poll_ms)
+                    self._status(True)
+                if lost.is_set():
+                    log.warning("%s lost the monitor lease", self.instance)
+                    stand_down()
+                    continue
+                self.step(block_ms=self.cfg.poll_ms)
             except redis.RedisError as exc:
                 log.warning("monitor step failed (Redis): %s; retrying", exc)
                 stop.wait(1.0)
             except Exception:
                 log.exception("monitor step failed; retrying")
                 stop.wait(1.0)
-        notifier_stop.set()
-        if notifier_thread is not None:
-            notifier_thread.join(5)
-        if self.active:
+        was_active = self.active
+        stand_down()
+        if was_active:
             self.lease.release()
 
 
