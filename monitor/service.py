@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -327,7 +328,8 @@ class Monitor:
 
             client = MlflowClient(tracking_uri=self.ctx.mlflow_uri)
             exp = client.get_experiment_by_name(self.cfg.experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(self.cfg.experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(
+                self.cfg.experiment, artifact_location=_local_artifacts(self.ctx.mlflow_uri))
             run = client.create_run(exp_id, tags={"shadowgate.kind": "drift-check", "predictor_version": version,
                                                   "drift": str(result.drift).lower()},
                                     run_name=f"drift-v{version}-{time.strftime('%Y%m%dT%H%M%S')}")
@@ -434,3 +436,11 @@ class Monitor:
 
 def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else v
+
+
+def _local_artifacts(uri: str) -> str | None:
+    """A local SQLite store would put artifacts under ./mlruns of the working directory: keep
+    them beside the database (a server manages its own)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+    return None
