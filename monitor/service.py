@@ -108,7 +108,7 @@ class Monitor:
         return str(version), arm, row
 
     def _consume_samples(self, entries) -> int:
-        applied = 0
+        applied, champion = 0, None
         for e in entries:
             try:
                 version, arm, row = self._sample_row(e.fields)
@@ -121,13 +121,14 @@ class Monitor:
             if self.samples.ack_append(e.id, self._window_key(version, arm), json.dumps(row), self.cfg.slo.window,
                                        f"{self.p}:monitor:totals", f"{version}|{arm}"):
                 applied += 1
-                if arm == "champion":
-                    self.r.set(f"{self.p}:monitor:champion_seen", version)
+                champion = version if arm == "champion" else champion
+        if champion is not None:
+            self.r.set(f"{self.p}:monitor:champion_seen", champion)
         self.counts["samples"] += applied
         return applied
 
     def _consume_features(self, entries) -> int:
-        applied = 0
+        applied, per_version = 0, {}
         for e in entries:
             try:
                 row = json.loads(_s(e.fields[b"row"]))
@@ -140,7 +141,9 @@ class Monitor:
             if self.features.ack_append(e.id, self._features_key(version), json.dumps(row), self.cfg.drift.window,
                                         f"{self.p}:monitor:feature_totals", version):
                 applied += 1
-                self.r.hincrby(f"{self.p}:monitor:since_check", version, 1)
+                per_version[version] = per_version.get(version, 0) + 1
+        for version, n in per_version.items():  # what triggers the next drift check
+            self.r.hincrby(f"{self.p}:monitor:since_check", version, n)
         self.counts["features"] += applied
         return applied
 
@@ -193,9 +196,8 @@ class Monitor:
     def check_slo(self) -> dict | None:
         """Pull the fallback lever when the champion's window breaks the SLO; returns the breach.
         A fallback that ended since the last look is handled first: its window is not evidence."""
-        self.watch_fallback()
+        state = self.watch_fallback()
         slo = self.cfg.slo
-        state = self.control.get()
         version = self.champion_version(state)
         if state is None or version is None:
             return None
@@ -220,15 +222,16 @@ class Monitor:
         log.warning("fallback %s: predictor %s broke the SLO (%s)", new.fallback, version, "; ".join(reasons))
         return evidence
 
-    def watch_fallback(self) -> None:
+    def watch_fallback(self):
         """A fallback that ended (whoever ended it) raises `recovered`; one set by someone else
-        is reported too. The champion's window starts afresh after a recovery."""
+        is reported too. The champion's window starts afresh after a recovery. Returns the
+        control state it looked at."""
         state = self.control.get()
         if state is None:
-            return
+            return None
         seen = _s(self.r.get(f"{self.p}:monitor:fallback_seen") or b"none")
         if seen == state.fallback:
-            return
+            return state
         version = self.champion_version(state)
         if state.fallback == "none":
             self._forget_before(state.generation)
@@ -245,6 +248,7 @@ class Monitor:
                                     evidence={"generation": state.generation, "updated_by": state.updated_by},
                                     dedup_key=f"fallback:manual:{state.generation}")
         self.r.set(f"{self.p}:monitor:fallback_seen", state.fallback)
+        return state
 
     def _forget_before(self, generation: int) -> None:
         """Drop champion-arm rows served before `generation` (a recovery): what broke the SLO

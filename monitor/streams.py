@@ -13,7 +13,6 @@ heartbeat; a second instance waits until the lease expires.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import redis
@@ -141,13 +140,3 @@ def _entries(res) -> list[Entry]:
         return []
     items = res.items() if isinstance(res, dict) else res  # RESP3 gives a dict, RESP2 pairs
     return [Entry(_s(eid), fields) for _, entries in items for eid, fields in entries if fields]
-
-
-def wait_for(fn, timeout: float, interval: float = 0.1):
-    """Poll `fn` until it returns something truthy (tests and scenarios)."""
-    deadline = time.time() + timeout
-    while True:
-        out = fn()
-        if out or time.time() > deadline:
-            return out
-        time.sleep(interval)

@@ -5,7 +5,6 @@ predictor registered as 'champion'."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,11 +14,7 @@ import redis
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serving.stack import free_port  # noqa: F401  (tests import it from here)
 
 
 def save_tiny_model(folder: Path) -> Path:
