@@ -16,7 +16,8 @@ Redis keys (prefix p): p:monitor:lease, p:monitor:window:<version>:<arm> (JSON r
 last `slo.window` samples), p:monitor:totals (hash "<version>|<arm>" -> samples counted),
 p:monitor:features:<version> (JSON rows of the last `drift.window` feature rows),
 p:monitor:feature_totals, p:monitor:drift (hash version -> last check), p:monitor:summary,
-p:monitor:fallback_seen, p:monitor:status.
+p:monitor:fallback_seen and p:monitor:control_seen (the last control-history entry looked at),
+p:monitor:status.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import redis
 from monitor import drift as drift_mod
 from monitor.alerts import AlertSettings, AlertStore, Notifier
 from monitor.config import MonitorSettings
-from monitor.state import ControlStore, ControlUpdate
+from monitor.state import ControlState, ControlStore, ControlUpdate
 from monitor.streams import GroupReader, Lease
 
 log = logging.getLogger(__name__)
@@ -224,14 +225,32 @@ class Monitor:
 
     def watch_fallback(self):
         """A fallback that ended (whoever ended it) raises `recovered`; one set by someone else
-        is reported too. The champion's window starts afresh after a recovery. Returns the
-        control state it looked at."""
+        is reported too. Transitions are read from the control history, so a fallback set and
+        cleared between two looks is seen. The champion's window starts afresh after a
+        recovery. Returns the control state it looked at."""
         state = self.control.get()
         if state is None:
             return None
-        seen = _s(self.r.get(f"{self.p}:monitor:fallback_seen") or b"none")
-        if seen == state.fallback:
-            return state
+        seen_key, pos_key = f"{self.p}:monitor:fallback_seen", f"{self.p}:monitor:control_seen"
+        seen = _s(self.r.get(seen_key) or b"none")
+        pos = self.r.get(pos_key)
+        if pos is None:  # first look: only the present counts
+            changes, last = [], self.control.last_change_id()
+        else:
+            changes = self.control.changes(_s(pos))
+            last = changes[-1][0] if changes else _s(pos)
+        # the present state closes the sequence (covers a history trimmed or written without one)
+        for s in [c for _, c in changes if c.generation <= state.generation] + [state]:
+            if s.fallback != seen:
+                self._fallback_changed(seen, s)
+                seen = s.fallback
+        with self.r.pipeline() as pipe:
+            pipe.set(seen_key, seen)
+            pipe.set(pos_key, last)
+            pipe.execute()
+        return state
+
+    def _fallback_changed(self, seen: str, state: ControlState) -> None:
         version = self.champion_version(state)
         if state.fallback == "none":
             self._forget_before(state.generation)
@@ -247,8 +266,6 @@ class Monitor:
                                     predictor_version=version,
                                     evidence={"generation": state.generation, "updated_by": state.updated_by},
                                     dedup_key=f"fallback:manual:{state.generation}")
-        self.r.set(f"{self.p}:monitor:fallback_seen", state.fallback)
-        return state
 
     def _forget_before(self, generation: int) -> None:
         """Drop champion-arm rows served before `generation` (a recovery): what broke the SLO

@@ -3,8 +3,10 @@
 Everything that changes at run time (champion/challenger predictor versions, canary share,
 sparsity, shadow rate, fallback) lives in one document with a generation number. A writer
 (the admin API, the monitor pulling the fallback lever, a rollout controller) replaces it
-atomically with generation + 1 and publishes the new generation; replicas follow it
-(serving/control.py). It lives here, below serving/, because the monitor writes it too.
+atomically with generation + 1, appends the new document to a capped history stream
+(`<prefix>:control:history`, so a reader that polls sees every transition, not only the
+last) and publishes the new generation; replicas follow it (serving/control.py). It lives
+here, below serving/, because the monitor writes it too.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ class ControlUpdate(BaseModel):
     challenger: str | None = Field(None, pattern=r"^(\d+|none)$")
 
 
+def _s(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
 def initial_state(defaults: ControlDefaults) -> ControlState:
     return ControlState(sparsity=defaults.sparsity, shadow_rate=defaults.shadow_rate,
                         canary_share=defaults.canary_share, fallback=defaults.fallback)
@@ -63,10 +69,13 @@ def initial_state(defaults: ControlDefaults) -> ControlState:
 class ControlStore:
     """Synchronous access (admin API, launcher, tests)."""
 
+    history_maxlen = 1000
+
     def __init__(self, client: redis.Redis, prefix: str):
         self.r = client
         self.key, self.channel = f"{prefix}:control:state", f"{prefix}:control:notify"
         self.replicas = f"{prefix}:control:replicas"
+        self.history = f"{prefix}:control:history"
 
     def ensure(self, defaults: ControlDefaults) -> ControlState:
         """Write generation 1 unless a document exists (first replica wins)."""
@@ -96,11 +105,22 @@ class ControlStore:
                                                        "updated_at": time.time(), "updated_by": by})
                     pipe.multi()
                     pipe.set(self.key, new.model_dump_json())
+                    pipe.xadd(self.history, {"state": new.model_dump_json()}, maxlen=self.history_maxlen,
+                              approximate=True)
                     pipe.publish(self.channel, str(new.generation))
                     pipe.execute()
                     return new
                 except redis.WatchError:
                     continue
+
+    def changes(self, after: str) -> list[tuple[str, ControlState]]:
+        """History entries after stream id `after`, oldest first ("$": none, only the newest id)."""
+        entries = self.r.xrange(self.history, min=f"({after}", max="+") if after != "$" else []
+        return [(_s(eid), ControlState.model_validate_json(f.get(b"state") or f["state"])) for eid, f in entries]
+
+    def last_change_id(self) -> str:
+        last = self.r.xrevrange(self.history, count=1)
+        return _s(last[0][0]) if last else "0-0"
 
     def replica_reports(self, stale_s: float) -> list[dict]:
         now, out = time.time(), []

@@ -100,6 +100,13 @@ def test_broken_slo_pulls_the_fallback_lever_once_and_clearing_it_is_recovered(r
         add_sample(store, i, kl=0.05, top1=0.95)
     mon.step()
     assert control.get().fallback == "none"
+    # set and cleared between two looks: the history shows both transitions
+    control.update(ControlUpdate(fallback="dense"), by="admin-api")
+    control.update(ControlUpdate(fallback="none"), by="cli")
+    mon.step()
+    assert [a.evidence["updated_by"] for a in alerts.list(kind="recovered")] == ["cli", "cli"]
+    manual = alerts.list(kind="fallback")
+    assert len(manual) == 2 and manual[0].evidence["updated_by"] == "admin-api"  # newest first
 
 
 def test_only_one_monitor_is_active(redis_url):
