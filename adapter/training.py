@@ -119,6 +119,26 @@ def train_shadowllm(train: TraceSet, val: TraceSet, shape: Shape, criterion: str
     return _fit(model, x, (yh, yn), model, evaluate, cfg, f"train shadowllm/{criterion}")
 
 
+def unified_targets(heads: torch.Tensor, neurons: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw importance (N, L, H) / (N, L, F) -> normalised targets of layers 1..L-1."""
+    return normalise(heads[:, 1:]), normalise(neurons[:, 1:])
+
+
+def finetune_shadowllm(module: "P.UnifiedPredictor", x: torch.Tensor, heads: torch.Tensor, neurons: torch.Tensor,
+                       vx: torch.Tensor, vheads: torch.Tensor, vneurons: torch.Tensor, cfg: TrainConfig):
+    """Continue training a copy of `module` (a champion's weights, not a fresh start) on raw
+    importance targets; early stopping on the validation rho. Returns (module, metrics)."""
+    model = copy.deepcopy(module).train().requires_grad_(True)
+    yh, yn = unified_targets(heads, neurons)
+    vh, vn = unified_targets(vheads, vneurons)
+
+    def evaluate():
+        ph, pn = model(vx)
+        return {"rho_heads": float(spearman(ph, vh).mean()), "rho_neurons": float(spearman(pn, vn).mean())}
+
+    return _fit(model, x, (yh, yn), model, evaluate, cfg, "fine-tune shadowllm")
+
+
 def _token_targets(ts: TraceSet):
     """Per-token inputs/targets of layers 1..L-1: x (N, L-1, D), heads (N, L-1, H), neurons."""
     return (ts.tensors["layer_inputs"][:, 1:], normalise(ts.tensors["token_heads_l2"][:, 1:]),

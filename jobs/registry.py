@@ -32,6 +32,14 @@ def _quiet_env() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
+def check_reference(folder: Path) -> None:
+    from monitor import drift
+
+    for name in ("features.parquet", "basis.safetensors"):
+        if not (Path(folder) / drift.REFERENCE_DIR / name).exists():
+            raise RegistryError(f"{folder} holds no drift reference ({drift.REFERENCE_DIR}/{name} missing)")
+
+
 class PredictorRegistry:
     def __init__(self, tracking_uri: str, name: str, cache_dir: Path | None = None):
         _quiet_env()
@@ -93,24 +101,25 @@ class PredictorRegistry:
         """Log `folder` as a run's artifacts and register it; returns the new version. The
         folder must hold the version's drift reference (reference/features.parquet and
         reference/basis.safetensors): every version has one."""
-        from mlflow.exceptions import MlflowException
-
-        from monitor import drift
-
-        for name in ("features.parquet", "basis.safetensors"):
-            if not (Path(folder) / drift.REFERENCE_DIR / name).exists():
-                raise RegistryError(f"{folder} holds no drift reference ({drift.REFERENCE_DIR}/{name} missing)")
-
-        exp = self.client.get_experiment_by_name(EXPERIMENT)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(
-            EXPERIMENT, artifact_location=self._local_artifacts())
-        run = self.client.create_run(exp_id, tags={"shadowgate.kind": "predictor", **(tags or {})})
-        run_id = run.info.run_id
+        check_reference(folder)
+        run_id = self.start_run(EXPERIMENT, tags={"shadowgate.kind": "predictor", **(tags or {})})
         for k, v in (metrics or {}).items():
             if isinstance(v, (int, float)):
                 self.client.log_metric(run_id, k, float(v))
         self.client.log_artifacts(run_id, str(folder), artifact_path="predictor")
         self.client.set_terminated(run_id)
+        return self.register_run(run_id, tags)
+
+    def start_run(self, experiment: str, tags: dict[str, str] | None = None) -> str:
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(
+            experiment, artifact_location=self._local_artifacts())
+        return self.client.create_run(exp_id, tags=tags or {}).info.run_id
+
+    def register_run(self, run_id: str, tags: dict[str, str] | None = None) -> str:
+        """Register runs:/<run_id>/predictor (already logged, with its reference) as a new version."""
+        from mlflow.exceptions import MlflowException
+
         try:
             self.client.create_registered_model(self.name, description="shadowgate sparsity predictors")
         except MlflowException as exc:
@@ -119,6 +128,35 @@ class PredictorRegistry:
         mv = self.client.create_model_version(self.name, source=f"runs:/{run_id}/predictor", run_id=run_id,
                                               tags=tags)
         return str(mv.version)
+
+    def versions(self, tag: str | None = None, value: str | None = None) -> list:
+        """Model versions (MLflow ModelVersion objects), newest first; optionally those whose
+        tag `tag` equals `value`."""
+        flt = f"name = '{self.name}'"
+        if tag is not None:
+            flt += f" and tags.`{tag}` = '{value}'"
+        found = self.client.search_model_versions(flt, max_results=1000)
+        return sorted(found, key=lambda mv: int(mv.version), reverse=True)
+
+    def version(self, version: str):
+        return self.client.get_model_version(self.name, str(version))
+
+    def aliases(self) -> dict[str, str]:
+        """alias -> version (search_model_versions does not return aliases)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return {a: str(v) for a, v in self.client.get_registered_model(self.name).aliases.items()}
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return {}
+            raise
+
+    def set_tag(self, version: str, key: str, value: str) -> None:
+        self.client.set_model_version_tag(self.name, str(version), key, value)
+
+    def delete_alias(self, alias: str) -> None:
+        self.client.delete_registered_model_alias(self.name, alias)
 
     def _local_artifacts(self) -> str | None:
         """A server manages its own artifact store; a local SQLite store would otherwise put

@@ -54,7 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 log = logging.getLogger(__name__)
 
-KINDS = ("drift", "fallback", "recovered", "rollback", "promotion", "job_failure")
+KINDS = ("drift", "fallback", "recovered", "rollback", "promotion", "job_failure", "reconcile")
 SEVERITIES = ("info", "warning", "critical")
 GROUP = "notify"
 BACKOFF_CAP_S = 30.0

@@ -71,8 +71,11 @@ def window_stats(rows: list[dict]) -> dict:
 
 class Monitor:
     def __init__(self, ctx: MonitorContext, reference_loader: ReferenceLoader | None = None,
-                 client: redis.Redis | None = None, instance: str | None = None):
+                 client: redis.Redis | None = None, instance: str | None = None, scheduler_factory=None):
+        """`scheduler_factory()` -> an object with start()/shutdown(), run while this instance
+        holds the lease (the jobs' scheduler: one active in the deployment)."""
         self.ctx, self.cfg, p = ctx, ctx.monitor, ctx.prefix
+        self.scheduler_factory, self.scheduler = scheduler_factory, None
         self.r = client or redis.Redis.from_url(ctx.redis_url)
         # blocking stream reads must not hit the client's socket timeout (ENV: redis-py 8)
         self.rb = redis.Redis.from_url(ctx.redis_url, socket_timeout=None)
@@ -417,6 +420,12 @@ class Monitor:
 
         def stand_down():
             done.set()
+            if self.scheduler is not None:
+                try:
+                    self.scheduler.shutdown()
+                except Exception:
+                    log.exception("scheduler shutdown failed")
+                self.scheduler = None
             for t in threads:
                 t.join(10)
             threads.clear()
@@ -438,6 +447,9 @@ class Monitor:
                         t.start()
                     self.active = True
                     self._status(True)
+                    if self.scheduler_factory is not None:
+                        self.scheduler = self.scheduler_factory()
+                        self.scheduler.start()
                 if lost.is_set():
                     log.warning("%s lost the monitor lease", self.instance)
                     stand_down()

@@ -274,6 +274,9 @@ cli_service.register(app, bench_app)
 from serving import cli_monitor  # noqa: E402
 
 cli_monitor.register(app)
+from serving import cli_rollout  # noqa: E402
+
+cli_rollout.register(app)
 
 
 def main() -> None:  # pragma: no cover

@@ -20,7 +20,9 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jobs.approval import verify, webhook_secret
 from jobs.registry import PredictorRegistry, RegistryError
+from jobs.rollout import APPROVED, Controller, RolloutStore
 from monitor.alerts import KINDS as ALERT_KINDS
 from monitor.alerts import AlertStore
 from serving.control import ControlState, ControlStore, ControlUpdate, StateFollower, shadow_sampled
@@ -385,6 +387,72 @@ class Gateway:
         summary = json.loads(summary) if summary else None
         return {"active": lease.decode() if lease else None, "status": json.loads(status) if status else None,
                 "summary": summary, "age_s": round(time.time() - summary["ts"], 3) if summary else None}
+
+    # ---- the adaptation loop --------------------------------------------------------------
+    @app.post("/hooks/mlflow")
+    async def mlflow_hook(self, request: Request):
+        """MLflow registry webhook deliveries (alias/tag events): signature checked, queued for
+        the rollout controller, which also polls."""
+        body = await request.body()
+        h = request.headers
+        secret = await asyncio.to_thread(webhook_secret, self.settings, self.store.r)
+        problem = verify(secret, h.get("x-mlflow-delivery-id"), h.get("x-mlflow-timestamp"), body,
+                         h.get("x-mlflow-signature"))
+        if problem:
+            raise ApiError(401, f"webhook delivery refused: {problem}", "authentication_error")
+        try:
+            event = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "the delivery body is not valid JSON") from None
+        if not isinstance(event, dict):
+            raise ApiError(400, "the delivery body must be a JSON object")
+        event["delivery_id"] = h.get("x-mlflow-delivery-id")
+        await asyncio.to_thread(RolloutStore(self.store.r, self.prefix).event, event)
+        return {"ok": True}
+
+    @app.get("/admin/rollout")
+    async def rollout_status(self, request: Request):
+        """Champion, challenger, canary share and evidence, fallback, the last decisions."""
+        self.require_admin(request)
+        try:
+            return await asyncio.to_thread(Controller(self.settings, self.store.r, self.registry).status)
+        except RegistryError as exc:
+            raise ApiError(503, str(exc), "service_unavailable") from None
+
+    @app.post("/admin/rollout/approve/{version}")
+    async def rollout_approve(self, version: str, request: Request):
+        """Approve a version: the alias `approved`, the same one a person sets in the MLflow UI."""
+        self.require_admin(request)
+        if not version.isdigit():
+            raise ApiError(400, f"a version is a number, not {version!r}")
+        await self._require_version("approved", version)
+        await asyncio.to_thread(self.registry.set_alias, APPROVED, version)
+        await asyncio.to_thread(RolloutStore(self.store.r, self.prefix).decide, "approved", version, {},
+                                "admin-api")
+        return {"version": version, "alias": APPROVED}
+
+    @app.post("/admin/rollout/rollback")
+    async def rollout_rollback(self, request: Request):
+        """Ask the controller to roll back the challenger now; waits for its decision."""
+        self.require_admin(request)
+        try:
+            body = await request.json() if await request.body() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON") from None
+        reason = body.get("reason") if isinstance(body, dict) else None
+        if reason is not None and (not isinstance(reason, str) or len(reason) > 500):
+            raise ApiError(400, "reason must be a string of at most 500 characters")
+        store = RolloutStore(self.store.r, self.prefix)
+        t0 = time.time()
+        await asyncio.to_thread(store.command, {"action": "rollback", "reason": reason, "by": "admin-api"})
+        deadline = t0 + 3 * self.settings.jobs.rollout_every_s + 10
+        while time.time() < deadline:
+            for d in await asyncio.to_thread(store.recent, 5):
+                if d["ts"] >= t0 and d["decision"] in ("rolled_back", "rollback_refused"):
+                    return {"decision": d}
+            await asyncio.sleep(0.5)
+        raise ApiError(503, "the rollout controller did not act within "
+                            f"{deadline - t0:.0f} s (is the monitor/scheduler running?)", "service_unavailable")
 
     @app.get("/admin/alerts")
     async def list_alerts(self, request: Request, kind: str | None = None, limit: int = 50, after: str | None = None):

@@ -95,6 +95,18 @@ def start_redis(settings: Settings) -> subprocess.Popen | None:
     return proc
 
 
+def webhook_key(folder: Path) -> str:
+    """A fixed key for the webhook secrets the server stores (a new one per start would make
+    the stored webhooks unreadable): made once, kept beside the database, owner-only."""
+    import base64
+
+    path = folder / "webhook.key"
+    if not path.exists():
+        path.write_bytes(base64.urlsafe_b64encode(os.urandom(32)))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
 def start_mlflow(settings: Settings) -> subprocess.Popen | None:
     uri = settings.mlflow.tracking_uri
     if not uri.startswith("http"):
@@ -112,7 +124,10 @@ def start_mlflow(settings: Settings) -> subprocess.Popen | None:
                    "--port", str(parts.port or 5000), "--workers", "1",
                    "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
                    "--artifacts-destination", str(folder / "artifacts")], logf,
-                  env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"})
+                  env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+                       # registry webhooks (approvals) delivered to this service on localhost
+                       "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+                       "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": webhook_key(folder)})
     _wait(lambda: mlflow_answers(uri), "MLflow server", 120, proc, logf)
     log.info("started MLflow server (pid %d) at %s", proc.pid, uri)
     return proc

@@ -32,7 +32,12 @@ def reference_loader(settings: Settings):
 
 
 def build_monitor(settings: Settings) -> MonitorLoop:
-    return MonitorLoop(monitor_context(settings), reference_loader(settings))
+    factory = None
+    if settings.jobs.enabled:
+        from jobs.scheduler import Scheduler
+
+        factory = lambda: Scheduler(settings)  # noqa: E731
+    return MonitorLoop(monitor_context(settings), reference_loader(settings), scheduler_factory=factory)
 
 
 @serve.deployment(name="Monitor", health_check_period_s=5, health_check_timeout_s=10)

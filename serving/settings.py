@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from adapter.config import RuntimeConfig
+from jobs.config import AdaptSettings, CanarySettings, JobsSettings
 from monitor.alerts import AlertSettings
 from monitor.config import MonitorSettings
 from monitor.state import ControlDefaults
@@ -124,6 +125,9 @@ class Settings(BaseSettings):
     serve: ServeSettings = ServeSettings()
     monitor: MonitorSettings = MonitorSettings()
     alerts: AlertSettings = AlertSettings()
+    jobs: JobsSettings = JobsSettings()
+    adapt: AdaptSettings = AdaptSettings()
+    canary: CanarySettings = CanarySettings()
 
     @field_validator("api_keys", mode="before")
     @classmethod

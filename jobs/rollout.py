@@ -1,0 +1,320 @@
+"""The rollout controller: approval -> canary -> promotion or automatic rollback.
+
+It is the only writer of the registry alias `champion` and of the control state's
+champion/challenger/canary share (the monitor only pulls the fallback lever). One tick
+(`main(settings)`, the `rollout` job, every `jobs.rollout_every_s`):
+
+1. reconcile: the alias `champion` and the control state's champion must agree; when they
+   do not, the alias wins (it is the registry's contract), the state is corrected and an
+   alert says so;
+2. commands from operators (`shadowgate rollback`), queued at P:rollout:commands;
+3. approval: a version that holds the alias `approved` or the tag `approval=approved` (set by
+   a person in the MLflow UI; learnt from the registry webhook, P:rollout:events, and by
+   polling, since deliveries are best effort), that is neither the champion nor decided
+   already, becomes the challenger with `canary.share` of the traffic;
+4. the canary: the monitor's fidelity windows of both arms, counting only samples served
+   since the canary began. A challenger that breaks the SLO is rolled back at once; after
+   `canary.min_samples` per arm (or `canary.timeout_s`) it is promoted when its top-1
+   agreement is at least the champion's minus `canary.margin` and it is within the SLO;
+   otherwise rolled back;
+5. drift: while the champion's latest drift check says drift, the shadow rate is raised to
+   `adapt.drift_shadow_rate` and the fine-tune job is run early once `adapt.min_samples` new
+   samples exist; the rate returns to its value after.
+
+Redis keys: P:rollout:state (the canary in progress and the rates to restore),
+P:rollout:decisions (capped list, newest first), P:rollout:commands, P:rollout:events.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import redis
+
+from jobs.registry import CHAMPION, PredictorRegistry
+from monitor.alerts import AlertStore
+from monitor.service import window_stats
+from monitor.state import ControlStore, ControlUpdate
+
+log = logging.getLogger(__name__)
+APPROVED = "approved"
+DECISIONS_LEN = 100
+ACTOR = "rollout-controller"
+_webhook: str | None = None  # the registry webhook's id once set up in this process ("" : none)
+
+
+class RolloutStore:
+    def __init__(self, client: redis.Redis, prefix: str):
+        self.r, self.p = client, prefix
+        self.state_key, self.decisions = f"{prefix}:rollout:state", f"{prefix}:rollout:decisions"
+        self.commands, self.events = f"{prefix}:rollout:commands", f"{prefix}:rollout:events"
+
+    def state(self) -> dict:
+        raw = self.r.get(self.state_key)
+        return json.loads(raw) if raw else {}
+
+    def save(self, state: dict) -> None:
+        self.r.set(self.state_key, json.dumps(state))
+
+    def decide(self, kind: str, version: str | None, evidence: dict, by: str = ACTOR) -> dict:
+        row = {"ts": time.time(), "decision": kind, "version": version, "by": by, "evidence": evidence}
+        with self.r.pipeline() as pipe:
+            pipe.lpush(self.decisions, json.dumps(row))
+            pipe.ltrim(self.decisions, 0, DECISIONS_LEN - 1)
+            pipe.execute()
+        return row
+
+    def recent(self, count: int = 20) -> list[dict]:
+        return [json.loads(x) for x in self.r.lrange(self.decisions, 0, count - 1)]
+
+    def command(self, cmd: dict) -> None:
+        self.r.rpush(self.commands, json.dumps({**cmd, "ts": time.time()}))
+
+    def pop_commands(self) -> list[dict]:
+        with self.r.pipeline() as pipe:
+            pipe.lrange(self.commands, 0, -1)
+            pipe.delete(self.commands)
+            raw, _ = pipe.execute()
+        return [json.loads(x) for x in raw]
+
+    def event(self, event: dict) -> None:
+        self.r.rpush(self.events, json.dumps(event))
+        self.r.ltrim(self.events, -1000, -1)
+
+    def pop_events(self) -> list[dict]:
+        with self.r.pipeline() as pipe:
+            pipe.lrange(self.events, 0, -1)
+            pipe.delete(self.events)
+            raw, _ = pipe.execute()
+        return [json.loads(x) for x in raw]
+
+
+def arm_stats(client: redis.Redis, prefix: str, version: str, arm: str, since_generation: int) -> dict:
+    rows = [json.loads(x) for x in client.lrange(f"{prefix}:monitor:window:{version}:{arm}", 0, -1)]
+    return window_stats([x for x in rows if (x.get("generation") or 0) >= since_generation])
+
+
+class Controller:
+    def __init__(self, settings, client: redis.Redis | None = None, registry: PredictorRegistry | None = None,
+                 trigger=None):
+        self.s = settings
+        self.r = client or redis.Redis.from_url(settings.redis.url)
+        self.p = settings.redis.prefix
+        self.registry = registry or PredictorRegistry(settings.mlflow.tracking_uri, settings.mlflow.registered_model)
+        self.control = ControlStore(self.r, self.p)
+        self.store = RolloutStore(self.r, self.p)
+        self.alerts = AlertStore(self.r, self.p, settings.alerts)
+        self.trigger = trigger  # callable(job name): run a job early (the scheduler's)
+
+    # ---- one tick -------------------------------------------------------------------------
+    def tick(self) -> dict:
+        global _webhook
+        if _webhook is None:
+            from jobs.approval import ensure_webhook
+
+            _webhook = ensure_webhook(self.s, self.registry, self.r) or ""
+        out: list[dict] = []
+        aliases = self.registry.aliases()
+        out += self.reconcile(aliases)
+        events = self.store.pop_events()
+        for cmd in self.store.pop_commands():
+            out += self.run_command(cmd)
+        st = self.store.state()
+        if not st.get("canary"):
+            approved = self.approved(aliases, events)
+            if approved:
+                out.append(self.start_canary(approved))
+        else:
+            out += self.judge()
+        out += self.drift()
+        return {"decisions": out, "phase": "canary" if self.store.state().get("canary") else "idle"}
+
+    def reconcile(self, aliases: dict) -> list[dict]:
+        state = self.control.get()
+        alias = aliases.get(CHAMPION)
+        if state is None or alias is None or state.champion in (None, alias):
+            return []
+        self.control.update(ControlUpdate(champion=alias), by=ACTOR)
+        msg = (f"the control state served predictor {state.champion} but the registry alias "
+               f"'champion' names {alias}: the state now follows the alias")
+        self.alerts.raise_alert("reconcile", "warning", msg, predictor_version=alias,
+                                evidence={"state_champion": state.champion, "alias_champion": alias},
+                                dedup_key=f"reconcile:{state.champion}:{alias}")
+        return [self.store.decide("reconciled", alias, {"state_champion": state.champion, "alias": alias})]
+
+    def run_command(self, cmd: dict) -> list[dict]:
+        if cmd.get("action") == "rollback":
+            canary = self.store.state().get("canary")
+            if not canary:
+                return [self.store.decide("rollback_refused", None, {"reason": "no canary in progress",
+                                                                      "requested_by": cmd.get("by")})]
+            return [self.rollback(canary, f"operator: {cmd.get('reason') or 'no reason given'}",
+                                  {"requested_by": cmd.get("by")})]
+        return []
+
+    def _decided(self, mv) -> bool:
+        tags = mv.tags or {}
+        return any(k in tags for k in ("rolled_back", "retired", "promoted_at"))
+
+    def approved(self, aliases: dict, events: list[dict]) -> str | None:
+        """The newest approved version that is not the champion and not decided yet."""
+        champion = aliases.get(CHAMPION)
+        candidates = set()
+        if aliases.get(APPROVED):
+            candidates.add(aliases[APPROVED])
+        for mv in self.registry.versions(tag="approval", value="approved"):
+            candidates.add(str(mv.version))
+        for ev in events:  # webhook deliveries: polled anyway, they only make it sooner
+            data = ev.get("data") or {}
+            if data.get("alias") == APPROVED or (data.get("key") == "approval" and data.get("value") == "approved"):
+                candidates.add(str(data.get("version")))
+        for v in sorted((c for c in candidates if c and c.isdigit() and c != champion), key=int, reverse=True):
+            try:
+                mv = self.registry.version(v)
+            except Exception:  # deleted since
+                continue
+            if not self._decided(mv):
+                return v
+        return None
+
+    def start_canary(self, version: str) -> dict:
+        cs = self.s.canary
+        state = self.control.get()
+        change = {"challenger": version, "canary_share": cs.share}
+        restore = {"shadow_rate": state.shadow_rate} if state else {}
+        if cs.shadow_rate is not None and state is not None and cs.shadow_rate > state.shadow_rate:
+            change["shadow_rate"] = cs.shadow_rate
+        new = self.control.update(ControlUpdate(**change), by=ACTOR)
+        champion = new.champion or self.registry.resolve(CHAMPION)
+        st = self.store.state()
+        st["canary"] = {"version": version, "champion": champion, "started": time.time(),
+                        "generation": new.generation, "restore": restore}
+        self.store.save(st)
+        self.registry.set_tag(version, "canary_started", f"{time.time():.0f}")
+        return self.store.decide("canary_started", version, {"share": cs.share, "champion": champion,
+                                                             "generation": new.generation})
+
+    def evidence(self, canary: dict) -> dict:
+        g = canary["generation"]
+        return {"challenger": arm_stats(self.r, self.p, canary["version"], "challenger", g),
+                "champion": arm_stats(self.r, self.p, canary["champion"], "champion", g),
+                "elapsed_s": round(time.time() - canary["started"], 1)}
+
+    def judge(self) -> list[dict]:
+        canary = self.store.state()["canary"]
+        ev = self.evidence(canary)
+        ch, champ = ev["challenger"], ev["champion"]
+        slo, cs = self.s.monitor.slo, self.s.canary
+        breach = []
+        if ch["count"] >= min(slo.min_samples, cs.min_samples):
+            if ch["kl_mean"] > slo.kl_mean_max:
+                breach.append(f"mean KL {ch['kl_mean']:.4f} > {slo.kl_mean_max}")
+            if ch["top1"] < slo.top1_min:
+                breach.append(f"top-1 agreement {ch['top1']:.3f} < {slo.top1_min}")
+        if breach:
+            return [self.rollback(canary, "the challenger broke the SLO: " + "; ".join(breach), ev)]
+        enough = ch["count"] >= cs.min_samples and champ["count"] >= cs.min_samples
+        timed_out = ev["elapsed_s"] >= cs.timeout_s
+        if not (enough or timed_out):
+            return []
+        if ch["count"] == 0:
+            return [self.rollback(canary, f"no challenger samples within canary.timeout_s {cs.timeout_s:.0f} s", ev)]
+        floor = (champ["top1"] if champ["count"] else slo.top1_min) - cs.margin
+        if ch["top1"] >= floor:
+            return [self.promote(canary, ev)]
+        return [self.rollback(canary, f"challenger top-1 agreement {ch['top1']:.3f} < champion's "
+                                      f"{champ['top1']:.3f} - canary.margin {cs.margin}", ev)]
+
+    def _end_canary(self, canary: dict, champion: str | None) -> None:
+        change = {"challenger": "none", "canary_share": 0.0, **canary.get("restore", {})}
+        if champion is not None:
+            change["champion"] = champion
+        self.control.update(ControlUpdate(**change), by=ACTOR)
+        st = self.store.state()
+        st.pop("canary", None)
+        self.store.save(st)
+
+    def promote(self, canary: dict, ev: dict) -> dict:
+        v, old = canary["version"], canary["champion"]
+        self.registry.set_alias(CHAMPION, v)
+        if old and old != v:
+            self.registry.set_tag(old, "retired", f"{time.time():.0f}")
+            self.registry.set_tag(old, "retired_by", v)
+        self.registry.set_tag(v, "promoted_at", f"{time.time():.0f}")
+        self.registry.set_tag(v, "canary_evidence", json.dumps(ev)[:4000])
+        self._end_canary(canary, v)
+        msg = (f"predictor {v} promoted to champion (was {old}): challenger top-1 {ev['challenger']['top1']:.3f}, "
+               f"mean KL {ev['challenger']['kl_mean']:.4f} over {ev['challenger']['count']} samples; champion "
+               f"top-1 {ev['champion']['top1']:.3f} over {ev['champion']['count']}")
+        self.alerts.raise_alert("promotion", "info", msg, predictor_version=v,
+                                evidence={**ev, "previous": old}, dedup_key=f"promotion:{v}")
+        log.info(msg)
+        return self.store.decide("promoted", v, {**ev, "previous": old})
+
+    def rollback(self, canary: dict, reason: str, ev: dict) -> dict:
+        v = canary["version"]
+        self._end_canary(canary, None)
+        self.registry.set_tag(v, "rolled_back", reason[:500])
+        self.registry.set_tag(v, "rollback_evidence", json.dumps(ev)[:4000])
+        if self.registry.aliases().get(APPROVED) == v:
+            self.registry.delete_alias(APPROVED)
+        msg = f"predictor {v} rolled back: {reason}"
+        self.alerts.raise_alert("rollback", "critical", msg, predictor_version=v,
+                                evidence={**ev, "reason": reason}, dedup_key=f"rollback:{v}")
+        log.warning(msg)
+        return self.store.decide("rolled_back", v, {**ev, "reason": reason})
+
+    def drift(self) -> list[dict]:
+        """Raise the shadow rate while the champion drifts; run the fine-tune early."""
+        a = self.s.adapt
+        state = self.control.get()
+        if state is None:
+            return []
+        champion = state.champion or self.registry.resolve(CHAMPION)
+        raw = self.r.hget(f"{self.p}:monitor:drift", champion) if champion else None
+        check = json.loads(raw) if raw else {}
+        drifting = bool(check.get("drift"))
+        st = self.store.state()
+        out = []
+        saved = st.get("drift")
+        if drifting and saved is None:
+            st["drift"] = {"since": time.time(), "run_id": check.get("run_id"), "shadow_rate": state.shadow_rate,
+                           "early_run": False}
+            if a.drift_shadow_rate is not None and a.drift_shadow_rate > state.shadow_rate:
+                self.control.update(ControlUpdate(shadow_rate=a.drift_shadow_rate), by=ACTOR)
+            out.append(self.store.decide("drift_shadow_rate", champion,
+                                         {"shadow_rate": a.drift_shadow_rate, "was": state.shadow_rate,
+                                          "drift_run": check.get("run_id")}))
+        elif not drifting and saved is not None:
+            if a.drift_shadow_rate is not None:
+                self.control.update(ControlUpdate(shadow_rate=saved["shadow_rate"]), by=ACTOR)
+            st.pop("drift")
+            out.append(self.store.decide("drift_ended", champion, {"shadow_rate": saved["shadow_rate"]}))
+        if drifting and not st["drift"].get("early_run") and not st.get("canary") and self.trigger is not None:
+            from jobs.finetune import available, sample_reader
+
+            if available(sample_reader(self.r, self.p)) >= a.min_samples:
+                self.trigger("finetune")
+                st["drift"]["early_run"] = True
+                out.append(self.store.decide("finetune_early", champion, {"drift_run": check.get("run_id")}))
+        self.store.save(st)
+        return out
+
+    # ---- what `shadowgate status` shows ----------------------------------------------------
+    def status(self) -> dict:
+        state = self.control.get()
+        st = self.store.state()
+        canary = st.get("canary")
+        aliases = self.registry.aliases()
+        return {"champion": (state.champion if state else None) or aliases.get(CHAMPION),
+                "challenger": state.challenger if state else None,
+                "canary_share": state.canary_share if state else 0.0,
+                "fallback": state.fallback if state else None,
+                "aliases": aliases, "canary": {**canary, "evidence": self.evidence(canary)} if canary else None,
+                "drift": st.get("drift"), "decisions": self.store.recent(20)}
+
+
+def main(settings, trigger=None) -> dict:
+    return Controller(settings, trigger=trigger).tick()
