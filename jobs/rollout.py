@@ -98,7 +98,7 @@ def arm_stats(client: redis.Redis, prefix: str, version: str, arm: str, since_ge
 
 class Controller:
     def __init__(self, settings, client: redis.Redis | None = None, registry: PredictorRegistry | None = None,
-                 trigger=None):
+                 run_soon=None):
         self.s = settings
         self.r = client or redis.Redis.from_url(settings.redis.url)
         self.p = settings.redis.prefix
@@ -106,7 +106,7 @@ class Controller:
         self.control = ControlStore(self.r, self.p)
         self.store = RolloutStore(self.r, self.p)
         self.alerts = AlertStore(self.r, self.p, settings.alerts)
-        self.trigger = trigger  # callable(job name): run a job early (the scheduler's)
+        self.run_soon = run_soon  # callable(job name): run a job early (the scheduler's)
 
     # ---- one tick -------------------------------------------------------------------------
     def tick(self) -> dict:
@@ -292,11 +292,11 @@ class Controller:
                 self.control.update(ControlUpdate(shadow_rate=saved["shadow_rate"]), by=ACTOR)
             st.pop("drift")
             out.append(self.store.decide("drift_ended", champion, {"shadow_rate": saved["shadow_rate"]}))
-        if drifting and not st["drift"].get("early_run") and not st.get("canary") and self.trigger is not None:
+        if drifting and not st["drift"].get("early_run") and not st.get("canary") and self.run_soon is not None:
             from jobs.finetune import available, sample_reader
 
             if available(sample_reader(self.r, self.p)) >= a.min_samples:
-                self.trigger("finetune")
+                self.run_soon("finetune")
                 st["drift"]["early_run"] = True
                 out.append(self.store.decide("finetune_early", champion, {"drift_run": check.get("run_id")}))
         self.store.save(st)
@@ -316,5 +316,5 @@ class Controller:
                 "drift": st.get("drift"), "decisions": self.store.recent(20)}
 
 
-def main(settings, trigger=None) -> dict:
-    return Controller(settings, trigger=trigger).tick()
+def main(settings, run_soon=None) -> dict:
+    return Controller(settings, run_soon=run_soon).tick()

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def _run(settings, name: str, trigger: str) -> None:
     """The scheduled callable (module level: APScheduler requires importable jobs)."""
-    extra = {"trigger": lambda job: Scheduler.current.run_soon(job, "early")} if name == "rollout" else {}
+    extra = {"run_soon": lambda job: Scheduler.current.run_soon(job, "early")} if name == "rollout" else {}
     try:
         run_job(settings, name, trigger, **extra)
     except JobBusy as exc:

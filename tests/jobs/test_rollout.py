@@ -1,0 +1,162 @@
+"""The rollout controller against a real Redis and a real MLflow server: approval by alias
+or tag, canary on the monitor's windows, promotion, automatic rollback, reconciliation, the
+operator's rollback, and the scheduler that runs it (recovery of an interrupted job, a
+failing job alerts)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+
+from jobs.approval import sign, verify
+from jobs.registry import PredictorRegistry
+from jobs.rollout import Controller, RolloutStore
+from jobs.runner import JobRecords, run_job
+from jobs.scheduler import Scheduler
+from monitor.alerts import AlertStore
+from monitor.state import ControlDefaults, ControlStore, ControlUpdate
+from serving.bench_monitor import wait_until
+from serving.settings import load_settings
+
+pytestmark = pytest.mark.service
+
+
+@pytest.fixture(scope="module")
+def env(redis_url, mlflow_uri, loaded, tmp_path_factory):
+    from jobs.bootstrap import shipped_predictor, with_reference
+
+    settings = load_settings(None, redis={"url": redis_url, "prefix": "ro"},
+                             mlflow={"tracking_uri": mlflow_uri, "registered_model": "ro-predictor"},
+                             canary={"share": 0.3, "min_samples": 10, "timeout_s": 600, "margin": 0.02},
+                             monitor={"slo": {"min_samples": 8}}, jobs={"rollout_every_s": 0.5})
+    registry = PredictorRegistry(mlflow_uri, "ro-predictor")
+    folder = with_reference(shipped_predictor("default", loaded.runtime), loaded,
+                            tmp_path_factory.mktemp("ref"), per_family=10)
+    versions = [registry.register(folder, tags={"source": f"test-{i}"}) for i in range(4)]
+    registry.set_alias("champion", versions[0])
+    r = redis.Redis.from_url(redis_url)
+    ControlStore(r, "ro").ensure(ControlDefaults(shadow_rate=0.05))
+    return settings, registry, versions, r
+
+
+def rows(r, version, arm, n, kl, top1, generation):
+    key = f"ro:monitor:window:{version}:{arm}"
+    for i in range(n):
+        r.rpush(key, json.dumps({"sample_id": f"{version}-{arm}-{generation}-{i}", "kl_mean": kl, "top1": top1,
+                                 "exact_match": top1 == 1.0, "generation": generation}))
+
+
+def test_signed_webhook_deliveries_only():
+    body = json.dumps({"entity": "model_version_alias", "action": "created",
+                       "data": {"name": "m", "alias": "approved", "version": "2"}})
+    ts = str(int(time.time()))
+    sig = sign("s3cret", "d-1", ts, body)
+    assert verify("s3cret", "d-1", ts, body.encode(), sig) is None
+    assert "does not match" in verify("other", "d-1", ts, body.encode(), sig)
+    assert "does not match" in verify("s3cret", "d-2", ts, body.encode(), sig)  # id is signed too
+    old = str(int(time.time()) - 3600)
+    assert "replay" in verify("s3cret", "d-1", old, body.encode(), sign("s3cret", "d-1", old, body))
+    assert "missing" in verify("s3cret", None, ts, body.encode(), sig)
+
+
+def test_approved_good_challenger_is_canaried_and_promoted(env):
+    settings, registry, (v1, v2, v3, v4), r = env
+    ctl = Controller(settings, r, registry)
+    assert ctl.tick()["phase"] == "idle"  # nothing approved: nothing happens
+    registry.set_alias("approved", v2)
+    out = ctl.tick()
+    assert [d["decision"] for d in out["decisions"]] == ["canary_started"]
+    state = ControlStore(r, "ro").get()
+    assert state.challenger == v2 and state.canary_share == 0.3 and state.shadow_rate == 0.5
+    canary = RolloutStore(r, "ro").state()["canary"]
+    gen = canary["generation"]
+    rows(r, v1, "champion", 30, 0.10, 0.90, gen - 1)  # served before the canary: not evidence
+    rows(r, v2, "challenger", 9, 0.09, 0.91, gen)
+    rows(r, v1, "champion", 12, 0.10, 0.90, gen)
+    assert ctl.tick()["decisions"] == []  # 9 < canary.min_samples challenger samples
+    rows(r, v2, "challenger", 3, 0.09, 0.91, gen)
+    out = ctl.tick()["decisions"]
+    assert [d["decision"] for d in out] == ["promoted"]
+    ev = out[0]["evidence"]
+    assert ev["challenger"]["count"] == 12 and ev["champion"]["count"] == 12
+    assert registry.aliases()["champion"] == v2
+    assert "retired" in registry.version(v1).tags and "promoted_at" in registry.version(v2).tags
+    state = ControlStore(r, "ro").get()
+    assert state.champion == v2 and state.challenger is None and state.canary_share == 0.0
+    assert state.shadow_rate == 0.05  # back to its value
+    promo = AlertStore(r, "ro", settings.alerts).list(kind="promotion")
+    assert promo and promo[0].predictor_version == v2 and promo[0].evidence["previous"] == v1
+    assert ctl.tick()["decisions"] == []  # the promoted version is not canaried again
+
+
+def test_challenger_breaking_the_slo_is_rolled_back_at_once_and_not_served(env):
+    settings, registry, (v1, v2, v3, v4), r = env
+    ctl = Controller(settings, r, registry)
+    registry.set_tag(v3, "approval", "approved")  # the tag approves too
+    assert [d["decision"] for d in ctl.tick()["decisions"]] == ["canary_started"]
+    gen = RolloutStore(r, "ro").state()["canary"]["generation"]
+    rows(r, v3, "challenger", 8, 1.7, 0.45, gen)  # min(slo.min_samples, canary.min_samples) = 8
+    out = ctl.tick()["decisions"]
+    assert [d["decision"] for d in out] == ["rolled_back"] and "broke the SLO" in out[0]["evidence"]["reason"]
+    state = ControlStore(r, "ro").get()
+    assert state.challenger is None and state.canary_share == 0.0 and state.champion == v2
+    assert "rolled_back" in registry.version(v3).tags
+    alert = AlertStore(r, "ro", settings.alerts).list(kind="rollback")[0]
+    assert alert.predictor_version == v3 and alert.evidence["challenger"]["kl_mean"] == pytest.approx(1.7)
+    assert ctl.tick()["decisions"] == []  # still approved by tag, but decided: never canaried again
+    assert ControlStore(r, "ro").get().challenger is None
+
+
+def test_operator_rollback_and_reconcile(env):
+    settings, registry, (v1, v2, v3, v4), r = env
+    ctl = Controller(settings, r, registry)
+    store = RolloutStore(r, "ro")
+    store.command({"action": "rollback", "reason": "x", "by": "test"})
+    assert [d["decision"] for d in ctl.tick()["decisions"]] == ["rollback_refused"]
+    registry.set_alias("approved", v4)
+    ctl.tick()
+    assert ControlStore(r, "ro").get().challenger == v4
+    store.command({"action": "rollback", "reason": "looks odd", "by": "test"})
+    out = ctl.tick()["decisions"]
+    assert out[0]["decision"] == "rolled_back" and out[0]["evidence"]["reason"] == "operator: looks odd"
+    assert "approved" not in registry.aliases() and ControlStore(r, "ro").get().challenger is None
+    # someone wrote another champion into the state: the alias wins, and it is an alert
+    ControlStore(r, "ro").update(ControlUpdate(champion=v1), by="someone")
+    assert [d["decision"] for d in ctl.tick()["decisions"]] == ["reconciled"]
+    assert ControlStore(r, "ro").get().champion == v2
+    assert AlertStore(r, "ro", settings.alerts).list(kind="reconcile")[0].evidence["state_champion"] == v1
+    status = ctl.status()
+    assert status["champion"] == v2 and status["challenger"] is None and status["canary_share"] == 0.0
+    assert status["fallback"] == "none" and status["decisions"][0]["decision"] == "reconciled"
+
+
+def test_scheduler_runs_the_controller_reruns_an_interrupted_job_and_alerts_a_failure(env):
+    settings, registry, versions, r = env
+    records = JobRecords(r, "ro")
+    r.hset(records.running, "finetune", json.dumps({"name": "finetune", "run_id": "dead", "trigger": "schedule",
+                                                     "pid": 1, "started": time.time() - 60}))
+    sched = Scheduler(settings)
+    sched.start()
+    try:
+        assert wait_until(lambda: (records.recent(name="finetune") or [None])[0] and
+                          records.recent(name="finetune")[0]["trigger"] == "recovery", 60)
+        hist = records.recent(name="finetune")
+        assert [h["status"] for h in hist[:2]] == ["ok", "interrupted"] and hist[1]["run_id"] == "dead"
+        assert not r.hexists(records.running, "finetune")
+        assert wait_until(lambda: json.loads(r.hget(records.last, "rollout") or "{}").get("status") == "ok", 30)
+        listing = {j["name"]: j for j in records.listing()}
+        assert listing["rollout"]["next_run"] and listing["finetune"]["schedule"] == "every 3600 s"
+    finally:
+        sched.shutdown()
+    broken = settings.model_copy(update={"mlflow": settings.mlflow.model_copy(
+        update={"tracking_uri": "http://127.0.0.1:9"})})
+    for _ in range(5):  # enough samples that the job asks the (unreachable) registry
+        r.xadd("ro:shadow:samples", {"meta": "{}", "tensors": b""})
+    broken = broken.model_copy(update={"adapt": broken.adapt.model_copy(update={"min_samples": 4})})
+    rec = run_job(broken, "finetune", client=r)
+    assert rec["status"] == "failed" and rec["error"]
+    fail = AlertStore(r, "ro", settings.alerts).list(kind="job_failure")[0]
+    assert fail.evidence["job"] == "finetune" and fail.evidence["run_id"] == rec["run_id"]
