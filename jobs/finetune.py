@@ -220,6 +220,7 @@ def champion_version(settings, registry: PredictorRegistry, client: redis.Redis)
 
 def main(settings) -> dict:
     from jobs.rollout import RolloutStore
+    from jobs.runner import JobRecords
 
     cfg = settings.adapt
     r = redis.Redis.from_url(settings.redis.url)
@@ -230,6 +231,8 @@ def main(settings) -> dict:
         return {"status": "skipped", "reason": f"{n} new shadow samples, {cfg.min_samples} needed"}
 
     t0 = time.time()
+    records = JobRecords(r, settings.redis.prefix)
+    records.phase("finetune", "loading")
     champion = champion_version(settings, registry, r)
     loaded = load_model(settings)
     rt = loaded.runtime
@@ -288,11 +291,13 @@ def main(settings) -> dict:
         tcfg = training.TrainConfig(epochs=cfg.epochs, lr=cfg.lr, patience=cfg.patience,
                                     hidden=champ.config["sizes"]["hidden"],
                                     neuron_rank=champ.config["sizes"]["neuron_rank"])
+        records.phase("finetune", "training")
         t_train = time.time()
         module, train_metrics = training.finetune_shadowllm(champ.module, train.x, train.heads, train.neurons,
                                                             val.x, val.heads, val.neurons, tcfg)
         train_s = time.time() - t_train
         cand = training.LoadedPredictor("shadowllm", champ.criterion, champ.config, module)
+        records.phase("finetune", "evaluating")
 
         old_instances = [i for i in tasks.split("validation", cfg.replay_holdout_per_family) if i.family in families]
         replay_new = Replayer(rt, list(zip(hold.prompts, hold.conts)))
@@ -334,6 +339,7 @@ def main(settings) -> dict:
         (work / "eval.json").write_text(json.dumps(evaluation, indent=2))
         plot(evaluation, work / "fidelity.png")
 
+        records.phase("finetune", "logging")
         run_tags = {"shadowgate.kind": "finetune", "parent_version": champion, "data_window": window}
         run_id = registry.start_run(EXPERIMENT, tags=run_tags)
         client = registry.client

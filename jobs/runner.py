@@ -68,6 +68,12 @@ class JobRecords:
                 out.append({**json.loads(raw), "name": name})
         return out
 
+    def phase(self, name: str, phase: str) -> None:
+        """Mark what a running job is doing (shown by `jobs list`)."""
+        raw = self.r.hget(self.running, name)
+        if raw:
+            self.r.hset(self.running, name, json.dumps({**json.loads(raw), "phase": phase, "phase_ts": time.time()}))
+
     def finish(self, name: str, record: dict, quiet: bool = False) -> None:
         with self.r.pipeline() as pipe:
             pipe.hdel(self.running, name)

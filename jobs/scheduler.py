@@ -49,8 +49,10 @@ class Scheduler:
     def start(self) -> None:
         Scheduler.current = self
         for name, every in self.schedules.items():
-            self.sched.add_job(_run, "interval", seconds=every, id=name, args=[self.s, name, "schedule"],
-                               next_run_time=datetime.now(timezone.utc) if name == "rollout" else None)
+            # the controller ticks at once; the fine-tune first after one period (next_run_time
+            # None would add it paused)
+            first = {"next_run_time": datetime.now(timezone.utc)} if name == "rollout" else {}
+            self.sched.add_job(_run, "interval", seconds=every, id=name, args=[self.s, name, "schedule"], **first)
         self.sched.add_listener(self._event, EVENT_JOB_ERROR | EVENT_JOB_MISSED | EVENT_JOB_EXECUTED)
         self.sched.start()
         for run in self.records.interrupted():

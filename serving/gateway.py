@@ -408,6 +408,7 @@ class Gateway:
             raise ApiError(400, "the delivery body must be a JSON object")
         event["delivery_id"] = h.get("x-mlflow-delivery-id")
         await asyncio.to_thread(RolloutStore(self.store.r, self.prefix).event, event)
+        await self.r.incr(f"{self.prefix}:rollout:webhook_deliveries")
         return {"ok": True}
 
     @app.get("/admin/rollout")

@@ -75,3 +75,65 @@ def test_candidate_from_shadow_samples_beats_the_champion_and_is_registered(setu
     again = run_job(settings, "finetune")["result"]
     assert again["status"] == "skipped"
     assert [h["name"] for h in JobRecords(r, "ft").recent()] == ["finetune"] * 3
+
+
+def test_scheduler_sigkilled_mid_finetune_runs_it_again_once_and_registers_once(redis_url, mlflow_uri, loaded,
+                                                                                 tmp_path):
+    """The scheduler lives in the active monitor process: `shadowgate monitor run`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    from serving.bench_monitor import wait_until
+
+    registry = PredictorRegistry(mlflow_uri, "kill-predictor")
+    folder = narrow_predictor(loaded, KNOWN, tmp_path / "narrow", per_family=60, epochs=10)
+    registry.set_alias("champion", registry.register(folder, tags={"families": ",".join(KNOWN)}))
+    r = redis.Redis.from_url(redis_url)
+    write_samples(r, "kill", shadow_records(loaded, SHIFTED, 20))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "redis": {"url": redis_url, "prefix": "kill"},
+        "mlflow": {"tracking_uri": mlflow_uri, "registered_model": "kill-predictor"},
+        "monitor": {"lease_ttl_s": 2, "poll_ms": 100},
+        "jobs": {"finetune_every_s": 1, "rollout_every_s": 60, "lock_ttl_s": 2},
+        # long enough training that the kill lands in it
+        "adapt": {"min_samples": 40, "replay_per_family": 20, "epochs": 400, "patience": 400, "min_gain": 0.0,
+                  "max_forget": 10.0}}))
+    exe = str(Path(sys.executable).parent / "shadowgate")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    records = JobRecords(r, "kill")
+
+    def start():
+        return subprocess.Popen([exe, "monitor", "run", "--config", str(cfg)], env=env, start_new_session=True,
+                                stdout=open(tmp_path / "monitor.log", "ab"), stderr=subprocess.STDOUT)
+
+    first = start()
+    try:
+        phase = lambda: json.loads(r.hget(records.running, "finetune") or "{}").get("phase")  # noqa: E731
+        assert wait_until(lambda: phase() == "training", 120, interval=0.05), (tmp_path / "monitor.log").read_text()[-2000:]
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+        second = start()
+        try:
+            done = lambda: [h for h in records.recent(name="finetune") if h["trigger"] == "recovery"]  # noqa: E731
+            assert wait_until(done, 240), (tmp_path / "monitor.log").read_text()[-3000:]
+            rec = done()[0]
+            time.sleep(3)  # scheduled runs after it find nothing new
+            hist = records.recent(name="finetune")
+        finally:
+            second.terminate()
+            second.wait(30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert rec["status"] == "ok" and rec["result"]["status"] == "registered", rec
+    assert [h["status"] for h in hist].count("interrupted") == 1
+    assert sum(1 for h in hist if (h.get("result") or {}).get("status") == "registered") == 1
+    assert len(registry.versions(tag="source", value="finetune")) == 1
+    assert r.xpending("kill:shadow:samples", GROUP)["pending"] == 0
