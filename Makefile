@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= 3 + 4 = 7 ; 2 + 5 = 7 ; 9 + 9 = 8 ; 1 + 0 = 1 ; 6 + 2 = 8 ; 4 + 4 =
 
-.PHONY: run test venv bench clean redis
+.PHONY: run test venv bench clean redis browser
 
 venv: $(STAMP)
 
@@ -20,10 +20,14 @@ $(STAMP): pyproject.toml
 redis:
 	command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server) || (sudo apt-get update && sudo apt-get install -y redis-server)
 
+# the MLflow UI approval test drives the system's Chromium (Playwright cannot download one here)
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium) || (sudo apt-get update && sudo apt-get install -y --no-install-recommends chromium)
+
 run: $(STAMP) redis
 	$(BIN)/shadowgate up
 
-test: $(STAMP) redis
+test: $(STAMP) redis browser
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

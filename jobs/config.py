@@ -24,7 +24,7 @@ class AdaptSettings(BaseModel):
                              "alert the job runs early once this many exist")
     max_samples: int = Field(2000, ge=4, description="newest samples one run reads at most")
     holdout: float = Field(0.25, gt=0, lt=1, description="share of the newest samples held out for evaluation")
-    replay_per_family: int = Field(60, ge=0, description="suite training instances per family the champion "
+    replay_per_family: int = Field(100, ge=0, description="suite training instances per family the champion "
                                    "was trained on, replayed beside the new samples")
     replay_holdout_per_family: int = Field(10, ge=1, description="suite validation prompts per old family "
                                            "on which forgetting is measured")

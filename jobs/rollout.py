@@ -231,6 +231,7 @@ class Controller:
         change = {"challenger": "none", "canary_share": 0.0, **canary.get("restore", {})}
         if champion is not None:
             change["champion"] = champion
+            change["fallback"] = "none"  # a promotion ends a fallback of the old champion
         self.control.update(ControlUpdate(**change), by=ACTOR)
         st = self.store.state()
         st.pop("canary", None)

@@ -128,3 +128,85 @@ def register(app) -> None:
             out.print(f"nothing rolled back: {d['evidence'].get('reason')}")
             raise typer.Exit(1)
         out.print(f"version {d['version']} rolled back: {d['evidence']['reason']}")
+
+    scenario_app = typer.Typer(no_args_is_help=True, help="End-to-end scenarios against a running service.")
+    app.add_typer(scenario_app, name="scenario")
+
+    @scenario_app.command("adapt")
+    def scenario_adapt(
+        as_json: bool = JsonOpt, url: Optional[str] = UrlOpt, config: Optional[Path] = ConfigOpt,
+        work: Path = typer.Option(Path("runs/scenario-adapt"), "--work", help="Folder for predictors and, with "
+                                  "--private, the stack."),
+        private: bool = typer.Option(False, "--private", help="Start a private stack (free ports, under --work) "
+                                     "with scenario-sized settings instead of using the running service."),
+        out_json: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON report here."),
+        plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write the timeline plot (PNG) here."),
+        per_family: int = typer.Option(100, "--per-family", min=10, help="Test prompts per family for accuracy."),
+    ):
+        """Drift, fine-tune, approval, canary, promotion and rollback, with a timeline."""
+        import os
+        import platform
+        import time
+
+        import httpx
+
+        from serving import scenario_adapt
+        from serving.bench_monitor import Driver
+        from serving.cli import settings_or_exit
+        from serving.keys import client_keys
+
+        logging.basicConfig(level=logging.WARNING)
+        err = Console(stderr=True)
+        t0 = time.time()
+
+        def go(settings, base, api_key, admin_key):
+            with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {api_key}"}, timeout=120) as c, \
+                    httpx.Client(base_url=base, headers={"Authorization": f"Bearer {admin_key}"}, timeout=60) as a:
+                return scenario_adapt.run(Driver(c, a), settings, work, progress=err.print, per_family=per_family)
+
+        if private:
+            from serving.stack import private_stack
+
+            overrides = {"serve": {"defaults": {"shadow_rate": 0.5}, "shadow_max_inflight": 2, "replica_cpus": 0.1,
+                                   "reconcile_s": 1.0},
+                         "monitor": {"lease_ttl_s": 3, "claim_idle_s": 3,
+                                     "drift": {"window": 60, "every_requests": 30, "min_rows": 30}},
+                         "jobs": {"rollout_every_s": 1.0},
+                         "adapt": {"min_samples": 120, "drift_shadow_rate": 1.0},
+                         "canary": {"share": 0.5, "min_samples": 20, "shadow_rate": 1.0},
+                         "runtime": {"threads": 1}}
+            with private_stack(work / "stack", **overrides) as st:
+                report = go(st.settings, st.base, st.api_key, st.admin_key)
+                settings = st.settings
+        else:
+            settings = settings_or_exit(config)
+            api_key, admin = client_keys(settings)
+            if api_key is None or admin is None:
+                from serving.cli import fail
+
+                fail("the scenario needs an API key and the admin key (settings or the key files `up` writes)")
+            report = go(settings, url or f"http://{settings.host}:{settings.port}", api_key, admin)
+        report["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
+                             "python": platform.python_version()}
+        adapt = settings.adapt.model_dump(mode="json", exclude={"webhook_secret"})
+        report["settings"] = {"sparsity_mode": settings.runtime.mode, "adapt": adapt,
+                              "canary": settings.canary.model_dump(), "private_stack": private}
+        report["wall_s"] = round(time.time() - t0, 1)
+        if plot_path:
+            scenario_adapt.plot(report, plot_path)
+            report["plot"] = str(plot_path)
+        if out_json:
+            out_json.parent.mkdir(parents=True, exist_ok=True)
+            out_json.write_text(json.dumps(report, indent=2) + "\n")
+        if as_json:
+            print(json.dumps(report))
+            return
+        table = Table(title="scenario adapt")
+        table.add_column("event")
+        table.add_column("t (s)", justify="right")
+        table.add_column("detail")
+        for e in report["timeline"]:
+            table.add_row(e["event"], f"{e['t']:.1f}", json.dumps(e["detail"])[:100])
+        out.print(table)
+        out.print_json(json.dumps({k: report.get(k) for k in ("failed_requests", "requests", "fidelity",
+                                                               "accuracy", "goals", "seconds")}))

@@ -156,7 +156,9 @@ class Engine:
         sparsity = req.sparsity if req.sparsity is not None else min(max(st.sparsity, lo), hi)
         arm = canary_arm(req.request_id, st.canary_share) if self.challenger else "champion"
         version = self.challenger if arm == "challenger" else self.champion
-        fallback = st.fallback
+        # the fallback is the champion's: a challenger in canary keeps its sparse share, judged
+        # on its own window (the controller rolls it back at once when it breaks the SLO)
+        fallback = st.fallback if arm == "champion" else "none"
         if version is None:  # the champion cannot be had: dense, and the response says so
             return Plan(P.Dense(), None, "dense", 0.0, "dense", st.generation, self.problem or "no champion")
         if fallback == "lower":

@@ -18,6 +18,7 @@ import threading
 import time
 
 import redis
+import torch
 from ray import serve
 
 from adapter import criteria, traces
@@ -31,15 +32,29 @@ from serving.settings import Settings
 log = logging.getLogger(__name__)
 
 
+@torch.no_grad()
+def predictable_positions(model, prompt: list[int]) -> list[int]:
+    """Prompt positions whose token the dense model predicts (top-1) from what precedes it:
+    more targets per sample than the few continuation tokens, and the ones the model's
+    units demonstrably serve (in a few-shot prompt: the answers of the later shots)."""
+    if len(prompt) < 3:
+        return []
+    ids = torch.tensor([list(prompt)], device=next(model.parameters()).device)
+    pred = model(input_ids=ids).logits[0, :-1].argmax(-1).cpu()
+    return [t + 1 for t in range(1, len(prompt) - 1) if int(pred[t]) == int(prompt[t + 1])]
+
+
 def shadow_run(engine: Engine, sample: dict) -> tuple[traces.TraceRecord, dict]:
     prompt, cont = sample["prompt_ids"], sample["token_ids"]
     rt = engine.runtime
     dense = rt.score(prompt, cont, P.Dense())
     sparse = rt.score(prompt, cont, engine.method_for(sample["version"], sample["sparsity"]))
     fid = compare(dense, sparse, cont)
-    batch = criteria.make_batch([list(prompt)], [fid.pseudo_labels], engine.tokenizer.pad_token_id or 0)
+    batch = criteria.make_batch([list(prompt)], [fid.pseudo_labels], engine.tokenizer.pad_token_id or 0,
+                                [predictable_positions(rt.model, prompt)])
     scores = criteria.compute(rt.model, batch, engine.shape.heads, engine.shape.head_dim)
-    common = {"model_fingerprint": engine.fingerprint, "source": "shadow", "targets": "pseudo_labels",
+    common = {"model_fingerprint": engine.fingerprint, "source": "shadow",
+              "targets": "pseudo_labels+predictable_prompt",
               "criteria": list(criteria.CRITERIA)}
     # the served prompt and continuation travel with the sample, so a job can rescore it later
     # with another criterion or predictor
