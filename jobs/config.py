@@ -31,10 +31,12 @@ class AdaptSettings(BaseModel):
     min_gain: float = Field(0.05, ge=0, description="relative drop in replayed mean KL on the held-out "
                             "samples a candidate needs over the champion to be registered")
     max_forget: float = Field(0.25, ge=0, description="relative rise in replayed mean KL on the champion's "
-                              "own families a candidate may show")
+                              "own families a candidate may show (KLs below 0.05 count as 0.05)")
     epochs: int = Field(40, ge=1)
     lr: float = Field(5e-4, gt=0)
     patience: int = Field(8, ge=1)
+    early_retry_s: float = Field(60, gt=0, description="while drift lasts, another early fine-tune at most "
+                                 "this often when the last one registered nothing")
     auto_approve: bool = False  # development only: a registered candidate is approved at once
     drift_shadow_rate: float | None = Field(0.5, ge=0, le=1, description="shadow rate while drift is "
                                             "active (samples come in faster); None: unchanged")

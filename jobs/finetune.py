@@ -51,6 +51,7 @@ EXPERIMENT = "shadowgate-finetune"
 TRAINING_DIR = "training"
 TRAINING_KEEP = 600  # shadow examples a version keeps for later replay
 CANDIDATE, APPROVED = "candidate", "approved"
+KL_FLOOR = 0.05
 
 _loaded: dict[str, object] = {}
 
@@ -310,7 +311,9 @@ def main(settings) -> dict:
         c_kl, k_kl = evaluation["candidate"]["holdout"]["kl_mean"], evaluation["champion"]["holdout"]["kl_mean"]
         c_old, k_old = evaluation["candidate"]["old"]["kl_mean"], evaluation["champion"]["old"]["kl_mean"]
         gain = (k_kl - c_kl) / max(k_kl, 1e-9)
-        forget = (c_old - k_old) / max(k_old, 1e-9)
+        # relative, with KLs below KL_FLOOR counted as KL_FLOOR: a rise from 0.020 to 0.027 is
+        # no forgetting worth refusing a candidate for
+        forget = (c_old - k_old) / max(k_old, KL_FLOOR)
         reasons = []
         if gain < cfg.min_gain:
             reasons.append(f"held-out mean KL {c_kl:.4f} vs champion {k_kl:.4f}: gain {gain:.1%} < "

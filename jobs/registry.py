@@ -150,7 +150,9 @@ class PredictorRegistry:
         except MlflowException as exc:
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
                 return {}
-            raise
+            raise RegistryError(f"the registry at {self.uri} did not answer: {exc.error_code}") from None
+        except Exception as exc:  # connection refused, timeouts
+            raise RegistryError(f"the registry at {self.uri} is unreachable ({type(exc).__name__})") from None
 
     def set_tag(self, version: str, key: str, value: str) -> None:
         self.client.set_model_version_tag(self.name, str(version), key, value)

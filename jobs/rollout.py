@@ -215,7 +215,11 @@ class Controller:
                 breach.append(f"top-1 agreement {ch['top1']:.3f} < {slo.top1_min}")
         if breach:
             return [self.rollback(canary, "the challenger broke the SLO: " + "; ".join(breach), ev)]
-        enough = ch["count"] >= cs.min_samples and champ["count"] >= cs.min_samples
+        # under a fallback the champion serves dense and has no sparse window: the challenger
+        # is then judged against the SLO alone
+        state = self.control.get()
+        fallback = state is not None and state.fallback != "none"
+        enough = ch["count"] >= cs.min_samples and (champ["count"] >= cs.min_samples or fallback)
         timed_out = ev["elapsed_s"] >= cs.timeout_s
         if not (enough or timed_out):
             return []
@@ -246,9 +250,11 @@ class Controller:
         self.registry.set_tag(v, "promoted_at", f"{time.time():.0f}")
         self.registry.set_tag(v, "canary_evidence", json.dumps(ev)[:4000])
         self._end_canary(canary, v)
-        msg = (f"predictor {v} promoted to champion (was {old}): challenger top-1 {ev['challenger']['top1']:.3f}, "
-               f"mean KL {ev['challenger']['kl_mean']:.4f} over {ev['challenger']['count']} samples; champion "
-               f"top-1 {ev['champion']['top1']:.3f} over {ev['champion']['count']}")
+        ch, champ = ev["challenger"], ev["champion"]
+        against = (f"champion top-1 {champ['top1']:.3f} over {champ['count']}" if champ["count"]
+                   else "the champion served dense (fallback): judged on the SLO")
+        msg = (f"predictor {v} promoted to champion (was {old}): challenger top-1 {ch['top1']:.3f}, "
+               f"mean KL {ch['kl_mean']:.4f} over {ch['count']} samples; {against}")
         self.alerts.raise_alert("promotion", "info", msg, predictor_version=v,
                                 evidence={**ev, "previous": old}, dedup_key=f"promotion:{v}")
         log.info(msg)
@@ -281,8 +287,7 @@ class Controller:
         out = []
         saved = st.get("drift")
         if drifting and saved is None:
-            st["drift"] = {"since": time.time(), "run_id": check.get("run_id"), "shadow_rate": state.shadow_rate,
-                           "early_run": False}
+            st["drift"] = {"since": time.time(), "run_id": check.get("run_id"), "shadow_rate": state.shadow_rate}
             if a.drift_shadow_rate is not None and a.drift_shadow_rate > state.shadow_rate:
                 self.control.update(ControlUpdate(shadow_rate=a.drift_shadow_rate), by=ACTOR)
             out.append(self.store.decide("drift_shadow_rate", champion,
@@ -293,15 +298,27 @@ class Controller:
                 self.control.update(ControlUpdate(shadow_rate=saved["shadow_rate"]), by=ACTOR)
             st.pop("drift")
             out.append(self.store.decide("drift_ended", champion, {"shadow_rate": saved["shadow_rate"]}))
-        if drifting and not st["drift"].get("early_run") and not st.get("canary") and self.run_soon is not None:
+        if drifting and self.run_soon is not None and not st.get("canary") and self._early_due(st["drift"]):
             from jobs.finetune import available, sample_reader
 
             if available(sample_reader(self.r, self.p)) >= a.min_samples:
                 self.run_soon("finetune")
-                st["drift"]["early_run"] = True
-                out.append(self.store.decide("finetune_early", champion, {"drift_run": check.get("run_id")}))
+                st["drift"]["early_runs"] = st["drift"].get("early_runs", 0) + 1
+                st["drift"]["last_early"] = time.time()
+                out.append(self.store.decide("finetune_early", champion, {"drift_run": check.get("run_id"),
+                                                                          "attempt": st["drift"]["early_runs"]}))
         self.store.save(st)
         return out
+
+    def _early_due(self, drift: dict) -> bool:
+        """While drift lasts and no candidate came of it: a fine-tune as soon as enough
+        samples exist, again after one that registered nothing (once more samples are in),
+        never while one runs, and at most one per `adapt.early_retry_s`."""
+        if self.r.hexists(f"{self.p}:jobs:running", "finetune"):
+            return False
+        if any(d["decision"] == "candidate" and d["ts"] >= drift["since"] for d in self.store.recent(20)):
+            return False
+        return time.time() - drift.get("last_early", 0) >= self.s.adapt.early_retry_s
 
     # ---- what `shadowgate status` shows ----------------------------------------------------
     def status(self) -> dict:

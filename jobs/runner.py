@@ -127,9 +127,10 @@ def run_job(settings, name: str, trigger: str = "manual", client: redis.Redis | 
         log.exception("job %s failed", name)
         record = {**base, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
                   "trace": traceback.format_exc(limit=8)[-4000:]}
+        # one alert per job and cool-down: the controller ticks every few seconds
         AlertStore(r, p, settings.alerts).raise_alert(
             "job_failure", "warning", f"job {name} failed: {type(exc).__name__}: {exc}",
-            evidence={"job": name, "run_id": run_id, "trigger": trigger}, dedup_key=f"job_failure:{name}:{run_id}")
+            evidence={"job": name, "run_id": run_id, "trigger": trigger}, dedup_key=f"job_failure:{name}")
     finally:
         done.set()
         beat.join(5)

@@ -172,7 +172,8 @@ def register(app) -> None:
                          "monitor": {"lease_ttl_s": 3, "claim_idle_s": 3,
                                      "drift": {"window": 60, "every_requests": 30, "min_rows": 30}},
                          "jobs": {"rollout_every_s": 1.0},
-                         "adapt": {"min_samples": 120, "drift_shadow_rate": 1.0},
+                         "adapt": {"min_samples": 400, "drift_shadow_rate": 1.0, "lr": 1e-3, "epochs": 60,
+                                   "patience": 12},
                          "canary": {"share": 0.5, "min_samples": 20, "shadow_rate": 1.0},
                          "runtime": {"threads": 1}}
             with private_stack(work / "stack", **overrides) as st:

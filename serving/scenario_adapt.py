@@ -201,7 +201,10 @@ def plot(report: dict, path: Path) -> Path:
     pts = report.get("samples") or []
     for v in sorted({x["version"] for x in pts}, key=lambda s: int(s or 0)):
         sel = [x for x in pts if x["version"] == v]
-        ax.scatter([x["t"] for x in sel], [x["kl_mean"] for x in sel], s=9, label=f"predictor {v}")
+        ax.scatter([x["t"] for x in sel], [x["kl_mean"] for x in sel], s=9,
+                   label=f"predictor {v}" if v else "dense (fallback): KL 0")
+    ax.set_yscale("symlog", linthresh=0.05)
+    ax.set_ylim(bottom=0)
     marks = {"switch": "traffic switches", "drift_alert": "drift alert", "candidate_registered": "candidate",
              "approved": "approved", "promoted": "promoted", "bad_approved": "bad approved",
              "bad_rolled_back": "rolled back"}
@@ -209,7 +212,6 @@ def plot(report: dict, path: Path) -> Path:
         if e["event"] in marks:
             ax.axvline(e["t"], color="grey", lw=0.8, ls="--")
             ax.text(e["t"], ax.get_ylim()[1] * 0.95, marks[e["event"]], rotation=90, va="top", fontsize=8)
-    ax.set_yscale("symlog", linthresh=0.05)
     ax.set_xlabel("seconds since start")
     ax.set_ylabel("shadow sample mean KL (dense || served)")
     ax.set_title("shadowgate scenario adapt: drift, fine-tune, canary, promotion, rollback")

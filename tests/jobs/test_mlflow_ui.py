@@ -1,11 +1,11 @@
 """The approval a person makes in the real MLflow UI (headless Chromium, Playwright), on a
-real MLflow server: the alias lands on the version, moves when set on another, and a page
-of a version that does not exist is a clear error."""
+real MLflow server (the `mlflow_uri` fixture: `mlflow server --workers 1` on a free port):
+the alias lands on the version, moves when set on another, setting it again is a no-op, and
+the page of a version that does not exist is a clear error well within the timeout."""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
+import time
 
 import pytest
 from mlflow import MlflowClient
@@ -14,22 +14,59 @@ from jobs.mlflow_ui import UIError, chromium_path, set_alias_in_ui
 
 pytestmark = pytest.mark.service
 
+NAME = "ui-model"
 
-def test_alias_set_in_the_ui_lands_and_moves(mlflow_uri):
-    assert chromium_path(), "Chromium is missing: `make test` installs the Debian package `chromium`"
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    path = chromium_path()
+    if path is None:
+        pytest.fail("Chromium is missing: `make test` installs the Debian package `chromium` (`make browser`)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def client(mlflow_uri, tmp_path_factory) -> MlflowClient:
+    """A registered model with two versions, each a run's `predictor/` artifacts."""
     c = MlflowClient(mlflow_uri, registry_uri=mlflow_uri)
-    c.create_registered_model("ui-model")
+    c.create_registered_model(NAME)
     eid = c.create_experiment("ui")
-    versions = []
-    for _ in range(2):
-        run = c.create_run(eid).info.run_id
-        folder = Path(tempfile.mkdtemp())
-        (folder / "predictor.json").write_text("{}")
-        c.log_artifacts(run, str(folder), "predictor")
-        versions.append(c.create_model_version("ui-model", f"runs:/{run}/predictor", run_id=run).version)
-    set_alias_in_ui(mlflow_uri, "ui-model", versions[0])
-    assert c.get_model_version_by_alias("ui-model", "approved").version == versions[0]
-    set_alias_in_ui(mlflow_uri, "ui-model", versions[1])  # offered twice (held by v1): moves
-    assert c.get_model_version_by_alias("ui-model", "approved").version == versions[1]
-    with pytest.raises(UIError, match="no aliases control"):
-        set_alias_in_ui(mlflow_uri, "ui-model", "99", timeout_s=15)
+    folder = tmp_path_factory.mktemp("predictor")
+    (folder / "predictor.json").write_text("{}")
+    for expected in ("1", "2"):
+        run_id = c.create_run(eid).info.run_id
+        c.log_artifacts(run_id, str(folder), "predictor")
+        assert c.create_model_version(NAME, f"runs:/{run_id}/predictor", run_id=run_id).version == expected
+    return c
+
+
+def approved(c: MlflowClient) -> str:
+    return c.get_model_version_by_alias(NAME, "approved").version
+
+
+def test_alias_set_in_the_ui_lands_on_the_version(mlflow_uri, client, chromium):
+    took = set_alias_in_ui(mlflow_uri, NAME, "1", chromium=chromium)
+    assert approved(client) == "1"
+    assert 0 < took < 60
+
+
+def test_alias_set_on_another_version_moves(mlflow_uri, client, chromium):
+    client.set_registered_model_alias(NAME, "approved", "1")  # held by v1: offered twice in the UI
+    set_alias_in_ui(mlflow_uri, NAME, "2", chromium=chromium)
+    assert approved(client) == "2"
+    assert client.get_registered_model(NAME).aliases == {"approved": "2"}
+
+
+def test_alias_already_on_the_version_is_left_as_it_is(mlflow_uri, client, chromium):
+    client.set_registered_model_alias(NAME, "approved", "2")
+    set_alias_in_ui(mlflow_uri, NAME, "2", chromium=chromium)  # Enter on the chip would remove it
+    assert approved(client) == "2"
+
+
+def test_a_version_that_does_not_exist_is_a_clear_error(mlflow_uri, client, chromium, tmp_path):
+    shot = tmp_path / "missing.png"
+    t0 = time.monotonic()
+    with pytest.raises(UIError, match=rf"no aliases control on the page of {NAME} version 99 .*does not exist"):
+        set_alias_in_ui(mlflow_uri, NAME, "99", chromium=chromium, timeout_s=20, screenshot=shot)
+    assert time.monotonic() - t0 < 25
+    assert shot.stat().st_size > 0

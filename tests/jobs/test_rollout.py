@@ -39,7 +39,7 @@ def env(redis_url, mlflow_uri, loaded, tmp_path_factory):
     registry.set_alias("champion", versions[0])
     r = redis.Redis.from_url(redis_url)
     ControlStore(r, "ro").ensure(ControlDefaults(shadow_rate=0.05))
-    return settings, registry, versions, r
+    return settings, registry, versions, r, folder
 
 
 def rows(r, version, arm, n, kl, top1, generation):
@@ -63,7 +63,7 @@ def test_signed_webhook_deliveries_only():
 
 
 def test_approved_good_challenger_is_canaried_and_promoted(env):
-    settings, registry, (v1, v2, v3, v4), r = env
+    settings, registry, (v1, v2, v3, v4), r, folder = env
     ctl = Controller(settings, r, registry)
     assert ctl.tick()["phase"] == "idle"  # nothing approved: nothing happens
     registry.set_alias("approved", v2)
@@ -93,7 +93,7 @@ def test_approved_good_challenger_is_canaried_and_promoted(env):
 
 
 def test_challenger_breaking_the_slo_is_rolled_back_at_once_and_not_served(env):
-    settings, registry, (v1, v2, v3, v4), r = env
+    settings, registry, (v1, v2, v3, v4), r, folder = env
     ctl = Controller(settings, r, registry)
     registry.set_tag(v3, "approval", "approved")  # the tag approves too
     assert [d["decision"] for d in ctl.tick()["decisions"]] == ["canary_started"]
@@ -111,7 +111,7 @@ def test_challenger_breaking_the_slo_is_rolled_back_at_once_and_not_served(env):
 
 
 def test_operator_rollback_and_reconcile(env):
-    settings, registry, (v1, v2, v3, v4), r = env
+    settings, registry, (v1, v2, v3, v4), r, folder = env
     ctl = Controller(settings, r, registry)
     store = RolloutStore(r, "ro")
     store.command({"action": "rollback", "reason": "x", "by": "test"})
@@ -133,8 +133,23 @@ def test_operator_rollback_and_reconcile(env):
     assert status["fallback"] == "none" and status["decisions"][0]["decision"] == "reconciled"
 
 
+def test_under_a_fallback_the_challenger_is_judged_on_the_slo_and_its_promotion_ends_it(env):
+    settings, registry, (v1, v2, v3, v4), r, folder = env
+    ctl = Controller(settings, r, registry)
+    v5 = registry.register(folder, tags={"source": "test-5"})
+    ControlStore(r, "ro").update(ControlUpdate(fallback="dense"), by="monitor")  # the champion broke
+    registry.set_alias("approved", v5)
+    assert [d["decision"] for d in ctl.tick()["decisions"]] == ["canary_started"]
+    gen = RolloutStore(r, "ro").state()["canary"]["generation"]
+    rows(r, v5, "challenger", 10, 0.08, 0.92, gen)  # the champion arm is dense: no window of its own
+    out = ctl.tick()["decisions"]
+    assert [d["decision"] for d in out] == ["promoted"] and out[0]["evidence"]["champion"]["count"] == 0
+    state = ControlStore(r, "ro").get()
+    assert state.champion == v5 and state.fallback == "none"
+
+
 def test_scheduler_runs_the_controller_reruns_an_interrupted_job_and_alerts_a_failure(env):
-    settings, registry, versions, r = env
+    settings, registry, versions, r, _ = env
     records = JobRecords(r, "ro")
     r.hset(records.running, "finetune", json.dumps({"name": "finetune", "run_id": "dead", "trigger": "schedule",
                                                      "pid": 1, "started": time.time() - 60}))

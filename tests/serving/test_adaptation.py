@@ -90,7 +90,7 @@ def test_ui_approval_canaries_and_promotes_then_a_bad_version_is_rolled_back(sta
 
     with Load(Driver(d.client, d.admin), suite_prompts("test", None, 60)) as load:
         # a person approves in the MLflow UI; the canary starts
-        set_alias_in_ui(st.settings.mlflow.tracking_uri, st.settings.mlflow.registered_model, good)
+        set_alias_in_ui(st.settings.mlflow.tracking_uri, st.settings.mlflow.registered_model, good, timeout_s=120)
         assert wait_until(lambda: rollout(d)["challenger"] == good, 60), rollout(d)
         assert wait_until(lambda: decided(d, "promoted", good), 240), rollout(d)
         assert registry.aliases()["champion"] == good
