@@ -3,7 +3,8 @@ offline, a shadowed request in production), in ONE format for both.
 
 Record (schema "shadowgate.trace/1"):
   meta (JSON): schema, model_fingerprint, source ("suite" | "shadow"), family, prompt_len,
-               targets ("labels" | "pseudo_labels"), criteria
+               targets ("labels" | "pseudo_labels"), criteria; shadow records also
+               prompt_targets ("predictable": prompt positions the dense model predicts)
   tensors (safetensors, float32 unless noted):
     predictor_input      (D,)        layer-0 attention block output at the last prompt token
     heads.<criterion>    (L, H)      importance of every head of every layer

@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import redis
 import torch
 from safetensors.torch import load_file, save_file
@@ -263,8 +264,8 @@ def main(settings) -> dict:
 
     champ_info = registry.version(champion).tags or {}
     families = [f for f in (champ_info.get("families") or ",".join(tasks.FAMILIES)).split(",") if f]
-    sparsity = (ControlStore(r, settings.redis.prefix).get() or None)
-    sparsity = sparsity.sparsity if sparsity else settings.serve.defaults.sparsity
+    state = ControlStore(r, settings.redis.prefix).get()
+    sparsity = state.sparsity if state else settings.serve.defaults.sparsity
     mode = settings.runtime.mode
 
     # newest samples held out; the rest plus replay is training data
@@ -336,8 +337,6 @@ def main(settings) -> dict:
         heads, neurons = drift.scores_for(cand, ref_x)
         lens = [len(p) for p in train_all.prompts + hold.prompts]
         rows = drift.feature_rows(basis, ref_x, lens, heads, neurons)
-        import pandas as pd
-
         drift.write_reference(out, basis, pd.DataFrame(rows, columns=drift.feature_columns(basis.k)))
         (work / "eval.json").write_text(json.dumps(evaluation, indent=2))
         plot(evaluation, work / "fidelity.png")

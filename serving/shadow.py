@@ -53,8 +53,8 @@ def shadow_run(engine: Engine, sample: dict) -> tuple[traces.TraceRecord, dict]:
     batch = criteria.make_batch([list(prompt)], [fid.pseudo_labels], engine.tokenizer.pad_token_id or 0,
                                 [predictable_positions(rt.model, prompt)])
     scores = criteria.compute(rt.model, batch, engine.shape.heads, engine.shape.head_dim)
-    common = {"model_fingerprint": engine.fingerprint, "source": "shadow",
-              "targets": "pseudo_labels+predictable_prompt",
+    common = {"model_fingerprint": engine.fingerprint, "source": "shadow", "targets": "pseudo_labels",
+              "prompt_targets": "predictable",
               "criteria": list(criteria.CRITERIA)}
     # the served prompt and continuation travel with the sample, so a job can rescore it later
     # with another criterion or predictor

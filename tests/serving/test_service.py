@@ -241,6 +241,7 @@ def test_shadowed_request_leaves_a_sample_and_audit(service):
         _, rec, fid = samples[0]
         shape = service["loaded"].runtime.shape
         assert rec.meta["source"] == "shadow" and rec.meta["targets"] == "pseudo_labels"
+        assert rec.meta["prompt_targets"] == "predictable"
         # the served prompt and continuation travel with the sample (a job can rescore it)
         tok = service["loaded"].tokenizer
         assert rec.meta["prompt_ids"] == tok.encode(PROMPT) and len(rec.meta["token_ids"]) == 4
