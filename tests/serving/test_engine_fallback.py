@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from adapter import predictors as P
 from adapter.runtime import SamplingParams
@@ -68,3 +69,18 @@ def test_a_mismatched_champion_artifact_is_refused_at_load_and_dense_is_served(s
     res = engine.complete(GenRequest("r3", PROMPT, max_tokens=3, temperature=0.0))
     assert res.fallback == "dense" and res.token_ids == dense_tokens(engine, PROMPT, 3)
     assert with_reference  # the good path is exercised by the service tests' bootstrap
+
+
+def test_predictable_positions_are_the_prompt_tokens_the_dense_model_predicts():
+    from adapter.model_loading import load
+    from serving.shadow import predictable_positions
+
+    loaded = load("default")
+    model, tok = loaded.runtime.model, loaded.tokenizer
+    prompt = tok.encode("3 + 4 = 7 ; 2 + 5 = 7 ; 1 + 1 = 2 ; 4 + 4 = 8 ; 2 + 2 =")
+    got = predictable_positions(model, prompt)
+    with torch.no_grad():
+        pred = model(input_ids=torch.tensor([prompt])).logits[0].argmax(-1)
+    assert got == [t for t in range(2, len(prompt)) if int(pred[t - 1]) == prompt[t]]
+    assert got and all(2 <= t < len(prompt) for t in got)
+    assert predictable_positions(model, prompt[:2]) == []
