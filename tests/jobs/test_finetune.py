@@ -24,7 +24,7 @@ def setup(redis_url, mlflow_uri, loaded, tmp_path_factory):
     settings = load_settings(None, redis={"url": redis_url, "prefix": "ft"},
                              mlflow={"tracking_uri": mlflow_uri, "registered_model": "ft-predictor"},
                              adapt={"min_samples": 40, "replay_per_family": 30, "replay_holdout_per_family": 8,
-                                    "epochs": 25, "holdout": 0.25})
+                                    "epochs": 60, "patience": 12, "lr": 1e-3, "holdout": 0.25})
     registry = PredictorRegistry(mlflow_uri, "ft-predictor")
     folder = narrow_predictor(loaded, KNOWN, tmp_path_factory.mktemp("narrow"), per_family=120, epochs=25)
     champion = registry.register(folder, tags={"source": "test-narrow", "families": ",".join(KNOWN)})
