@@ -4,9 +4,9 @@ It is the only writer of the registry alias `champion` and of the control state'
 champion/challenger/canary share (the monitor only pulls the fallback lever). One tick
 (`main(settings)`, the `rollout` job, every `jobs.rollout_every_s`):
 
-1. reconcile: the alias `champion` and the control state's champion must agree; when they
-   do not, the alias wins (it is the registry's contract), the state is corrected and an
-   alert says so;
+1. reconcile, at the controller's start (first tick of the process): the alias `champion`
+   and the control state's champion must agree; when they do not, the alias wins (it is the
+   registry's contract), the state is corrected and an alert says so;
 2. commands from operators (`shadowgate rollback`), queued at P:rollout:commands;
 3. approval: a version that holds the alias `approved` or the tag `approval=approved` (set by
    a person in the MLflow UI; learnt from the registry webhook, P:rollout:events, and by
@@ -43,6 +43,7 @@ APPROVED = "approved"
 DECISIONS_LEN = 100
 ACTOR = "rollout-controller"
 _webhook: str | None = None  # the registry webhook's id once set up in this process ("" : none)
+_reconciled = False  # alias and state reconciled once per process, at the controller's start
 
 
 class RolloutStore:
@@ -115,9 +116,12 @@ class Controller:
             from jobs.approval import ensure_webhook
 
             _webhook = ensure_webhook(self.s, self.registry, self.r) or ""
+        global _reconciled
         out: list[dict] = []
         aliases = self.registry.aliases()
-        out += self.reconcile(aliases)
+        if not _reconciled:  # at the controller's start; later state writes are the operator's
+            out += self.reconcile(aliases)
+            _reconciled = True
         events = self.store.pop_events()
         for cmd in self.store.pop_commands():
             out += self.run_command(cmd)
