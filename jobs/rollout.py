@@ -74,9 +74,13 @@ class RolloutStore:
         self.r.rpush(self.commands, json.dumps({**cmd, "ts": time.time()}))
 
     def pop_commands(self) -> list[dict]:
+        return self._drain(self.commands)
+
+    def _drain(self, key: str) -> list[dict]:
+        """Everything queued at `key`, removed in the same MULTI."""
         with self.r.pipeline() as pipe:
-            pipe.lrange(self.commands, 0, -1)
-            pipe.delete(self.commands)
+            pipe.lrange(key, 0, -1)
+            pipe.delete(key)
             raw, _ = pipe.execute()
         return [json.loads(x) for x in raw]
 
@@ -85,11 +89,7 @@ class RolloutStore:
         self.r.ltrim(self.events, -1000, -1)
 
     def pop_events(self) -> list[dict]:
-        with self.r.pipeline() as pipe:
-            pipe.lrange(self.events, 0, -1)
-            pipe.delete(self.events)
-            raw, _ = pipe.execute()
-        return [json.loads(x) for x in raw]
+        return self._drain(self.events)
 
 
 def arm_stats(client: redis.Redis, prefix: str, version: str, arm: str, since_generation: int) -> dict:
