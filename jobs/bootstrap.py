@@ -13,11 +13,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from adapter import traces
-from adapter.collect import collect
-from adapter.default_model import default_predictor_dir
-from adapter.predictor_build import train_one
-from adapter.training import PredictorMismatch, TrainConfig, load_predictor
+from adapter.pipeline import traces
+from adapter.pipeline.collect import collect
+from adapter.embedded.recipe import default_predictor_dir
+from adapter.pipeline.build import train_one
+from adapter.pipeline.train import PredictorMismatch, TrainConfig, load_predictor
 from jobs.registry import CHAMPION, PredictorRegistry
 from monitor import drift
 

@@ -7,7 +7,7 @@
    the families it was trained on (tag `families`; all six for the shipped predictor) and
    the shadow samples it was itself fine-tuned on (kept in its artifacts under training/).
 3. Holds out the newest `adapt.holdout` of the samples and fine-tunes from the champion's
-   weights on the rest (adapter.training.finetune_shadowllm).
+   weights on the rest (adapter.pipeline.train.finetune_shadowllm).
 4. Evaluates candidate and champion on the held-out samples (Spearman rho against their
    targets, and replayed fidelity: the gated model with each predictor's masks, teacher-
    forced on the sample's prompt + continuation, KL and top-1 against the dense model) and
@@ -36,9 +36,15 @@ import redis
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapter import evaluate, tasks, traces, training
-from adapter import predictors as P
-from adapter.traces import TraceRecord
+from adapter.evaluation import scoring as evaluate
+
+from adapter.embedded import suite as tasks
+
+from adapter.pipeline import traces
+
+from adapter.pipeline import train as training
+from adapter.selection import predictors as P
+from adapter.pipeline.traces import TraceRecord
 from jobs.registry import CHAMPION, PredictorRegistry
 from monitor import drift
 from monitor.fidelity import compare
@@ -59,7 +65,7 @@ _loaded: dict[str, object] = {}
 
 def load_model(settings):
     """The served model, loaded once per process (float32: training and evaluation)."""
-    from adapter.model_loading import load
+    from adapter.runtime.loading import load
 
     if settings.model.name not in _loaded:
         _loaded[settings.model.name] = load(settings.model.name,
@@ -155,7 +161,7 @@ def parse_samples(entries, criterion: str) -> tuple[Examples | None, list[str]]:
 
 def suite_examples(loaded, families: list[str], per_family: int, work: Path, criterion: str) -> Examples:
     """The champion's suite training data, regenerated (same split seeds: the same instances)."""
-    from adapter.collect import collect
+    from adapter.pipeline.collect import collect
 
     folder = collect(loaded.runtime.model, loaded.tokenizer, work / "replay", {"train": per_family},
                      families=families)

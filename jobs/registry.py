@@ -1,7 +1,7 @@
 """Predictor versions in the MLflow model registry.
 
 A version is a run's artifacts under "predictor/" (predictor.safetensors + predictor.json,
-the folder format of adapter.training.save_predictor), registered from runs:/<run>/predictor.
+the folder format of adapter.pipeline.train.save_predictor), registered from runs:/<run>/predictor.
 Aliases are the contract: 'champion' is served, a challenger only to its canary share.
 """
 

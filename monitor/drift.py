@@ -32,8 +32,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from adapter import masks
-from adapter.predictors import minmax
+from adapter.runtime import masks
+from adapter.selection.predictors import minmax
 
 REFERENCE_DIR = "reference"
 FEATURES_FILE = "features.parquet"
@@ -189,7 +189,7 @@ def scores_for(loaded_predictor, predictor_inputs: torch.Tensor):
 
 def reference_prompts(families: list[str] | None = None, per_family: int = 200) -> list[str]:
     """Training-split prompts of the suite (the data the predictors are trained on)."""
-    from adapter import tasks
+    from adapter.embedded import suite as tasks
 
     unknown = set(families or ()) - set(tasks.FAMILIES)
     if unknown:

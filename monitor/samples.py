@@ -13,7 +13,7 @@ import time
 
 import redis
 
-from adapter.traces import TraceRecord
+from adapter.pipeline.traces import TraceRecord
 
 
 class SampleStore:

@@ -29,7 +29,7 @@ import httpx
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapter import tasks
+from adapter.embedded import suite as tasks
 
 
 def reversed_predictor(src: Path, dst: Path) -> Path:
@@ -48,9 +48,9 @@ def reversed_predictor(src: Path, dst: Path) -> Path:
 
 def narrow_predictor(loaded, families: list[str], work: Path, per_family: int = 150, epochs: int = 30) -> Path:
     """A shadowllm/plainact predictor trained on some families only, with its reference."""
-    from adapter.collect import collect
-    from adapter.predictor_build import train_one
-    from adapter.training import TrainConfig
+    from adapter.pipeline.collect import collect
+    from adapter.pipeline.build import train_one
+    from adapter.pipeline.train import TrainConfig
     from jobs.bootstrap import with_reference
 
     data = collect(loaded.runtime.model, loaded.tokenizer, work / "traces",
@@ -272,7 +272,7 @@ def run(work: Path, quick: bool = False, progress=print) -> dict:
     import redis
 
     from adapter.config import RuntimeConfig
-    from adapter.model_loading import load
+    from adapter.runtime.loading import load
     from serving.stack import private_stack
 
     shutil.rmtree(work, ignore_errors=True)  # each run starts from nothing

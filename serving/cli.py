@@ -52,12 +52,12 @@ def generate(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Generate from a prompt through the gated runtime."""
-    from adapter.default_model import default_predictor_dir
-    from adapter.methods import build_method
-    from adapter.traces import model_fingerprint
-    from adapter.training import PredictorMismatch
-    from adapter.model_loading import ModelLoadError, load
-    from adapter.runtime import RequestError, SamplingParams
+    from adapter.embedded.recipe import default_predictor_dir
+    from adapter.selection.methods import build_method
+    from adapter.pipeline.traces import model_fingerprint
+    from adapter.pipeline.train import PredictorMismatch
+    from adapter.runtime.loading import ModelLoadError, load
+    from adapter.runtime.gated import RequestError, SamplingParams
 
     settings = settings_or_exit(config)
     settings.runtime.apply_threads()
@@ -100,7 +100,7 @@ def model_build(
                                      help="The last stage --resume-from has done; later stages run."),
 ) -> None:
     """Train the tokenizer and the default models with the deterministic recipe."""
-    from adapter import default_model
+    from adapter.embedded import recipe as default_model
 
     bad = [f for f in family if f not in default_model.RECIPES]
     if bad:
@@ -127,7 +127,7 @@ def bench_speed(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Decode speed of dense vs shadowllm / dejavu / static on a realistic random-weight model."""
-    from adapter import bench
+    from adapter.benchmarks import decode_speed as bench
 
     settings = settings_or_exit(config)
     try:
@@ -150,7 +150,7 @@ def bench_speed(
 
 
 def _load_for_predictors(model: Optional[str], config: Optional[Path]):
-    from adapter.model_loading import ModelLoadError, load
+    from adapter.runtime.loading import ModelLoadError, load
 
     settings = settings_or_exit(config)
     settings.runtime.apply_threads()
@@ -171,8 +171,8 @@ def predictor_collect(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Collect importance traces (every criterion) over the task suite."""
-    from adapter.collect import collect
-    from adapter.default_model import default_trace_dir
+    from adapter.pipeline.collect import collect
+    from adapter.embedded.recipe import default_trace_dir
 
     name, loaded = _load_for_predictors(model, config)
     splits = {"train": per_family, "validation": max(10, per_family // 6), "test": max(10, per_family // 6)}
@@ -192,9 +192,9 @@ def predictor_train(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Train one predictor on collected traces; prints its validation metrics."""
-    from adapter.default_model import default_predictor_dir, default_trace_dir
-    from adapter.predictor_build import train_one
-    from adapter.training import PredictorMismatch, TrainConfig
+    from adapter.embedded.recipe import default_predictor_dir, default_trace_dir
+    from adapter.pipeline.build import train_one
+    from adapter.pipeline.train import PredictorMismatch, TrainConfig
 
     name, loaded = _load_for_predictors(model, config)
     out = out or default_predictor_dir(name) / f"{kind}-{criterion}"
@@ -214,9 +214,9 @@ def predictor_build(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Collect traces, then train shadowllm (every criterion), dejavu and static."""
-    from adapter.default_model import default_predictor_dir, default_trace_dir
-    from adapter.predictor_build import build_all
-    from adapter.training import TrainConfig
+    from adapter.embedded.recipe import default_predictor_dir, default_trace_dir
+    from adapter.pipeline.build import build_all
+    from adapter.pipeline.train import TrainConfig
 
     name, loaded = _load_for_predictors(model, config)
     splits = {"train": per_family, "validation": max(10, per_family // 6), "test": max(10, per_family // 6)}
@@ -239,9 +239,9 @@ def eval_cmd(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Accuracy and perplexity against sparsity for every method, through the gated runtime."""
-    from adapter import quality
-    from adapter.default_model import default_predictor_dir, default_trace_dir
-    from adapter.training import PredictorMismatch
+    from adapter.evaluation import sweep as quality
+    from adapter.embedded.recipe import default_predictor_dir, default_trace_dir
+    from adapter.pipeline.train import PredictorMismatch
 
     name, loaded = _load_for_predictors(model, config)
     data = data or default_trace_dir(name)

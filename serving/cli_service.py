@@ -88,7 +88,7 @@ def register(app, bench_app) -> None:
 
         import httpx
 
-        from serving import bench
+        from serving import bench_serve as bench
         from serving.cli import fail, settings_or_exit
         from serving.keys import client_keys
 

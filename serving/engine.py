@@ -16,11 +16,11 @@ from typing import Iterator
 
 import torch
 
-from adapter import predictors as P
-from adapter.model_loading import load
-from adapter.runtime import RequestError, SamplingParams, pick_tokens
-from adapter.traces import model_fingerprint
-from adapter.training import LoadedPredictor, load_predictor
+from adapter.selection import predictors as P
+from adapter.runtime.loading import load
+from adapter.runtime.gated import RequestError, SamplingParams, pick_tokens
+from adapter.pipeline.traces import model_fingerprint
+from adapter.pipeline.train import LoadedPredictor, load_predictor
 from jobs.registry import PredictorRegistry
 from monitor import drift
 from serving.control import ControlState, canary_arm

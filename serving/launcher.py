@@ -155,7 +155,7 @@ def start_ray(settings: Settings) -> str | None:
 
 
 def bootstrap_registry(settings: Settings) -> str:
-    from adapter.model_loading import load
+    from adapter.runtime.loading import load
     from jobs.bootstrap import ensure_champion
     from jobs.registry import PredictorRegistry
 

@@ -17,7 +17,7 @@ from ray import serve
 
 import redis
 
-from adapter.runtime import RequestError
+from adapter.runtime.gated import RequestError
 from jobs.registry import PredictorRegistry
 from monitor.alerts import AlertStore
 from serving.control import ControlState, StateFollower

@@ -23,7 +23,13 @@ from pathlib import Path
 
 import redis
 
-from adapter import evaluate, tasks, training, traces
+from adapter.evaluation import scoring as evaluate
+
+from adapter.embedded import suite as tasks
+
+from adapter.pipeline import train as training
+
+from adapter.pipeline import traces
 from jobs.registry import PredictorRegistry
 from jobs.rollout import RolloutStore, arm_stats
 from serving.bench_monitor import Driver, narrow_predictor, reversed_predictor, suite_prompts
@@ -51,7 +57,7 @@ def accuracy(loaded, folder: Path, families: list[str], per_family: int, sparsit
 
 
 def run(d: Driver, settings, work: Path, progress=print, per_family: int = 100, max_requests: int = 3000) -> dict:
-    from adapter.model_loading import load
+    from adapter.runtime.loading import load
     from jobs.bootstrap import shipped_predictor
 
     work.mkdir(parents=True, exist_ok=True)

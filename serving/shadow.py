@@ -21,8 +21,10 @@ import redis
 import torch
 from ray import serve
 
-from adapter import criteria, traces
-from adapter import predictors as P
+from adapter.pipeline import criteria
+
+from adapter.pipeline import traces
+from adapter.selection import predictors as P
 from jobs.registry import PredictorRegistry
 from monitor.fidelity import compare
 from monitor.samples import SampleStore

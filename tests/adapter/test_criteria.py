@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from adapter import criteria
+from adapter.pipeline import criteria
 from tests.conftest import tiny_llama, tiny_opt
 
 

@@ -2,8 +2,10 @@
 
 import random
 
-from adapter import default_model, tasks
-from adapter.evaluate import dense_accuracy
+from adapter.embedded import recipe as default_model
+
+from adapter.embedded import suite as tasks
+from adapter.evaluation.scoring import dense_accuracy
 
 
 def test_llama_default_reaches_the_accuracy_target_on_the_test_split():

@@ -6,11 +6,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from adapter import predictors as P, traces, training
-from adapter.collect import collect
-from adapter.model_loading import load
-from adapter.predictor_build import train_one
-from adapter.training import PredictorMismatch, TrainConfig
+from adapter.selection import predictors as P
+
+from adapter.pipeline import traces
+
+from adapter.pipeline import train as training
+from adapter.pipeline.collect import collect
+from adapter.runtime.loading import load
+from adapter.pipeline.build import train_one
+from adapter.pipeline.train import PredictorMismatch, TrainConfig
 from tests.conftest import tiny_llama
 
 FAST = TrainConfig(epochs=25, patience=25, hidden=128, neuron_rank=16, dejavu_rank=16)
@@ -92,7 +96,7 @@ def test_mismatched_predictor_is_refused(dataset, default_llama, tmp_path):
     out = tmp_path / "p"
     train_one("shadowllm", "l2norm", dataset, out, gm, replace(FAST, epochs=1))
     other = tiny_llama()
-    from adapter.runtime import GatedModel
+    from adapter.runtime.gated import GatedModel
 
     other_gm = GatedModel(other)
     with pytest.raises(PredictorMismatch, match="shape"):

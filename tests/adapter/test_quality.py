@@ -1,8 +1,8 @@
 """`shadowgate eval` machinery on the shipped predictors of the default model (a few prompts)."""
 
-from adapter import quality
-from adapter.default_model import default_predictor_dir
-from adapter.model_loading import load
+from adapter.evaluation import sweep as quality
+from adapter.embedded.recipe import default_predictor_dir
+from adapter.runtime.loading import load
 
 
 def test_eval_report_and_plot(tmp_path):

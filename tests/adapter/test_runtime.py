@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from adapter import masks, predictors as P
-from adapter.arch import ModelView
+from adapter.runtime import masks
+
+from adapter.selection import predictors as P
+from adapter.runtime.model_view import ModelView
 from adapter.config import RuntimeConfig
-from adapter.runtime import GatedModel, RequestError
+from adapter.runtime.gated import GatedModel, RequestError
 from tests.conftest import tiny_llama, tiny_opt
 
 ATOL = 1e-4
@@ -199,7 +201,7 @@ def test_bad_requests_get_clear_errors():
 
 def test_seeded_sampling_is_reproducible():
     gm = GatedModel(tiny_llama())
-    from adapter.runtime import SamplingParams
+    from adapter.runtime.gated import SamplingParams
 
     sp = SamplingParams(temperature=1.0, top_p=0.9, seed=7)
     a = gm.generate([prompt()], P.Dense(), 8, sp)[0].token_ids

@@ -1,6 +1,6 @@
 """The built-in task suite: families, determinism, disjoint splits."""
 
-from adapter import tasks
+from adapter.embedded import suite as tasks
 
 
 def test_six_families_with_five_shots_each():

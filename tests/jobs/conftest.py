@@ -51,7 +51,7 @@ def mlflow_uri(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def loaded():
-    from adapter.model_loading import load
+    from adapter.runtime.loading import load
     from adapter.config import RuntimeConfig
 
     return load("default", RuntimeConfig(dtype="float32"))
@@ -60,7 +60,10 @@ def loaded():
 def shadow_records(loaded, families: list[str], n_per_family: int, split: str = "test", offset: int = 0):
     """Trace records of suite prompts of `families`, with the served prompt and continuation
     (the answer) in their meta, as a shadow run writes them."""
-    from adapter import criteria, evaluate, tasks, traces
+    from adapter.pipeline import criteria
+    from adapter.evaluation import scoring as evaluate
+    from adapter.embedded import suite as tasks
+    from adapter.pipeline import traces
 
     rt, tok = loaded.runtime, loaded.tokenizer
     instances = [i for i in tasks.split(split, n_per_family + offset) if i.family in families]

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from adapter import predictors as P
+from adapter.selection import predictors as P
 from adapter.config import RuntimeConfig
-from adapter.model_loading import load
-from adapter.training import LoadedPredictor
+from adapter.runtime.loading import load
+from adapter.pipeline.train import LoadedPredictor
 from monitor import drift as dr
 from tests.serving.conftest import save_tiny_model
 

@@ -18,7 +18,7 @@ import pytest
 import redis
 import torch
 
-from adapter.traces import SCHEMA, TraceRecord
+from adapter.pipeline.traces import SCHEMA, TraceRecord
 from monitor import drift
 from monitor.alerts import AlertSettings, AlertStore, WebhookSettings, verify
 from monitor.config import MonitorSettings

@@ -19,7 +19,7 @@ from serving.stack import free_port  # noqa: F401  (tests import it from here)
 
 def save_tiny_model(folder: Path) -> Path:
     """A small Llama (GQA) with the embedded word-level tokenizer, saved with save_pretrained."""
-    from adapter.default_model import build_tokenizer
+    from adapter.embedded.recipe import build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from adapter.default_model import default_model_path
+from adapter.embedded.recipe import default_model_path
 from serving.settings import ConfigError, load_settings
 from tests.conftest import tiny_llama
 

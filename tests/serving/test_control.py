@@ -10,7 +10,7 @@ import pytest
 import redis
 import torch
 
-from adapter.traces import SCHEMA, TraceRecord
+from adapter.pipeline.traces import SCHEMA, TraceRecord
 from monitor.fidelity import compare
 from monitor.samples import SampleStore
 from serving.control import ControlStore, ControlUpdate, StateFollower, canary_arm, shadow_sampled

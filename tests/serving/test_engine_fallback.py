@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from adapter import predictors as P
-from adapter.runtime import SamplingParams
+from adapter.selection import predictors as P
+from adapter.runtime.gated import SamplingParams
 from jobs.registry import PredictorRegistry
 from monitor.state import ControlState
 from serving.engine import Engine, GenRequest
@@ -45,7 +45,7 @@ def test_mlflow_down_at_start_serves_dense_and_says_why(settings, tmp_path, monk
 
 def test_a_mismatched_champion_artifact_is_refused_at_load_and_dense_is_served(settings, tmp_path):
     from jobs.bootstrap import with_reference
-    from adapter.model_loading import load
+    from adapter.runtime.loading import load
 
     registry = PredictorRegistry(f"sqlite:///{tmp_path}/mlflow.db", "p", tmp_path / "cache")
     loaded = load(settings.model.name, settings.runtime)
@@ -72,7 +72,7 @@ def test_a_mismatched_champion_artifact_is_refused_at_load_and_dense_is_served(s
 
 
 def test_predictable_positions_are_the_prompt_tokens_the_dense_model_predicts():
-    from adapter.model_loading import load
+    from adapter.runtime.loading import load
     from serving.shadow import predictable_positions
 
     loaded = load("default")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from adapter import tasks
+from adapter.embedded import suite as tasks
 from monitor.alerts import verify
 from serving.bench_monitor import (Driver, Receiver, dense_texts, drift_scenario, fallback_scenario,
                                    mlflow_down_scenario, restart_scenario, reversed_predictor, suite_prompts,

@@ -29,7 +29,7 @@ def service(tiny_model_dir, redis_url, registry_uri, tmp_path_factory):
     import ray
     from ray import serve
 
-    from adapter.model_loading import load
+    from adapter.runtime.loading import load
     from jobs.bootstrap import ensure_champion
     from jobs.registry import PredictorRegistry
     from serving.app import deploy

@@ -24,9 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from adapter import predictors as P
-from adapter.arch import Shape
-from adapter.traces import TraceSet
+from adapter.selection import predictors as P
+from adapter.runtime.model_view import Shape
+from adapter.pipeline.traces import TraceSet
 
 KINDS = ("shadowllm", "dejavu", "static")
 NORMALISATION = {"input": "minmax_per_example", "targets": "minmax_per_example_per_layer"}

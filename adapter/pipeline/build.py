@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adapter import traces, training
-from adapter.collect import collect
-from adapter.criteria import CRITERIA
+from adapter.pipeline import traces
+
+from adapter.pipeline import train as training
+from adapter.pipeline.collect import collect
+from adapter.pipeline.criteria import CRITERIA
 
 
 def train_one(kind: str, criterion: str, data: Path, out: Path, runtime, cfg: training.TrainConfig) -> dict:

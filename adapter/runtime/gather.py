@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from adapter.arch import LayerRefs, Shape
-from adapter.masks import LayerMask, Mask
+from adapter.runtime.model_view import LayerRefs, Shape
+from adapter.runtime.masks import LayerMask, Mask
 
 Proj = tuple[torch.Tensor, torch.Tensor | None]  # (weight (out, D), bias (out,) or None)
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapter import predictors as P
-from adapter.arch import Shape
+from adapter.selection import predictors as P
+from adapter.runtime.model_view import Shape
 from adapter.config import PredictorConfig
-from adapter.training import load_predictor
+from adapter.pipeline.train import load_predictor
 
 METHODS = ("dense", "shadowllm", "dejavu", "static")
 

@@ -18,9 +18,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from adapter import masks, predictors as P
+from adapter.runtime import masks
+
+from adapter.selection import predictors as P
 from adapter.config import PredictorConfig, RuntimeConfig
-from adapter.runtime import GatedModel
+from adapter.runtime.gated import GatedModel
 
 ARCHS = {
     "llama-gqa": dict(family="llama", hidden=1024, layers=16, heads=16, kv_heads=4, ffn=4096),

@@ -14,8 +14,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from adapter import evaluate, predictors as P, tasks, traces, training
-from adapter.criteria import CRITERIA
+from adapter.evaluation import scoring as evaluate
+
+from adapter.selection import predictors as P
+
+from adapter.embedded import suite as tasks
+
+from adapter.pipeline import traces
+
+from adapter.pipeline import train as training
+from adapter.pipeline.criteria import CRITERIA
 
 SPARSITIES = (0.3, 0.5, 0.7)
 MODES = ("per_layer", "global")

@@ -22,9 +22,9 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from adapter import tasks
+from adapter.embedded import suite as tasks
 
-DEFAULT_MODELS_DIR = Path(__file__).parent / "default_models"
+DEFAULT_MODELS_DIR = Path(__file__).parent.parent / "default_models"
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 
 
@@ -320,7 +320,7 @@ def build(families: list[str], out_root: Path, threads: int = 2,
           steps: dict[str, int] | None = None,
           resume: dict[str, tuple[int, Path]] | None = None) -> dict:
     """Run the recipe for `families`; returns the figures written to build.json."""
-    from adapter.evaluate import dense_accuracy
+    from adapter.evaluation.scoring import dense_accuracy
 
     tokenizer = build_tokenizer()
     report = {}

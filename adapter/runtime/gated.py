@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from adapter import masks
-from adapter.arch import ModelView, Shape
+from adapter.runtime import masks
+from adapter.runtime.model_view import ModelView, Shape
 from adapter.config import RuntimeConfig
-from adapter.gather import AttnWeights, FfnWeights, GatherCache, LayerWeights, head_rows
-from adapter.predictors import DejaVu
+from adapter.runtime.gather import AttnWeights, FfnWeights, GatherCache, LayerWeights, head_rows
+from adapter.selection.predictors import DejaVu
 
 
 class RequestError(ValueError):

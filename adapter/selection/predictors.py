@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adapter import masks
-from adapter.arch import Shape
+from adapter.runtime import masks
+from adapter.runtime.model_view import Shape
 
 
 def minmax(u: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from adapter import criteria, tasks, traces
-from adapter.arch import ModelView
+from adapter.pipeline import criteria
+
+from adapter.embedded import suite as tasks
+
+from adapter.pipeline import traces
+from adapter.runtime.model_view import ModelView
 
 
 def _suite_batch(tokenizer, model, instances, pseudo_labels: bool):

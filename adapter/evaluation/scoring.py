@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from adapter import tasks
+from adapter.embedded import suite as tasks
 
 # score_fn(list of (prompt_ids, continuation_ids)) -> list of logits tensors (len(cont), V),
 # the logits that predict each continuation token.

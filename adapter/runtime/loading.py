@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapter.config import RuntimeConfig
-from adapter.default_model import resolve_model
-from adapter.runtime import GatedModel
+from adapter.embedded.recipe import resolve_model
+from adapter.runtime.gated import GatedModel
 
 
 class ModelLoadError(ValueError):
@@ -25,7 +25,7 @@ class Loaded:
 def load(name: str, config: RuntimeConfig | None = None) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapter.arch import UnsupportedModel
+    from adapter.runtime.model_view import UnsupportedModel
 
     try:
         path = resolve_model(name)

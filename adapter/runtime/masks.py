@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from adapter.arch import Shape
+from adapter.runtime.model_view import Shape
 
 Mode = Literal["per_layer", "global"]
 
