@@ -7,11 +7,18 @@ atomically with generation + 1, appends the new document to a capped history str
 (`<prefix>:control:history`, so a reader that polls sees every transition, not only the
 last) and publishes the new generation; replicas follow it (serving/control.py). It lives
 here, below serving/, because the monitor writes it too.
+
+A document also carries an `epoch`: a random token written when a document is created (the
+first one, or a new one after Redis lost the key). Generations are comparable only within
+one epoch: a replica follows a document whose epoch differs from the one it serves whatever
+its generation, so a Redis that restarted empty cannot leave replicas ignoring every write
+until the generation climbs past the old one.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from typing import Literal
 
@@ -30,9 +37,14 @@ class ControlDefaults(BaseModel):
     fallback: Literal["none", "dense", "lower"] = "none"
 
 
+def new_epoch() -> str:
+    return secrets.token_hex(8)
+
+
 class ControlState(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     generation: int = Field(1, ge=1)
+    epoch: str = ""  # the document's identity (see the module doc); "" for documents older than it
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     shadow_rate: float = Field(0.05, ge=0.0, le=1.0)
     canary_share: float = Field(0.0, ge=0.0, le=1.0)
@@ -63,7 +75,17 @@ def _s(v) -> str:
 
 def initial_state(defaults: ControlDefaults) -> ControlState:
     return ControlState(sparsity=defaults.sparsity, shadow_rate=defaults.shadow_rate,
-                        canary_share=defaults.canary_share, fallback=defaults.fallback)
+                        canary_share=defaults.canary_share, fallback=defaults.fallback, epoch=new_epoch())
+
+
+def supersedes(new: ControlState, served: ControlState | None) -> bool:
+    """Whether a replica serving `served` must apply `new`: a later generation of the same
+    document, or another document altogether (a new epoch, after the key was lost)."""
+    return served is None or new.epoch != served.epoch or new.generation > served.generation
+
+
+def reseeded(state: ControlState, by: str) -> ControlState:
+    return state.model_copy(update={"epoch": new_epoch(), "updated_at": time.time(), "updated_by": by})
 
 
 class ControlStore:
@@ -88,7 +110,8 @@ class ControlStore:
         return ControlState.model_validate_json(raw) if raw else None
 
     def update(self, change: ControlUpdate, by: str) -> ControlState:
-        """Apply a partial change atomically: generation + 1, then notify."""
+        """Apply a partial change atomically: generation + 1, then notify. Without a document
+        (Redis lost it) the change starts a new epoch from the field defaults."""
         fields = change.model_dump(exclude_unset=True)
         if fields.get("challenger") == "none":
             fields["challenger"] = None
@@ -99,7 +122,7 @@ class ControlStore:
                 try:
                     pipe.watch(self.key)
                     raw = pipe.get(self.key)
-                    cur = ControlState.model_validate_json(raw) if raw else ControlState()
+                    cur = ControlState.model_validate_json(raw) if raw else ControlState(epoch=new_epoch())
                     new = ControlState.model_validate({**cur.model_dump(), **fields,
                                                        "generation": cur.generation + 1,
                                                        "updated_at": time.time(), "updated_by": by})
@@ -112,6 +135,16 @@ class ControlStore:
                     return new
                 except redis.WatchError:
                     continue
+
+    def reseed(self, state: ControlState, by: str) -> ControlState | None:
+        """Write `state` back as a new epoch when the document is missing (Redis restarted
+        empty), so what the replicas served survives the reset; None when a document exists."""
+        seeded = reseeded(state, by)
+        if not self.r.set(self.key, seeded.model_dump_json(), nx=True):
+            return None
+        self.r.xadd(self.history, {"state": seeded.model_dump_json()}, maxlen=self.history_maxlen, approximate=True)
+        self.r.publish(self.channel, str(seeded.generation))
+        return seeded
 
     def changes(self, after: str) -> list[tuple[str, ControlState]]:
         """History entries after stream id `after`, oldest first ("$": none, only the newest id)."""

@@ -1,0 +1,172 @@
+"""The control state survives a Redis reset: a redis-server with no persistence is killed
+(-9) and started again empty; replicas must follow the next write at once, not ignore it
+until the generation climbs past the one they served."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import redis
+
+from monitor.state import ControlDefaults, ControlState, ControlStore, ControlUpdate, supersedes
+from serving.control import StateFollower
+from serving.stack import free_port
+
+
+class RedisProc:
+    """A redis-server of this test's own, killed and restarted on the same port."""
+
+    def __init__(self, folder, aof: bool):
+        self.port, self.folder, self.aof = free_port(), folder, aof
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = None
+
+    def start(self):
+        exe = shutil.which("redis-server")
+        assert exe, "redis-server is not installed"
+        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "yes" if self.aof else "no", "--dir", str(self.folder)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+        for _ in range(200):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self):
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def volatile_redis(tmp_path):
+    server = RedisProc(tmp_path, aof=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_supersedes_compares_generations_only_within_an_epoch():
+    a5 = ControlState(generation=5, epoch="a")
+    assert supersedes(ControlState(generation=6, epoch="a"), a5)
+    assert not supersedes(ControlState(generation=5, epoch="a"), a5)
+    assert not supersedes(ControlState(generation=2, epoch="a"), a5)
+    assert supersedes(ControlState(generation=2, epoch="b"), a5)  # a new document: lower is fine
+    assert supersedes(ControlState(generation=1, epoch="b"), None)
+    # documents written before epochs existed parse with "" and keep comparing by generation
+    legacy = ControlState.model_validate_json('{"generation": 3}')
+    assert legacy.epoch == "" and not supersedes(ControlState(generation=2), legacy)
+
+
+async def _until(pred, timeout: float = 10.0) -> float:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def test_replicas_follow_a_write_at_once_after_redis_restarted_empty(volatile_redis):
+    """The issue's reproduction: generation 5 served, Redis killed and restarted with no data,
+    then one write. Before epochs the replicas ignored it (generation 2 < 5)."""
+    store = ControlStore(redis.Redis.from_url(volatile_redis.url), "ep")
+    store.ensure(ControlDefaults())
+
+    async def scenario():
+        applied: list[ControlState] = []
+
+        async def apply(state):
+            applied.append(state)
+
+        # reconcile_s 30: only the notification or the resubscription may bring a change
+        followers = [StateFollower(volatile_redis.url, "ep", f"llm{i}", ControlDefaults(), apply, 30.0)
+                     for i in range(2)]
+        for f in followers:
+            await f.start()
+        for sparsity in (0.1, 0.2, 0.3, 0.4):
+            last = await asyncio.to_thread(store.update, ControlUpdate(sparsity=sparsity), "test")
+        await _until(lambda: all(f.state.generation == last.generation for f in followers))
+        assert last.generation == 5
+
+        volatile_redis.kill()
+        volatile_redis.start()  # empty: no persistence
+        # the followers notice the missing document and write back what they serve (one wins)
+        reseed_s = await _until(lambda: all(f.state.epoch != last.epoch for f in followers))
+        seeded = await asyncio.to_thread(store.get)
+        assert seeded is not None and seeded.epoch != last.epoch
+        assert seeded.sparsity == 0.4 and seeded.generation == 5  # nothing the replicas served is lost
+        assert {f.state.epoch for f in followers} == {seeded.epoch}
+
+        t0 = time.monotonic()
+        put = await asyncio.to_thread(store.update, ControlUpdate(sparsity=0.05, fallback="dense"), "admin-api")
+        await _until(lambda: all(f.state.sparsity == 0.05 and f.state.fallback == "dense" for f in followers))
+        follow_s = time.monotonic() - t0
+        reports = await asyncio.to_thread(store.replica_reports, 60)
+        for f in followers:
+            await f.stop()
+        return put, reseed_s, follow_s, reports
+
+    put, reseed_s, follow_s, reports = asyncio.run(scenario())
+    assert put.generation == 6
+    assert reseed_s < 5.0 and follow_s < 1.0
+    assert len(reports) == 2 and {r["epoch"] for r in reports} == {put.epoch}
+
+
+def test_a_lower_generation_of_a_new_document_is_followed(volatile_redis):
+    """A writer that recreates the document first (defaults, generation 1, a new epoch) wins
+    over the replicas' re-seed; they follow it although its generation is lower."""
+    r = redis.Redis.from_url(volatile_redis.url)
+    store = ControlStore(r, "ep2")
+    store.ensure(ControlDefaults())
+
+    async def scenario():
+        seen: list[int] = []
+
+        async def apply(state):
+            seen.append(state.generation)
+
+        f = StateFollower(volatile_redis.url, "ep2", "llm", ControlDefaults(), apply, 30.0)
+        await f.start()
+        for s in (0.1, 0.2, 0.3):
+            last = await asyncio.to_thread(store.update, ControlUpdate(sparsity=s), "test")
+        await _until(lambda: f.state.generation == last.generation)
+        # another document replaces it at generation 2 (what an empty Redis + one PUT gives)
+        other = ControlState(generation=2, epoch="fresh", sparsity=0.7)
+        await asyncio.to_thread(r.set, store.key, other.model_dump_json())
+        await asyncio.to_thread(r.publish, store.channel, "2")
+        await _until(lambda: f.state.epoch == "fresh", timeout=2.0)
+        state = f.state
+        await f.stop()
+        return seen, state
+
+    seen, state = asyncio.run(scenario())
+    # notifications may coalesce (the newest document is read), never go back within an epoch
+    assert seen[0] == 1 and seen[-2:] == [4, 2] and seen[:-1] == sorted(seen[:-1]) and state.sparsity == 0.7
+
+
+def test_update_without_a_document_starts_a_new_epoch(volatile_redis):
+    store = ControlStore(redis.Redis.from_url(volatile_redis.url), "ep3")
+    first = store.ensure(ControlDefaults())
+    store.r.delete(store.key)
+    new = store.update(ControlUpdate(sparsity=0.3), "admin-api")
+    assert new.epoch and new.epoch != first.epoch and new.generation == 2
+    assert store.reseed(first, "test") is None  # a document exists: nothing written
+    store.r.delete(store.key)
+    back = store.reseed(new, "test")
+    assert back is not None and back.epoch not in (new.epoch, "") and back.sparsity == 0.3
+    assert store.get() == back and store.changes("0-0")[-1][1] == back
