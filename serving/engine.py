@@ -1,5 +1,9 @@
 """The model side of a GatedLLM replica, free of Ray: the loaded model, the predictor
-versions the control state names, the choice of method per request, and the token loop.
+versions the control state names, the choice of method per request, and the step
+primitives of the decode loop (start = plan + prefill, accept = pick tokens and follow stop
+strings, decode = one batched step, finish = the result). The loop that schedules them is
+serving/batcher.py; OpenAI formatting (logprobs objects, text offsets) is
+serving/openai_format.py.
 
 Per-request state is a value (the runtime's Sequence, this module's Plan); the engine holds
 only what every request shares: the model and the loaded predictor versions.
@@ -12,13 +16,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
-
 import torch
 
 from adapter.selection import predictors as P
 from adapter.runtime.loading import load
-from adapter.runtime.gated import RequestError, SamplingParams, pick_tokens
+from adapter.runtime.gated import RequestError, SamplingParams, Sequence, pick_tokens
 from adapter.pipeline.traces import model_fingerprint
 from adapter.pipeline.train import LoadedPredictor, load_predictor
 from jobs.registry import PredictorRegistry
@@ -66,7 +68,7 @@ class GenResult:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str = "length"
-    logprobs: dict | None = None  # the OpenAI completions logprobs object
+    logprobs: dict | None = None  # the OpenAI completions logprobs object (the serving layer fills it)
     version: str | None = None
     arm: str = "dense"
     sparsity: float = 0.0
@@ -79,9 +81,11 @@ class GenResult:
     prompt_text: str = ""  # filled for echo
     fallback_reason: str | None = None  # why a replica serves dense without being told to
     features: dict | None = None  # the request's drift feature row (monitor/drift.py), with "version"
+    scores: "TokenScores | None" = None  # raw per-token scores when logprobs were asked for
+    timing: dict = field(default_factory=dict)  # ms per phase: queue, prefill, decode, detokenize, finish
 
     def meta(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("logprobs", "features")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("logprobs", "features", "scores")}
 
 
 class Engine:
@@ -197,112 +201,149 @@ class Engine:
             raise RequestError(f"token ids must be in [0, {self.shape.vocab})")
         return ids
 
-    def token_text(self, tok: int) -> str:
-        return self.tokenizer.decode([tok])
+    def text(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def _top(self, logp: torch.Tensor, k: int) -> dict[str, float]:
-        vals, idx = logp.topk(max(k, 1))
-        out: dict[str, float] = {}
-        for v, i in zip(vals.tolist(), idx.tolist()):
-            out.setdefault(self.token_text(i), v)
-        return out
-
-    # ---- the token loop -------------------------------------------------------------------
-    def run(self, req: GenRequest) -> Iterator[tuple[list[int], str, GenResult]]:
-        """Yields (new token ids, new text, result so far) as tokens are accepted; the last
-        yield carries the finished result. Stop strings are honoured on the decoded text;
-        text that could still become a stop string is held back until it cannot."""
+    # ---- step primitives (the decode loop in serving/batcher.py drives these) -------------
+    def start(self, req: GenRequest, stream: bool = False) -> tuple[Active, torch.Tensor]:
+        """Plan and prefill one request; returns its state and the logits (1, V) that pick its
+        first token. With echo the prompt's own scores are taken from the same prefill (all
+        logits, under the mask the whole prompt selected)."""
         t0 = time.perf_counter()
         ids = self.prompt_ids(req.prompt)
         plan = self.plan(req)
         res = GenResult(request_id=req.request_id, prompt_ids=ids, version=plan.version, arm=plan.arm,
                         sparsity=plan.sparsity, fallback=plan.fallback, generation=plan.generation,
                         mode=self.settings.runtime.mode, fallback_reason=plan.fallback_reason)
-        want_lp = req.logprobs is not None
-        lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} if want_lp else None
-        st, logits = self.runtime.prefill(ids, plan.method, req.max_tokens, all_logits=req.echo)
-        if req.echo:  # logprobs of the prompt tokens under the mask the prompt selected
-            logp_all = torch.log_softmax(logits.float(), dim=-1)  # (T, V)
-            if want_lp:
-                for t, tok in enumerate(ids):
-                    lp["tokens"].append(self.token_text(tok))
-                    lp["token_logprobs"].append(None if t == 0 else float(logp_all[t - 1, tok]))
-                    lp["top_logprobs"].append(None if t == 0 else self._top(logp_all[t - 1], req.logprobs))
+        seq, logits = self.runtime.prefill(ids, plan.method, req.max_tokens, all_logits=req.echo)
+        res.effective_sparsity = seq.effective_sparsity
+        scores = None
+        if req.logprobs is not None:
+            scores = TokenScores(k=req.logprobs)
+            if req.echo:  # the first prompt token has no score (nothing precedes it)
+                scores.add(ids[:1], [None], [None])
+                scores.add_rows(ids[1:], torch.log_softmax(logits[:-1].float(), dim=-1))
+        if req.echo:
             logits = logits[-1:]
-        res.effective_sparsity = st.effective_sparsity
         gen = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
-        params = SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
-        holdback = max((len(s) for s in req.stop), default=1) - 1
-        sent = 0
-        for step in range(req.max_tokens):
-            toks, _ = pick_tokens(logits, [params], [gen])
-            tok = int(toks[0])
-            logp = torch.log_softmax(logits[0].float(), dim=-1)
-            res.token_ids.append(tok)
-            if want_lp:
-                lp["tokens"].append(self.token_text(tok))
-                lp["token_logprobs"].append(float(logp[tok]))
-                lp["top_logprobs"].append(self._top(logp, req.logprobs))
-            text = self.tokenizer.decode(res.token_ids, skip_special_tokens=True)
-            cut = min((text.find(s) for s in req.stop if s in text), default=-1)
-            done = tok in self.stop_ids or cut >= 0 or step + 1 == req.max_tokens
-            if tok in self.stop_ids or cut >= 0:
-                res.finish_reason = "stop"
-            if cut >= 0:
-                text = text[:cut]
-            res.text = text
-            upto = len(text) if done else max(sent, len(text) - holdback)
-            delta, sent = text[sent:upto], max(sent, upto)
-            if done:
-                break
-            yield [tok], delta, res
-            logits = self.runtime.decode([st], toks)
-        else:
-            delta = ""
-        if lp is not None:
-            offsets, pos = [], 0
-            for s in lp["tokens"]:
-                offsets.append(pos)
-                pos += len(s) + 1
-            lp["text_offset"] = offsets
-        res.logprobs = lp
-        if req.echo:  # the prompt's text as it joins the completion (separator included)
-            full = self.tokenizer.decode(ids + res.token_ids, skip_special_tokens=True)
-            tail = self.tokenizer.decode(res.token_ids, skip_special_tokens=True)
-            res.prompt_text = full[:len(full) - len(tail)] if tail and full.endswith(tail) else \
-                self.tokenizer.decode(ids, skip_special_tokens=True)
-        res.mask = mask_record(st.mask, self.shape)
-        res.features = self.features(plan, st.predictor_input, len(ids))
-        res.elapsed_ms = (time.perf_counter() - t0) * 1000
-        yield ([res.token_ids[-1]] if res.token_ids else []), delta, res
+        act = Active(req=req, plan=plan, seq=seq, res=res, t0=t0, stream=stream,
+                     params=SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed),
+                     gen=gen, scores=scores, holdback=max((len(s) for s in req.stop), default=1) - 1)
+        act.timing["prefill_ms"] = (time.perf_counter() - t0) * 1000
+        if req.max_tokens == 0:  # echo only: the prompt's scores, no completion
+            act.done = True
+        return act, logits
 
-    @staticmethod
-    def batchable(req: GenRequest) -> bool:
-        """Plain generation (no echo, logprobs or stop strings) can share decode steps."""
-        return not req.echo and req.logprobs is None and not req.stop and req.max_tokens > 0
+    def accept(self, acts: list[Active], logits: torch.Tensor) -> torch.Tensor:
+        """Pick each sequence's next token from logits (B, V); returns the tokens (B,).
 
-    def complete_batch(self, reqs: list[GenRequest]) -> list[GenResult]:
-        """Batchable requests with the same max_tokens as one batched generation: their
-        decode steps share matmuls per mask (the runtime groups equal masks)."""
-        t0 = time.perf_counter()
-        ids = [self.prompt_ids(r.prompt) for r in reqs]
-        plans = [self.plan(r) for r in reqs]
-        sampling = [SamplingParams(temperature=r.temperature, top_p=r.top_p, seed=r.seed) for r in reqs]
-        gens = self.runtime.generate(ids, [p.method for p in plans], reqs[0].max_tokens, sampling, self.stop_ids)
-        elapsed = (time.perf_counter() - t0) * 1000
-        return [GenResult(request_id=r.request_id, prompt_ids=i, token_ids=g.token_ids,
-                          text=self.tokenizer.decode(g.token_ids, skip_special_tokens=True),
-                          finish_reason=g.finish_reason, version=p.version, arm=p.arm, sparsity=p.sparsity,
-                          effective_sparsity=g.effective_sparsity, fallback=p.fallback, generation=p.generation,
-                          mask=mask_record(g.mask, self.shape), mode=self.settings.runtime.mode, elapsed_ms=elapsed,
-                          fallback_reason=p.fallback_reason, features=self.features(p, g.predictor_input, len(i)))
-                for r, i, p, g in zip(reqs, ids, plans, gens)]
+        Updates every Active: its tokens, scores, text delta (streams and stop strings
+        only: a plain request is detokenized once, at the end) and whether it is done.
+        One host copy of the tokens per step: they go back to the client anyway."""
+        toks, _ = pick_tokens(logits, [a.params for a in acts], [a.gen for a in acts])
+        host = toks.tolist()
+        scored = [j for j, a in enumerate(acts) if a.scores is not None]
+        if scored:
+            rows = torch.log_softmax(logits[scored].float(), dim=-1)
+            for r, j in enumerate(scored):
+                acts[j].scores.add_rows([host[j]], rows[r:r + 1])
+        for a, tok in zip(acts, host):
+            a.res.token_ids.append(tok)
+            eos = tok in self.stop_ids
+            a.done = eos or len(a.res.token_ids) >= a.req.max_tokens
+            if eos:
+                a.res.finish_reason = "stop"
+            a.delta = ""
+            if a.stream or a.req.stop:
+                self._follow_text(a)
+        return toks
+
+    def _follow_text(self, a: Active) -> None:
+        """Stop strings on the decoded text; text that could still become a stop string is
+        held back until it cannot."""
+        t = time.perf_counter()
+        text = self.text(a.res.token_ids)
+        cut = min((text.find(s) for s in a.req.stop if s in text), default=-1)
+        if cut >= 0:
+            text, a.done, a.res.finish_reason = text[:cut], True, "stop"
+        a.res.text = text
+        upto = len(text) if a.done else max(a.sent, len(text) - a.holdback)
+        a.delta, a.sent = text[a.sent:upto], max(a.sent, upto)
+        a.timing["detokenize_ms"] += (time.perf_counter() - t) * 1000
+
+    def decode(self, acts: list[Active], toks: torch.Tensor) -> torch.Tensor:
+        """One decode step for the sequences still running: tokens (B,) -> logits (B, V)."""
+        return self.runtime.decode([a.seq for a in acts], toks)
+
+    def finish(self, a: Active) -> GenResult:
+        """The finished request's result: text, mask record, drift features (off the loop's
+        hot path: once per request)."""
+        t = time.perf_counter()
+        res = a.res
+        if not (a.stream or a.req.stop):
+            res.text = self.text(res.token_ids)
+        res.scores = a.scores
+        res.mask = mask_record(a.seq.mask, self.shape)
+        res.features = self.features(a.plan, a.seq.predictor_input, len(res.prompt_ids))
+        a.timing["finish_ms"] = (time.perf_counter() - t) * 1000
+        res.elapsed_ms = (time.perf_counter() - a.t0) * 1000
+        res.timing = {k: round(v, 3) for k, v in a.timing.items()}
+        return res
 
     def complete(self, req: GenRequest) -> GenResult:
-        res = None
-        for _, _, res in self.run(req):
-            pass
-        return res
+        """One request alone, through the same primitives the decode loop uses."""
+        a, logits = self.start(req)
+        while not a.done:
+            toks = self.accept([a], logits)
+            if a.done:
+                break
+            logits = self.decode([a], toks)
+        return self.finish(a)
+
+
+@dataclass
+class TokenScores:
+    """Per scored token: its id, its log-probability (None for the first prompt token) and
+    the top-k alternatives as (ids, log-probabilities). Formatting is the serving layer's."""
+
+    k: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+    top: list[tuple[list[int], list[float]] | None] = field(default_factory=list)
+
+    def add(self, ids: list[int], logprobs: list, top: list) -> None:
+        self.token_ids += ids
+        self.logprobs += logprobs
+        self.top += top
+
+    def add_rows(self, ids: list[int], logp: torch.Tensor) -> None:
+        """Tokens ids[i] scored by log-probability rows logp (N, V): one host copy per call."""
+        if not ids:
+            return
+        idx = torch.as_tensor(ids)
+        chosen = logp.gather(-1, idx[:, None])[:, 0].tolist()
+        vals, top_ids = logp.topk(max(self.k, 1), dim=-1)
+        self.add(list(ids), chosen, list(zip(top_ids.tolist(), vals.tolist())))
+
+
+@dataclass
+class Active:
+    """One running request inside the decode loop: the value the loop passes around."""
+
+    req: GenRequest
+    plan: Plan
+    seq: Sequence
+    res: GenResult
+    params: SamplingParams
+    gen: torch.Generator | None
+    scores: TokenScores | None
+    t0: float
+    stream: bool = False
+    holdback: int = 0
+    sent: int = 0  # characters of text already handed out
+    delta: str = ""  # text accepted by the last step
+    done: bool = False
+    timing: dict = field(default_factory=lambda: {"prefill_ms": 0.0, "detokenize_ms": 0.0})
 
 
 def _short(exc: Exception) -> str:

@@ -2,30 +2,35 @@
 
 Each replica holds the champion predictor and, during a canary, the challenger, chooses per
 request (deterministically from the request id), and follows the control state in place.
-The token loop runs in a worker thread so the replica's event loop keeps following the
-control state while it generates.
+One decode loop per replica (serving/batcher.py) owns the model in its own thread and
+batches every request kind continuously; the replica's event loop keeps following the
+control state, and hands each request's tokens back through its own asyncio queue. A caller
+that goes away (Ray Serve cancels the call when the client disconnects) takes its sequence
+out of the batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
-import threading
+import time
+from typing import Callable
 
 from ray import serve
 
 import redis
 
-from adapter.runtime.gated import RequestError
 from jobs.registry import PredictorRegistry
 from monitor.alerts import AlertStore
 from serving.control import ControlState, StateFollower
+from serving.batcher import Batcher
 from serving.engine import Engine, GenRequest, GenResult
+from serving.openai_format import format_result
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
-_DONE = object()
 
 
 @serve.deployment(name="GatedLLM")
@@ -34,12 +39,15 @@ class GatedLLM:
         self.settings = settings
         registry = PredictorRegistry(settings.mlflow.tracking_uri, settings.mlflow.registered_model)
         self.engine = await asyncio.to_thread(Engine, settings, registry)
-        self.lock = threading.Lock()  # one token loop at a time per replica: the CPU is the limit
+        self.batcher = Batcher(self.engine, settings.serve.max_ongoing_requests).start()
+        self.handled, self.handler_ms = 0, 0.0  # requests answered, and their time in this replica
         self.follower = StateFollower(settings.redis.url, settings.redis.prefix, "llm",
                                       settings.serve.defaults, self._apply, settings.serve.reconcile_s)
-        self.alerts = AlertStore(redis.Redis.from_url(settings.redis.url), settings.redis.prefix, settings.alerts)
+        self.r = redis.Redis.from_url(settings.redis.url)
+        self.alerts = AlertStore(self.r, settings.redis.prefix, settings.alerts)
         self.degraded: str | None = None
         self.warm = False
+        self._timing_task = asyncio.get_running_loop().create_task(self._publish_timing())
         await self._ensure_started()
 
     async def _apply(self, state: ControlState) -> str | None:
@@ -73,82 +81,86 @@ class GatedLLM:
         if not self.warm:
             await self.follower.start()
             # warm-up: one real request through the served path before taking traffic
-            await asyncio.to_thread(self._complete, GenRequest("warmup", [0, 1], max_tokens=2, temperature=0.0))
+            await self.complete(GenRequest("warmup", [0, 1], max_tokens=2, temperature=0.0), _warmup=True)
             self.warm = True
 
-    def _complete(self, req: GenRequest) -> GenResult:
-        with self.lock:
-            return self.engine.complete(req)
+    async def _publish_timing(self) -> None:
+        """The decode loop's counters (steps, batch sizes, ms per phase) to Redis every
+        second, off the request path: `bench serve` reads them to show where time goes."""
+        key = f"{self.settings.redis.prefix}:llm:timing:{os.getpid()}"
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await asyncio.to_thread(self.r.set, key, json.dumps(self.timing()), ex=120)
+            except redis.RedisError as exc:
+                log.debug("could not publish the decode loop's timing: %s", exc)
+
+    def timing(self) -> dict:
+        return {**self.batcher.stats.as_dict(), "replica_ms": round(self.handler_ms, 3),
+                "requests": self.handled, "pid": os.getpid()}
+
+    def _channel(self) -> tuple[asyncio.Queue, Callable[[tuple], None]]:
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        return queue, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
 
     async def ready(self) -> dict:
         await self._ensure_started()
         return {"pid": os.getpid(), "generation": self.follower.state.generation,
                 "champion": self.engine.champion, "challenger": self.engine.challenger}
 
-    async def complete(self, req: GenRequest) -> GenResult | dict:
-        await self._ensure_started()
-        if self.engine.batchable(req):
-            return await self._batched(req)
+    async def stats(self) -> dict:
+        """The decode loop's counters and the sequences running now (tests, benchmarks)."""
+        return {**self.timing(), "running": self.batcher.running()}
+
+    async def complete(self, req: GenRequest, _warmup: bool = False) -> GenResult | dict:
+        if not _warmup:
+            await self._ensure_started()
+        t0 = time.perf_counter()
+        queue, emit = self._channel()
+        ticket = self.batcher.submit(req, emit)
         try:
-            return await asyncio.to_thread(self._complete, req)
-        except RequestError as exc:
-            return {"error": str(exc)}
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _batched(self, reqs: list[GenRequest]) -> list[GenResult | dict]:
-        """Concurrent plain requests share decode steps, grouped by max_tokens."""
-        groups: dict[int, list[int]] = {}
-        for i, r in enumerate(reqs):
-            groups.setdefault(r.max_tokens, []).append(i)
-        out: list[GenResult | dict] = [None] * len(reqs)
-        for idx in groups.values():
-            results = await asyncio.to_thread(self._batch_or_each, [reqs[i] for i in idx])
-            for i, res in zip(idx, results):
-                out[i] = res
-        return out
-
-    def _batch_or_each(self, reqs: list[GenRequest]) -> list[GenResult | dict]:
-        with self.lock:
-            try:
-                return self.engine.complete_batch(reqs)
-            except RequestError:  # one bad prompt: run each alone so the error lands on its own
-                pass
-            out = []
-            for r in reqs:
-                try:
-                    out.append(self.engine.complete(r))
-                except RequestError as exc:
-                    out.append({"error": str(exc)})
-            return out
+            event = await queue.get()
+        except asyncio.CancelledError:  # the caller went away: the sequence leaves the batch
+            self.batcher.cancel(ticket)
+            raise
+        if event[0] == "error":
+            return {"error": event[1]}
+        res = format_result(self.engine.tokenizer, event[1], req.echo)
+        self._count(t0)
+        return res
 
     async def stream(self, req: GenRequest):
-        """Yields {"token_ids", "text"} chunks, then {"result": GenResult} (or {"error"})."""
+        """Yields {"token_ids", "text"} chunks, then {"result": GenResult} (or {"error"}).
+        When the consumer goes away (cancelled, or the generator closed), the sequence leaves
+        the batch at the loop's next step."""
         await self._ensure_started()
-        queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        queue, emit = self._channel()
+        ticket = self.batcher.submit(req, emit, stream=True)
+        over = False
+        try:
+            while True:
+                event = await queue.get()
+                if event[0] == "tokens":
+                    if event[2]:
+                        yield {"token_ids": event[1], "text": event[2]}
+                    continue
+                over = True
+                if event[0] == "error":
+                    yield {"error": event[1]}
+                elif event[0] == "done":
+                    res = format_result(self.engine.tokenizer, event[1], req.echo)
+                    self._count(t0)
+                    yield {"result": res}
+                return
+        finally:
+            if not over:
+                self.batcher.cancel(ticket)
 
-        def produce():
-            try:
-                with self.lock:
-                    for toks, text, res in self.engine.run(req):
-                        loop.call_soon_threadsafe(queue.put_nowait, (toks, text, res))
-            except RequestError as exc:
-                loop.call_soon_threadsafe(queue.put_nowait, {"error": str(exc)})
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-
-        worker = asyncio.ensure_future(asyncio.to_thread(produce))
-        last = None
-        while (item := await queue.get()) is not _DONE:
-            if isinstance(item, dict):
-                yield item
-                continue
-            toks, text, last = item
-            if text:
-                yield {"token_ids": toks, "text": text}
-        await worker
-        if last is not None:
-            yield {"result": last}
+    def _count(self, t0: float) -> None:
+        self.handled += 1
+        self.handler_ms += (time.perf_counter() - t0) * 1000
 
     async def check_health(self) -> None:
         if self.warm and self.follower.state is None:
