@@ -1,7 +1,7 @@
 """`shadowgate up` / `shadowgate down`: one machine's service, started in the foreground.
 
-`up` starts what is missing (a redis-server when none answers at the configured URL, a
-lean MLflow server on SQLite + local artifacts when none answers at the tracking URI, a
+`up` starts what is missing (a redis-server with AOF when none answers at the configured
+URL, or when the one that answers keeps nothing: see `redis.unpersisted`; a lean MLflow server on SQLite + local artifacts when none answers at the tracking URI, a
 local Ray head unless an address is configured), registers a first predictor on an empty
 registry, deploys the Serve app and waits until it is ready. It records what it started
 (pids) in a state file; `down` stops exactly those, by signalling `up`, which tears down
@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 import httpx
 import redis
 
+from monitor.redis_client import describe, redis_client
 from serving.keys import key_file, with_keys
 from serving.settings import Settings
 
@@ -39,11 +40,31 @@ def state_file(settings: Settings) -> Path:
     return settings.state_dir / "up.json"
 
 
-def redis_answers(url: str) -> bool:
+def redis_answers(cfg) -> bool:
+    """Whether a Redis answers at `cfg` (a URL or the settings' `redis` section, with its
+    credentials). Wrong credentials are an error, not "nothing there"."""
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+        return bool(redis_client(cfg, socket_connect_timeout=1, socket_timeout=1).ping())
+    except redis.AuthenticationError as exc:
+        raise LaunchError(f"the Redis at {describe(cfg)} refused the configured credentials: {exc}") from None
+    except redis.ResponseError as exc:  # NOAUTH: a password is needed and none is configured
+        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+            raise LaunchError(f"the Redis at {describe(cfg)} needs a password (redis.password)") from None
+        return False
     except (redis.ConnectionError, redis.TimeoutError, OSError):
         return False
+
+
+def redis_persists(cfg) -> bool | None:
+    """Whether that Redis keeps its data across a restart (AOF on, or RDB saves configured);
+    None when it does not say (CONFIG is often disabled on managed Redis)."""
+    try:
+        client = redis_client(cfg, socket_connect_timeout=1, socket_timeout=2)
+        aof = client.config_get("appendonly").get("appendonly")
+        save = client.config_get("save").get("save")
+    except redis.RedisError:
+        return None
+    return aof == "yes" or bool((save or "").strip())
 
 
 def mlflow_answers(uri: str) -> bool:
@@ -74,25 +95,98 @@ def _spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> subproces
 
 
 def start_redis(settings: Settings) -> subprocess.Popen | None:
+    """A redis-server at `redis.url` unless one answers there (then None)."""
     url = settings.redis.url
-    if redis_answers(url):
-        log.info("Redis answers at %s: using it", _redacted(url))
+    if redis_answers(settings.redis):
+        log.info("Redis answers at %s: using it", describe(url))
         return None
     parts = urlparse(url)
     if not settings.redis.start_local or parts.hostname not in LOCAL_HOSTS:
-        raise LaunchError(f"no Redis answers at {_redacted(url)} and starting one there is not configured")
+        raise LaunchError(f"no Redis answers at {describe(url)} and starting one there is not configured")
+    return _spawn_redis(settings, parts.hostname, parts.port or 6379)
+
+
+def _spawn_redis(settings: Settings, host: str, port: int) -> subprocess.Popen:
     exe = shutil.which("redis-server")
     if exe is None:
         raise LaunchError("redis-server is not installed: `apt-get install -y redis-server` (or point "
                           "SHADOWGATE_REDIS__URL at a running Redis)")
-    folder = settings.state_dir / "redis"
+    folder = (settings.state_dir / "redis").resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    # append-only file: control state and samples survive a restart of the service
-    proc = _spawn([exe, "--bind", parts.hostname, "--port", str(parts.port or 6379), "--dir", str(folder),
-                   "--appendonly", "yes", "--save", ""], settings.state_dir / "logs" / "redis.log")
-    _wait(lambda: redis_answers(url), "redis-server", 20, proc, settings.state_dir / "logs" / "redis.log")
-    log.info("started redis-server (pid %d) at %s", proc.pid, _redacted(url))
+    # append-only file (fsync every second; a killed process loses no acknowledged write, the
+    # kernel holds what was written): control state, samples and alerts survive a restart.
+    # The settings go in a file only the owner reads: a password never shows in `ps`.
+    conf = folder / "redis.conf"
+    lines = [f"bind {host}", f"port {port}", f"dir {folder}", "appendonly yes", "appendfsync everysec",
+             'save ""']
+    if settings.redis.password is not None:
+        user = settings.redis.username
+        secret = settings.redis.password.get_secret_value()
+        if user and user != "default":  # an ACL user, and no way in without it
+            lines += [f"user {user} on >{secret} ~* &* +@all", "user default off"]
+        else:
+            lines.append(f"requirepass {secret}")
+    conf.write_text("\n".join(lines) + "\n")
+    conf.chmod(0o600)
+    logf = settings.state_dir / "logs" / "redis.log"
+    proc = _spawn([exe, str(conf)], logf)
+    url = f"redis://{host}:{port}/{urlparse(settings.redis.url).path.lstrip('/') or 0}"
+    cfg = settings.redis.model_copy(update={"url": url})
+    _wait(lambda: redis_answers(cfg), "redis-server", 20, proc, logf)
+    log.info("started redis-server (pid %d) at %s with AOF in %s", proc.pid, describe(url), folder)
     return proc
+
+
+def own_redis(settings: Settings) -> tuple[Settings, subprocess.Popen | None, str | None]:
+    """What `up` connects to: the Redis at `redis.url`, or one of its own.
+
+    When the one that answers keeps nothing (no AOF, no saves: a kill loses the control
+    state, samples and alerts), `redis.unpersisted` decides: "own" starts a redis-server with
+    AOF under state_dir on the next free port and returns settings that point at it; "use"
+    uses it with a warning; "refuse" stops. Returns (settings, process started, a note)."""
+    proc = start_redis(settings)
+    if proc is not None:
+        return settings, proc, None
+    if redis_persists(settings.redis) is not False:
+        return settings, None, None
+    url, policy = settings.redis.url, settings.redis.unpersisted
+    parts = urlparse(url)
+    what = f"the Redis at {describe(url)} has no persistence (no AOF, no saves)"
+    if policy == "refuse":
+        raise LaunchError(f"{what}: a restart would lose the control state, samples and alerts. Turn on "
+                          "AOF there, or set redis.unpersisted to 'own' or 'use'")
+    if policy == "use" or parts.hostname not in LOCAL_HOSTS or not settings.redis.start_local:
+        log.warning("%s: using it anyway (redis.unpersisted=%s)", what, policy)
+        return settings, None, f"warning: {what}; a restart loses the control state, samples and alerts"
+    port = _own_redis_port(settings, parts.port or 6379)
+    proc = _spawn_redis(settings, parts.hostname, port)
+    new = settings.model_copy(update={"redis": settings.redis.model_copy(update={
+        "url": f"redis://{parts.hostname}:{port}/{parts.path.lstrip('/') or 0}"})})
+    return new, proc, (f"Redis: {what}; started our own with AOF at {describe(new.redis.url)} "
+                       f"(redis.unpersisted=own; commands that read Redis directly need "
+                       f"SHADOWGATE_REDIS__URL={describe(new.redis.url)})")
+
+
+def _own_redis_port(settings: Settings, taken: int) -> int:
+    """The port used last time (kept beside the data), else the first free one above `taken`."""
+    import socket
+
+    record = settings.state_dir / "redis" / "port"
+
+    def free(port: int) -> bool:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return True
+            except OSError:
+                return False
+
+    if record.exists() and free(int(record.read_text())):
+        return int(record.read_text())
+    port = next(p for p in range(taken + 1, taken + 200) if free(p))
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(str(port))
+    return port
 
 
 def webhook_key(folder: Path) -> str:
@@ -131,13 +225,6 @@ def start_mlflow(settings: Settings) -> subprocess.Popen | None:
     _wait(lambda: mlflow_answers(uri), "MLflow server", 120, proc, logf)
     log.info("started MLflow server (pid %d) at %s", proc.pid, uri)
     return proc
-
-
-def _redacted(url: str) -> str:
-    parts = urlparse(url)
-    if parts.password:
-        return url.replace(parts.password, "***")
-    return url
 
 
 def start_ray(settings: Settings) -> str | None:
@@ -191,13 +278,17 @@ def up(settings: Settings, say=print) -> None:
 
     def record():
         path.write_text(json.dumps({"pid": os.getpid(), "children": started, "ray_local": ray_started,
-                                    "api": f"http://{settings.host}:{settings.port}"}, indent=2))
+                                    "api": f"http://{settings.host}:{settings.port}",
+                                    "redis": describe(settings.redis.url)}, indent=2))
 
     signal.signal(signal.SIGTERM, _raise_stop)
     record()
     try:
-        for name, start in (("redis", start_redis), ("mlflow", start_mlflow)):
-            proc = start(settings)
+        settings, redis_proc, note = own_redis(settings)
+        if note:
+            notes.append(note)
+        for name, start in (("redis", lambda: redis_proc), ("mlflow", lambda: start_mlflow(settings))):
+            proc = start()
             if proc is not None:
                 procs.append((name, proc))
                 started[name] = proc.pid

@@ -63,6 +63,18 @@ class RedisSettings(BaseModel):
     url: str = "redis://127.0.0.1:6379/0"
     start_local: bool = True  # `shadowgate up` starts a redis-server when none answers at url
     prefix: str = "shadowgate"  # every key and stream lives under this prefix
+    # AUTH (requirepass or an ACL user) and TLS; every client is made by monitor/redis_client.py
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: bool = False  # rediss://; the CA and an optional client certificate below
+    ssl_ca_certs: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    # `shadowgate up` when the Redis answering at url keeps nothing (no AOF, no RDB saves): a
+    # control state, samples and alerts there die with the process. "own": start a
+    # redis-server with AOF under state_dir on the next free port; "use": use it anyway;
+    # "refuse": stop with an error.
+    unpersisted: Literal["own", "use", "refuse"] = "own"
 
 
 class MlflowSettings(BaseModel):
@@ -70,6 +82,10 @@ class MlflowSettings(BaseModel):
     tracking_uri: str = "http://127.0.0.1:5000"
     start_local: bool = True  # `shadowgate up` starts a lean server when none answers
     registered_model: str = "shadowgate-predictor"
+    # basic auth of a server run with `--app-name basic-auth` (sent by the MLflow client as
+    # MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)
+    username: str | None = None
+    password: SecretStr | None = None
     ui_url: str | None = None  # where people open the MLflow UI (links in alerts); None: tracking_uri
     bootstrap_per_family: int = Field(60, ge=1, description="suite instances per family when the "
                                       "first predictor must be trained (nothing shipped)")
