@@ -16,6 +16,10 @@ class RuntimeConfig(BaseModel):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (CPU); None: torch default")
     gather_cache_mb: int = Field(512, ge=0, description="byte budget of the gathered-weights LRU")
     mode: Literal["per_layer", "global"] = "per_layer"
+    head_selection: Literal["heads", "groups"] = Field(
+        "heads", description="heads: top-k over query heads; groups: score KV groups, keep the "
+        "top groups and heads inside them only, so that under GQA the nominal sparsity is also "
+        "the KV-cache saving (adapter/runtime/masks.py)")
 
     def resolved_device(self) -> str:
         if self.device == "auto":

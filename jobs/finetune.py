@@ -43,7 +43,7 @@ from adapter.embedded import suite as tasks
 from adapter.pipeline import traces
 
 from adapter.pipeline import train as training
-from adapter.selection import predictors as P
+from adapter.selection.methods import dense
 from adapter.pipeline.traces import TraceRecord
 from jobs.registry import CHAMPION, PredictorRegistry
 from monitor import drift
@@ -177,7 +177,7 @@ class Replayer:
 
     def __init__(self, runtime, pairs: list[tuple[list[int], list[int]]]):
         self.rt, self.pairs = runtime, [(p, c) for p, c in pairs if c]
-        self.dense = [runtime.score(p, c, P.Dense()) for p, c in self.pairs]
+        self.dense = [runtime.score(p, c, dense()) for p, c in self.pairs]
 
     def fidelity(self, method) -> dict:
         kls, top1 = [], []

@@ -67,6 +67,7 @@ def generate(
         name = model or settings.model.name
         loaded = load(name, settings.runtime)
         built = build_method(loaded.runtime.shape, method, sparsity, mode=settings.runtime.mode,
+                             head_selection=settings.runtime.head_selection,
                              predictor_dir=predictors or default_predictor_dir(name),
                              fingerprint=model_fingerprint(loaded.runtime.model))
         ids = loaded.tokenizer.encode(prompt)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapter.selection import predictors as P
+from adapter.selection.methods import dense
 from adapter.runtime.loading import load
 from adapter.runtime.gated import RequestError, SamplingParams, Sequence, pick_tokens
 from adapter.pipeline.traces import model_fingerprint
@@ -186,8 +187,9 @@ class Engine:
     def method_for(self, version: str | None, sparsity: float):
         """The same method a plan used, rebuilt from its identity (the shadow path)."""
         if version is None or sparsity == 0.0:
-            return P.Dense()
-        return self.predictor(version).method(sparsity, self.settings.runtime.mode, self.shape)
+            return dense()
+        return self.predictor(version).method(sparsity, self.settings.runtime.mode, self.shape,
+                                              self.settings.runtime.head_selection)
 
     # ---- tokens ---------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:

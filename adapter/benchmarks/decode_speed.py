@@ -21,6 +21,7 @@ from tqdm import tqdm
 from adapter.runtime import masks
 
 from adapter.selection import predictors as P
+from adapter.selection.methods import make_method
 from adapter.config import PredictorConfig, RuntimeConfig
 from adapter.runtime.gated import GatedModel
 
@@ -118,15 +119,16 @@ def _request_seconds(gm: GatedModel, prompts: list[list[int]], method) -> float:
 def _predictor_seconds(gm: GatedModel, method, rng: torch.Generator) -> float:
     """Predictor time per generated token (a once-per-request predictor is amortised)."""
     d = gm.shape.hidden
-    if isinstance(method, P.ShadowLLM):
-        u = torch.randn(d, generator=rng)
+    method = method.placed(gm.device, next(gm.model.parameters()).dtype)
+    if method.name == "shadowllm":
+        u = torch.randn(d, generator=rng).to(gm.device)
         start = time.perf_counter()
         with torch.inference_mode():
             method.choose(gm.shape, u)
         return (time.perf_counter() - start) / REQUEST_TOKENS
-    if isinstance(method, P.DejaVu):
+    if method.per_token:
         kh, kf = method.counts(gm.shape)
-        h = torch.randn(d, generator=rng)
+        h = torch.randn(d, generator=rng).to(gm.device, next(gm.model.parameters()).dtype)
         start = time.perf_counter()
         with torch.inference_mode():
             for layer in range(1, gm.shape.layers):
@@ -150,16 +152,18 @@ def run_speed(runtime: RuntimeConfig, arch: str = "llama-gqa", quick: bool = Fal
 
     unified = P.random_unified(shape, predictor.hidden, predictor.rank_for(shape.layers, shape.ffn))
     dejavu_preds = P.random_dejavu(shape, predictor.dejavu_rank)
-    configs: list[tuple[str, float, object]] = [("dense", 0.0, P.Dense())]
+    configs: list[tuple[str, float, object]] = [("dense", 0.0, make_method("dense", 0.0))]
     for method in METHODS:
         for s in SPARSITIES:
             if method == "shadowllm":
-                configs.append((method, s, P.ShadowLLM(unified, s, runtime.mode)))
+                configs.append((method, s, make_method("shadowllm", s, shape, unified, mode=runtime.mode,
+                                                          head_selection=runtime.head_selection)))
             elif method == "dejavu":
                 # decode speed: the prompt runs densely, as in DejaVu's own implementation
-                configs.append((method, s, P.DejaVu(dejavu_preds, s, sparse_prompt=False)))
+                configs.append((method, s, make_method("dejavu", s, shape, dejavu_preds, sparse_prompt=False)))
             else:
-                configs.append((method, s, P.random_static(shape, s)))
+                configs.append((method, s, make_method("static", s, shape, P.random_static_scores(shape),
+                                                          head_selection=runtime.head_selection)))
     hf = _HFDecoder(model)
     decode = {i: [] for i in range(len(configs))}
     request = {i: [] for i in range(len(configs))}
@@ -186,7 +190,7 @@ def run_speed(runtime: RuntimeConfig, arch: str = "llama-gqa", quick: bool = Fal
     results = []
     for i, (name, s, method) in enumerate(configs):
         st = sample_mask[i]
-        per_token = method.counts(shape) if isinstance(method, P.DejaVu) else None
+        per_token = method.counts(shape) if method.per_token else None
         ms = _median_ms(decode[i])
         results.append({
             "method": name, "sparsity": s, "ms_per_token": round(ms, 3),

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from adapter.evaluation import scoring as evaluate
 
-from adapter.selection import predictors as P
+from adapter.selection.methods import dense
 
 from adapter.embedded import suite as tasks
 
@@ -38,8 +38,9 @@ def load_set(folder: Path, shape, fingerprint: str) -> dict[str, training.Loaded
     return found
 
 
-def _configs(preds: dict, sparsities, modes):
-    """(method name, criterion, mode, sparsity, method object) to evaluate."""
+def _configs(preds: dict, sparsities, modes, head_selection: str = "heads"):
+    """(method name, criterion, mode, sparsity, method object) to evaluate; the sequence-level
+    methods select heads by `head_selection` (dejavu computes every KV group regardless)."""
     out = []
     for s in sparsities:
         for name, lp in preds.items():
@@ -47,12 +48,14 @@ def _configs(preds: dict, sparsities, modes):
                 out.append(("dejavu", lp.criterion, "per_layer", s, lp.method(s)))
             elif lp.kind == "static":
                 for mode in modes:
-                    out.append(("static", lp.criterion, mode, s, lp.method(s, mode, lp.module_shape)))
+                    out.append(("static", lp.criterion, mode, s,
+                                lp.method(s, mode, lp.module_shape, head_selection)))
             elif lp.criterion == "plainact":
                 for mode in modes:
-                    out.append(("shadowllm", lp.criterion, mode, s, lp.method(s, mode)))
+                    out.append(("shadowllm", lp.criterion, mode, s, lp.method(s, mode, None, head_selection)))
             else:  # other criteria: per-layer only, to compare criteria
-                out.append(("shadowllm", lp.criterion, "per_layer", s, lp.method(s)))
+                out.append(("shadowllm", lp.criterion, "per_layer", s,
+                            lp.method(s, "per_layer", None, head_selection)))
     return out
 
 
@@ -88,18 +91,22 @@ def run_eval(runtime, tokenizer, model_name: str, predictor_dir: Path, data_dir:
         ppl = evaluate.pair_perplexity(evaluate.runtime_score_fn(runtime, method), ppl_pairs)
         return acc, ppl
 
-    dense_acc, dense_ppl = measure(P.Dense())
+    dense_acc, dense_ppl = measure(dense())
+    # effective sparsity is per prompt for shadowllm: the mean over prompts of every family
+    sample = [p for p, _ in evaluate.encode_pairs(tokenizer, instances[::max(1, len(instances) // 30)])]
     results = []
-    configs = _configs(preds, sparsities, modes)
+    head_selection = runtime.config.head_selection
+    configs = _configs(preds, sparsities, modes, head_selection)
     for name, criterion, mode, s, method in tqdm(configs, desc="eval", unit="config"):
         acc, ppl = measure(method)
-        st, _ = runtime.prefill(evaluate.encode_pairs(tokenizer, instances[:1])[0][0], method, 0)
+        effective = [runtime.prefill(prompt, method, 0)[0].effective_sparsity for prompt in sample]
         results.append({"method": name, "criterion": criterion, "mode": mode, "sparsity": s,
+                        "head_selection": "heads" if name == "dejavu" else head_selection,
                         "accuracy": round(acc["mean"], 4), "perplexity": round(ppl, 4),
-                        "effective_sparsity": round(st.effective_sparsity, 4),
+                        "effective_sparsity": round(sum(effective) / len(effective), 4),
                         "families": {f: round(v, 4) for f, v in acc["families"].items()}})
     out = {
-        "model": model_name, "n_test": len(instances), "quick": quick,
+        "model": model_name, "n_test": len(instances), "quick": quick, "head_selection": head_selection,
         "dense": {"accuracy": round(dense_acc["mean"], 4), "perplexity": round(dense_ppl, 4),
                   "families": {f: round(v, 4) for f, v in dense_acc["families"].items()}},
         "results": results,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +39,31 @@ SCHEMA = "shadowgate.trace/1"
 TOKEN_FIELDS = ("token_positions", "layer_inputs", "token_heads_l2", "token_neurons_l2")
 
 
+_PINNED: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
+
+
 def model_fingerprint(model) -> str:
     """Identity of a model: its architecture config plus a sample of every weight matrix
-    (first row), so a predictor trained for one checkpoint is refused by another."""
+    (first row, in float32 on the CPU), so a predictor trained for one checkpoint is refused
+    by another.
+
+    It does not depend on the serving dtype or device: the runtime pins the fingerprint of
+    the weights as loaded (`pin_fingerprint`, before it casts and moves them), and this
+    returns the pinned value for that model object. An unpinned model is hashed as it is;
+    for float32 weights that is the same value as the pinned one."""
+    pinned = _PINNED.get(model)
+    return pinned if pinned is not None else _weights_fingerprint(model)
+
+
+def pin_fingerprint(model) -> str:
+    """Record the fingerprint of `model` as it is now (call before a dtype cast or device
+    move; the runtime never changes the weights afterwards)."""
+    fp = _weights_fingerprint(model)
+    _PINNED[model] = fp
+    return fp
+
+
+def _weights_fingerprint(model) -> str:
     cfg = model.config.to_dict()
     for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"):
         cfg.pop(key, None)

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from adapter.selection import methods  # the method factory (it imports this module too)
 from adapter.selection import predictors as P
 from adapter.runtime.model_view import Shape
 from adapter.pipeline.traces import TraceSet
@@ -208,12 +209,11 @@ class LoadedPredictor:
     config: dict
     module: object  # UnifiedPredictor | DejaVuPredictors | (head_scores, neuron_scores)
 
-    def method(self, sparsity: float, mode: str = "per_layer", shape: Shape | None = None):
-        if self.kind == "shadowllm":
-            return P.ShadowLLM(self.module, sparsity, mode)
-        if self.kind == "dejavu":
-            return P.DejaVu(self.module, sparsity)
-        return P.Static.from_scores(shape or self.module_shape, self.module[0], self.module[1], sparsity, mode)
+    def method(self, sparsity: float, mode: str = "per_layer", shape: Shape | None = None,
+               head_selection: str = "heads"):
+        """This predictor's selection method at `sparsity` (through the one factory)."""
+        return methods.make_method(self.kind, sparsity, shape or self.module_shape, self.module,
+                                   mode=mode, head_selection=head_selection)
 
     @property
     def module_shape(self) -> Shape:

@@ -27,7 +27,7 @@ from adapter.runtime import masks
 from adapter.runtime.model_view import ModelView, Shape
 from adapter.config import RuntimeConfig
 from adapter.runtime.gather import AttnWeights, FfnWeights, GatherCache, LayerWeights, head_rows
-from adapter.selection.predictors import DejaVu
+from adapter.selection.base import SelectionMethod
 
 
 class RequestError(ValueError):
@@ -180,6 +180,7 @@ class GatedModel:
         rope = self.view.rope(h, pos)
         cap = t + max_new_tokens
         dense = self.cache.dense()
+        method = method.placed(h.device, h.dtype)  # its predictor on the model's device
         st = Sequence(method=method, mask=None, weights=dense, k=[], v=[], length=0,
                       predictor_input=None, effective_sparsity=0.0)
         self._alloc(st, 0, self.shape.kv_heads, cap, h.dtype)
@@ -190,7 +191,7 @@ class GatedModel:
         st.effective_sparsity = self._effective(method, st.mask)
         for layer in range(1, self.shape.layers):
             self._alloc(st, layer, st.weights[layer].attn.n_groups, cap, h.dtype)
-            if getattr(method, "per_token", False) and getattr(method, "sparse_prompt", False):
+            if method.per_token and method.sparse_prompt:
                 # per-token selection on prompt tokens too, one token at a time (causal: each
                 # token's keys are cached before the next token of the same layer attends)
                 h = torch.cat([self._dejavu_layer(st, layer, h[i:i + 1],
@@ -223,11 +224,8 @@ class GatedModel:
         st.v.append(torch.empty(shape, dtype=dtype, device=self.device))
         assert len(st.k) == layer + 1
 
-    def _effective(self, method, mask: masks.Mask) -> float:
-        if isinstance(method, DejaVu):
-            kh, kf = method.counts(self.shape)
-            return masks.effective_sparsity_counts(self.shape, kh, self.shape.kv_heads, kf)
-        return masks.effective_sparsity(self.shape, mask)
+    def _effective(self, method: SelectionMethod, mask: masks.Mask) -> float:
+        return method.effective_sparsity(self.shape, mask)
 
     # ---- decode ---------------------------------------------------------------------------
     @torch.inference_mode()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from adapter.config import RuntimeConfig
 from adapter.embedded.recipe import resolve_model
+from adapter.pipeline.traces import pin_fingerprint
 from adapter.runtime.gated import GatedModel
 
 
@@ -41,6 +42,9 @@ def load(name: str, config: RuntimeConfig | None = None) -> Loaded:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {exc}") from None
+    # the model's identity is taken from the weights as loaded, before the runtime casts
+    # them to the serving dtype and moves them: predictors match whatever the dtype/device
+    pin_fingerprint(model)
     try:
         runtime = GatedModel(model, config)
     except UnsupportedModel as exc:

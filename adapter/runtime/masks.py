@@ -4,6 +4,14 @@ A Mask is chosen once per sequence (from the prompt) and is immutable. Layer 0 a
 dense. With grouped-query attention a KV head (group) is computed when any of its query
 heads is kept, so the work saved is counted from the kept groups ("effective sparsity").
 
+Head selection under GQA (`heads_by`):
+  heads   top-k over query heads; a group is kept when any of its heads is. At sparsity 0.5
+          with 4 heads per group nearly every group keeps one head, so the KV cache and the
+          k/v projections save little (effective sparsity below the nominal).
+  groups  score each KV group (sum of its heads' scores), keep the top (1-s) of groups, then
+          the best heads inside the kept groups only (at least one per kept group): the kept
+          share of groups, and so the KV-cache saving, is the nominal sparsity.
+
 Shapes: L layers, H query heads, G KV groups, F FFN neurons.
 """
 
@@ -19,6 +27,7 @@ import torch
 from adapter.runtime.model_view import Shape
 
 Mode = Literal["per_layer", "global"]
+HeadSelection = Literal["heads", "groups"]
 
 
 @dataclass(frozen=True)
@@ -87,14 +96,18 @@ def keep_count(total: int, sparsity: float, floor: int = 1) -> int:
 
 
 def select(shape: Shape, head_scores: torch.Tensor, neuron_scores: torch.Tensor, sparsity: float,
-           mode: Mode = "per_layer", neuron_floor: float = 0.02) -> Mask:
+           mode: Mode = "per_layer", neuron_floor: float = 0.02, heads_by: HeadSelection = "heads") -> Mask:
     """Top-(1-s) units from importance scores for layers 1..L-1.
 
     head_scores: (L-1, H); neuron_scores: (L-1, F). per_layer keeps the same count in every
     layer; global ranks all layers together, keeping at least one head and
-    ceil(neuron_floor * F) neurons per layer."""
+    ceil(neuron_floor * F) neurons per layer. heads_by: see the module docstring."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if mode not in ("per_layer", "global"):
+        raise ValueError(f"unknown pruning mode {mode!r}: use per_layer or global")
+    if heads_by not in ("heads", "groups"):
+        raise ValueError(f"unknown head selection {heads_by!r}: use heads or groups")
     n = shape.layers - 1
     if head_scores.shape != (n, shape.heads) or neuron_scores.shape != (n, shape.ffn):
         raise ValueError(
@@ -102,19 +115,59 @@ def select(shape: Shape, head_scores: torch.Tensor, neuron_scores: torch.Tensor,
             f"match the model: expected ({n}, {shape.heads}) / ({n}, {shape.ffn})")
     head_scores = head_scores.float()
     neuron_scores = neuron_scores.float()
+    if heads_by == "groups":
+        heads = _group_heads(shape, head_scores, sparsity, mode)
+    elif mode == "per_layer":
+        heads = list(head_scores.topk(keep_count(shape.heads, sparsity), dim=1).indices)
+    else:
+        heads = _global_topk(head_scores, keep_count(n * shape.heads, sparsity, floor=n), floor=1)
     if mode == "per_layer":
-        kh = keep_count(shape.heads, sparsity)
-        kf = keep_count(shape.ffn, sparsity)
-        heads = head_scores.topk(kh, dim=1).indices
-        neurons = neuron_scores.topk(kf, dim=1).indices
-        return from_indices(shape, list(heads), list(neurons))
-    if mode != "global":
-        raise ValueError(f"unknown pruning mode {mode!r}: use per_layer or global")
-    heads = _global_topk(head_scores, keep_count(n * shape.heads, sparsity, floor=n), floor=1)
-    floor = max(1, math.ceil(neuron_floor * shape.ffn))
-    neurons = _global_topk(neuron_scores, keep_count(n * shape.ffn, sparsity, floor=n * floor),
-                           floor=floor)
+        neurons = list(neuron_scores.topk(keep_count(shape.ffn, sparsity), dim=1).indices)
+    else:
+        floor = max(1, math.ceil(neuron_floor * shape.ffn))
+        neurons = _global_topk(neuron_scores, keep_count(n * shape.ffn, sparsity, floor=n * floor),
+                               floor=floor)
     return from_indices(shape, heads, neurons)
+
+
+def _group_heads(shape: Shape, head_scores: torch.Tensor, sparsity: float, mode: Mode) -> list[torch.Tensor]:
+    """Group-aware head choice: kept heads (Kh,) per layer, all inside the top KV groups.
+
+    head_scores (n, H) -> group scores (n, G) = sum over each group's heads. per_layer keeps
+    keep_count(G) groups and keep_count(H) heads per layer; global ranks over all layers
+    (at least one group per layer). The head count is clipped to [kept groups, kept groups *
+    group size]: every kept group keeps at least one head, and no head outside one is kept."""
+    n, gs = head_scores.shape[0], shape.group_size
+    group_scores = head_scores.view(n, shape.kv_heads, gs).sum(-1)
+    if mode == "per_layer":
+        kg = keep_count(shape.kv_heads, sparsity)
+        groups = torch.zeros(n, shape.kv_heads, dtype=torch.bool)
+        groups.scatter_(1, group_scores.topk(kg, dim=1).indices, True)
+    else:
+        kept = _global_topk(group_scores, keep_count(n * shape.kv_heads, sparsity, floor=n), floor=1)
+        groups = torch.zeros(n, shape.kv_heads, dtype=torch.bool)
+        for row, g in enumerate(kept):
+            groups[row, g] = True
+    inside = groups.repeat_interleave(gs, dim=1)  # (n, H): head lies in a kept group
+    # at least one head per kept group: its best one
+    best = head_scores.view(n, shape.kv_heads, gs).argmax(-1) + torch.arange(shape.kv_heads) * gs
+    forced = torch.zeros_like(inside)
+    forced.scatter_(1, best, groups)
+    ranked = head_scores.masked_fill(~inside | forced, float("-inf"))
+    if mode == "per_layer":
+        chosen = []
+        for row in range(n):
+            kg = int(groups[row].sum())
+            kh = min(max(keep_count(shape.heads, sparsity), kg), kg * gs)
+            extra = ranked[row].topk(kh - kg).indices
+            chosen.append(torch.cat([forced[row].nonzero().flatten(), extra]))
+        return chosen
+    total_groups = int(groups.sum())
+    kh = min(max(keep_count(n * shape.heads, sparsity, floor=n), total_groups), total_groups * gs)
+    flat = forced.flatten().clone()
+    if kh > total_groups:
+        flat[ranked.flatten().topk(kh - total_groups).indices] = True
+    return [row.nonzero().flatten() for row in flat.view(n, shape.heads)]
 
 
 def _global_topk(scores: torch.Tensor, total: int, floor: int) -> list[torch.Tensor]:

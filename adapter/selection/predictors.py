@@ -14,13 +14,17 @@ Shapes: D model dim, n gated layers (L-1), H heads, F FFN neurons, Hp predictor 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import weakref
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from adapter.runtime import masks
 from adapter.runtime.model_view import Shape
+from adapter.selection.base import SelectionMethod
 
 
 def minmax(u: torch.Tensor) -> torch.Tensor:
@@ -80,64 +84,102 @@ class DejaVuPredictors(nn.Module):
         self.layers = nn.ModuleList(LayerPredictor(shape, rank) for _ in range(shape.layers - 1))
 
 
-# ---- selection methods -------------------------------------------------------------------
+
+# ---- selection methods (the contract is adapter/selection/base.py) -----------------------
+
+_COPIES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def placed_module(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """`module` on `device` in `dtype`: itself when it is there already, else one copy per
+    (device, dtype), made on first use and kept as long as the original lives. The original
+    is never moved: CPU-side users (drift features, training) keep reading it."""
+    p = next(module.parameters())
+    if p.device == device and p.dtype == dtype:
+        return module
+    copies = _COPIES.setdefault(module, {})
+    key = (str(device), dtype)
+    if key not in copies:
+        copies[key] = copy.deepcopy(module).to(device=device, dtype=dtype)
+    return copies[key]
 
 
 @dataclass(frozen=True)
-class Dense:
-    name: str = "dense"
+class Dense(SelectionMethod):
+    name: ClassVar[str] = "dense"
     sparsity: float = 0.0
-    per_token: bool = False
 
     def choose(self, shape: Shape, u: torch.Tensor) -> masks.Mask:
         return masks.full_mask(shape)
 
 
 @dataclass(frozen=True)
-class ShadowLLM:
+class ShadowLLM(SelectionMethod):
+    """One mask per sequence from the unified predictor. The predictor runs on the model's
+    device in float32 whatever the model's dtype: it runs once per request, and bfloat16
+    scores would tie in the top-k and min-max normalise coarsely."""
+
     predictor: UnifiedPredictor
     sparsity: float
     mode: masks.Mode = "per_layer"
-    name: str = "shadowllm"
-    per_token: bool = False
+    head_selection: masks.HeadSelection = "heads"
+    name: ClassVar[str] = "shadowllm"
 
     def choose(self, shape: Shape, u: torch.Tensor) -> masks.Mask:
         if self.sparsity == 0.0:
             return masks.full_mask(shape)
-        heads, neurons = self.predictor(u[None].to(next(self.predictor.parameters()).dtype))
-        return masks.select(shape, heads[0].cpu(), neurons[0].cpu(), self.sparsity, self.mode)
+        heads, neurons = self.predictor(u[None].float())
+        return masks.select(shape, heads[0].cpu(), neurons[0].cpu(), self.sparsity, self.mode,
+                            heads_by=self.head_selection)
+
+    def placed(self, device: torch.device, dtype: torch.dtype) -> "ShadowLLM":
+        module = placed_module(self.predictor, device, torch.float32)
+        return self if module is self.predictor else replace(self, predictor=module)
 
 
 @dataclass(frozen=True)
-class Static:
+class Static(SelectionMethod):
     mask: masks.Mask
     sparsity: float
-    name: str = "static"
-    per_token: bool = False
+    name: ClassVar[str] = "static"
 
     @classmethod
     def from_scores(cls, shape: Shape, head_scores: torch.Tensor, neuron_scores: torch.Tensor,
-                    sparsity: float, mode: masks.Mode = "per_layer") -> "Static":
-        return cls(masks.select(shape, head_scores, neuron_scores, sparsity, mode), sparsity)
+                    sparsity: float, mode: masks.Mode = "per_layer",
+                    head_selection: masks.HeadSelection = "heads") -> "Static":
+        return cls(masks.select(shape, head_scores, neuron_scores, sparsity, mode, heads_by=head_selection),
+                   sparsity)
 
     def choose(self, shape: Shape, u: torch.Tensor) -> masks.Mask:
         return self.mask
 
 
 @dataclass(frozen=True)
-class DejaVu:
+class DejaVu(SelectionMethod):
     """Per-token selection at every layer >= 1. With sparse_prompt (the default) prompt
     tokens are gated too, one token at a time, so quality comparisons against sequence-level
-    methods are fair; without it the prompt runs densely and only decode is sparse."""
+    methods are fair; without it the prompt runs densely and only decode is sparse.
+
+    Every KV group is computed (the cache stays complete for later tokens), so group-aware
+    head selection does not apply. The per-layer predictors run on the model's device in its
+    dtype: they run at every token of every layer, and only rank one token's units."""
 
     predictors: DejaVuPredictors
     sparsity: float
-    name: str = "dejavu"
-    per_token: bool = True
     sparse_prompt: bool = True
+    name: ClassVar[str] = "dejavu"
+    per_token: ClassVar[bool] = True
 
     def choose(self, shape: Shape, u: torch.Tensor) -> masks.Mask:
         return masks.full_mask(shape)
+
+    def placed(self, device: torch.device, dtype: torch.dtype) -> "DejaVu":
+        module = placed_module(self.predictors, device, dtype)
+        return self if module is self.predictors else replace(self, predictors=module)
+
+    def effective_sparsity(self, shape: Shape, mask: masks.Mask) -> float:
+        kh, kf = self.counts(shape)
+        return masks.effective_sparsity_counts(shape, kh, shape.kv_heads, kf)
 
     def counts(self, shape: Shape) -> tuple[int, int]:
         return masks.keep_count(shape.heads, self.sparsity), masks.keep_count(shape.ffn, self.sparsity)
@@ -158,8 +200,12 @@ def random_dejavu(shape: Shape, rank: int = 128, seed: int = 0) -> DejaVuPredict
     return DejaVuPredictors(shape, rank).eval().requires_grad_(False)
 
 
-def random_static(shape: Shape, sparsity: float, seed: int = 0) -> Static:
+def random_static_scores(shape: Shape, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random unit scores (L-1, H) and (L-1, F): a static method's source for speed work."""
     g = torch.Generator().manual_seed(seed)
     n = shape.layers - 1
-    return Static.from_scores(shape, torch.rand(n, shape.heads, generator=g),
-                              torch.rand(n, shape.ffn, generator=g), sparsity)
+    return torch.rand(n, shape.heads, generator=g), torch.rand(n, shape.ffn, generator=g)
+
+
+def random_static(shape: Shape, sparsity: float, seed: int = 0) -> Static:
+    return Static.from_scores(shape, *random_static_scores(shape, seed), sparsity)
