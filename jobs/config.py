@@ -16,6 +16,10 @@ class JobsSettings(BaseModel):
                                    "poll, canary decision)")
     misfire_grace_s: float = Field(30, gt=0)
     lock_ttl_s: float = Field(60, gt=0, description="a running job renews its lock at a third of this")
+    registry_attempts: int = Field(5, ge=1, description="tries of a registry call while MLflow is down or "
+                                   "failing, with exponential backoff; then the job fails (job_failure alert)")
+    registry_backoff_s: float = Field(1.0, gt=0, description="first wait; doubled each try")
+    registry_backoff_max_s: float = Field(16.0, gt=0)
 
 
 class AdaptSettings(BaseModel):

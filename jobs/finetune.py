@@ -45,9 +45,10 @@ from adapter.pipeline import traces
 from adapter.pipeline import train as training
 from adapter.selection.methods import dense
 from adapter.pipeline.traces import TraceRecord
-from jobs.registry import CHAMPION, PredictorRegistry
+from jobs.registry import CHAMPION, PredictorRegistry, job_registry
 from monitor import drift
 from monitor.fidelity import compare
+from monitor.redis_client import redis_client
 from monitor.state import ControlStore
 from monitor.streams import GroupReader
 
@@ -231,8 +232,8 @@ def main(settings) -> dict:
     from jobs.runner import JobRecords
 
     cfg = settings.adapt
-    r = redis.Redis.from_url(settings.redis.url)
-    registry = PredictorRegistry(settings.mlflow.tracking_uri, settings.mlflow.registered_model)
+    r = redis_client(settings.redis)
+    registry = job_registry(settings)
     reader = sample_reader(r, settings.redis.prefix)
     n = available(reader)
     if n < cfg.min_samples:

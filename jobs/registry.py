@@ -3,13 +3,22 @@
 A version is a run's artifacts under "predictor/" (predictor.safetensors + predictor.json,
 the folder format of adapter.pipeline.train.save_predictor), registered from runs:/<run>/predictor.
 Aliases are the contract: 'champion' is served, a challenger only to its canary share.
+
+A registry made with a `Retry` (the jobs') retries a call that fails because the server is
+down or answers 5xx, with exponential backoff, then raises RegistryError; a registry without
+one (the replicas') fails at once, so a replica serves on what it holds. Basic-auth
+credentials come from settings (`mlflow.username` / `mlflow.password`), handed to the client
+the way it reads them (MLFLOW_TRACKING_USERNAME / _PASSWORD), never logged.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -20,6 +29,80 @@ EXPERIMENT = "shadowgate-predictors"
 
 class RegistryError(RuntimeError):
     pass
+
+
+class RegistryUnavailable(RegistryError):
+    """The server did not answer (down, unreachable, 5xx), after the retries if any."""
+
+
+class BadArtifact(RegistryError):
+    """A version's artifacts are not a predictor folder."""
+
+
+# answers that say something about the request, not about the server: never retried
+_REQUEST_ERRORS = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS",
+                   "PERMISSION_DENIED", "UNAUTHENTICATED", "BAD_REQUEST", "INVALID_STATE", "NOT_FOUND"}
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Bounded exponential backoff: waits base_s, 2 base_s, ... (at most max_s each), `attempts`
+    tries in all."""
+
+    attempts: int = 5
+    base_s: float = 1.0
+    max_s: float = 16.0
+
+    def delays(self):
+        return [min(self.base_s * 2 ** i, self.max_s) for i in range(self.attempts - 1)]
+
+
+def transient(exc: Exception) -> bool:
+    """The server is down, unreachable or failing (5xx): worth trying again."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.error_code not in _REQUEST_ERRORS
+    return isinstance(exc, (ConnectionError, TimeoutError, OSError))
+
+
+class _RetryingClient:
+    """An MlflowClient whose every call is retried under `retry` when the failure is transient."""
+
+    def __init__(self, client, retry: Retry, uri: str):
+        self._client, self._retry, self._uri = client, retry, uri
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            for delay in [*self._retry.delays(), None]:
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as exc:
+                    if not transient(exc):
+                        raise
+                    if delay is None:
+                        raise RegistryUnavailable(f"the registry at {self._uri} is unreachable: {name} failed "
+                                            f"{self._retry.attempts} times over {sum(self._retry.delays()):.0f} s "
+                                            f"({type(exc).__name__})") from None
+                    log.warning("MLflow at %s: %s failed (%s); retrying in %.1f s", self._uri, name,
+                                type(exc).__name__, delay)
+                    time.sleep(delay)
+
+        return call
+
+
+def use_credentials(username: str | None, password) -> None:
+    """Basic auth for this process's MLflow client (it reads these variables per request)."""
+    if username:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = username
+    if password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = (password.get_secret_value()
+                                                  if hasattr(password, "get_secret_value") else str(password))
 
 
 def _quiet_env() -> None:
@@ -40,14 +123,35 @@ def check_reference(folder: Path) -> None:
             raise RegistryError(f"{folder} holds no drift reference ({drift.REFERENCE_DIR}/{name} missing)")
 
 
+_job_cache: Path | None = None
+
+
+def job_registry(settings) -> "PredictorRegistry":
+    """The jobs' registry: credentials from settings, calls retried under `jobs.registry_*`,
+    downloads kept once per process (a job runs every few seconds)."""
+    global _job_cache
+    if _job_cache is None:
+        _job_cache = Path(tempfile.mkdtemp(prefix="shadowgate-jobs-predictors-"))
+    j = settings.jobs
+    return PredictorRegistry.from_settings(settings.mlflow, Retry(j.registry_attempts, j.registry_backoff_s,
+                                                                  j.registry_backoff_max_s), cache_dir=_job_cache)
+
+
 class PredictorRegistry:
-    def __init__(self, tracking_uri: str, name: str, cache_dir: Path | None = None):
+    def __init__(self, tracking_uri: str, name: str, cache_dir: Path | None = None, retry: Retry | None = None):
         _quiet_env()
         from mlflow import MlflowClient
 
         self.uri, self.name = tracking_uri, name
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.client = _RetryingClient(client, retry, tracking_uri) if retry else client
         self.cache = Path(cache_dir or tempfile.mkdtemp(prefix="shadowgate-predictors-"))
+
+    @classmethod
+    def from_settings(cls, mlflow, retry: Retry | None = None, cache_dir: Path | None = None) -> "PredictorRegistry":
+        """From the settings' `mlflow` section (URI, model name, basic-auth credentials)."""
+        use_credentials(mlflow.username, mlflow.password)
+        return cls(mlflow.tracking_uri, mlflow.registered_model, cache_dir=cache_dir, retry=retry)
 
     def resolve(self, ref: str | None) -> str | None:
         """A version number for 'champion' / an alias / a number; None when the alias is unset."""
@@ -92,7 +196,7 @@ class PredictorRegistry:
         if not (dest / "predictor.json").exists():
             found = list(dest.rglob("predictor.json"))
             if not found:
-                raise RegistryError(f"version {version} of {self.name} holds no predictor.json")
+                raise BadArtifact(f"version {version} of {self.name} holds no predictor.json")
             return found[0].parent
         return dest
 

@@ -11,7 +11,11 @@ champion/challenger/canary share (the monitor only pulls the fallback lever). On
 3. approval: a version that holds the alias `approved` or the tag `approval=approved` (set by
    a person in the MLflow UI; learnt from the registry webhook, P:rollout:events, and by
    polling, since deliveries are best effort), that is neither the champion nor decided
-   already, becomes the challenger with `canary.share` of the traffic;
+   already, becomes the challenger with `canary.share` of the traffic, once its artifact is
+   verified: it must load as a predictor (valid safetensors and config) built for the served
+   model (shape and fingerprint of the champion's, which the replicas checked against the
+   model). A version that does not is refused (tag `refused`, alias `approved` removed, a
+   `rollback` alert); the champion serves on, untouched;
 4. the canary: the monitor's fidelity windows of both arms, counting only samples served
    since the canary began. A challenger that breaks the SLO is rolled back at once; after
    `canary.min_samples` per arm (or `canary.timeout_s`) it is promoted when its top-1
@@ -33,8 +37,9 @@ import time
 
 import redis
 
-from jobs.registry import CHAMPION, PredictorRegistry
+from jobs.registry import BadArtifact, CHAMPION, PredictorRegistry, job_registry
 from monitor.alerts import AlertStore
+from monitor.redis_client import redis_client
 from monitor.service import window_stats
 from monitor.state import ControlStore, ControlUpdate
 
@@ -101,9 +106,9 @@ class Controller:
     def __init__(self, settings, client: redis.Redis | None = None, registry: PredictorRegistry | None = None,
                  run_soon=None):
         self.s = settings
-        self.r = client or redis.Redis.from_url(settings.redis.url)
+        self.r = client or redis_client(settings.redis)
         self.p = settings.redis.prefix
-        self.registry = registry or PredictorRegistry(settings.mlflow.tracking_uri, settings.mlflow.registered_model)
+        self.registry = registry or job_registry(settings)
         self.control = ControlStore(self.r, self.p)
         self.store = RolloutStore(self.r, self.p)
         self.alerts = AlertStore(self.r, self.p, settings.alerts)
@@ -129,7 +134,9 @@ class Controller:
         if not st.get("canary"):
             approved = self.approved(aliases, events)
             if approved:
-                out.append(self.start_canary(approved))
+                served = self.control.get()
+                problem = self.verify(approved, (served.champion if served else None) or aliases.get(CHAMPION))
+                out.append(self.refuse(approved, problem) if problem else self.start_canary(approved))
         else:
             out += self.judge()
         out += self.drift()
@@ -160,7 +167,7 @@ class Controller:
 
     def _decided(self, mv) -> bool:
         tags = mv.tags or {}
-        return any(k in tags for k in ("rolled_back", "retired", "promoted_at"))
+        return any(k in tags for k in ("rolled_back", "retired", "promoted_at", "refused"))
 
     def approved(self, aliases: dict, events: list[dict]) -> str | None:
         """The newest approved version that is not the champion and not decided yet."""
@@ -182,6 +189,36 @@ class Controller:
             if not self._decided(mv):
                 return v
         return None
+
+    def verify(self, version: str, champion: str | None) -> str | None:
+        """Why `version` cannot be served (None: it loads for the served model). MLflow being
+        unreachable is no verdict: it raises, the job fails and the next tick tries again."""
+        from adapter.pipeline.train import load_predictor
+        from adapter.runtime.model_view import Shape
+
+        if champion is None:
+            return None  # nothing served to compare with; the replicas' own load check stands
+        ref = json.loads((self.registry.download(champion) / "predictor.json").read_text())
+        try:
+            folder = self.registry.download(version)
+        except BadArtifact as exc:
+            return str(exc)
+        try:
+            load_predictor(folder, Shape(**ref["shape"]), ref["model_fingerprint"])
+        except Exception as exc:  # a corrupt file, a wrong shape, another model's predictor
+            return f"{type(exc).__name__}: {exc}"[:500]
+        return None
+
+    def refuse(self, version: str, problem: str) -> dict:
+        """An approved version whose artifact cannot be served: never canaried."""
+        self.registry.set_tag(version, "refused", problem[:500])
+        if self.registry.aliases().get(APPROVED) == version:
+            self.registry.delete_alias(APPROVED)
+        msg = f"predictor {version} refused before its canary (the champion serves on): {problem}"
+        self.alerts.raise_alert("rollback", "critical", msg, predictor_version=version,
+                                evidence={"refused": True, "reason": problem}, dedup_key=f"refused:{version}")
+        log.warning(msg)
+        return self.store.decide("refused", version, {"reason": problem})
 
     def start_canary(self, version: str) -> dict:
         cs = self.s.canary

@@ -22,6 +22,7 @@ import uuid
 import redis
 
 from monitor.alerts import AlertStore
+from monitor.redis_client import redis_client
 from monitor.streams import Lease
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class JobRecords:
 def run_job(settings, name: str, trigger: str = "manual", client: redis.Redis | None = None, **extra) -> dict:
     """Run job `name` once under its lock; returns its record (status ok | failed | busy)."""
     main = job_main(name)
-    r = client or redis.Redis.from_url(settings.redis.url)
+    r = client or redis_client(settings.redis)
     p = settings.redis.prefix
     records = JobRecords(r, p)
     run_id = uuid.uuid4().hex[:12]

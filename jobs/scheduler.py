@@ -21,6 +21,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from jobs.runner import JobBusy, JobRecords, run_job
 from monitor.alerts import AlertStore
+from monitor.redis_client import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class Scheduler:
 
     def __init__(self, settings):
         self.s = settings
-        self.r = redis.Redis.from_url(settings.redis.url)
+        self.r = redis_client(settings.redis)
         self.records = JobRecords(self.r, settings.redis.prefix)
         self.alerts = AlertStore(self.r, settings.redis.prefix, settings.alerts)
         self.sched = BackgroundScheduler(timezone=timezone.utc, job_defaults={

@@ -170,8 +170,97 @@ def test_scheduler_runs_the_controller_reruns_an_interrupted_job_and_alerts_a_fa
         update={"tracking_uri": "http://127.0.0.1:9"})})
     for _ in range(5):  # enough samples that the job asks the (unreachable) registry
         r.xadd("ro:shadow:samples", {"meta": "{}", "tensors": b""})
-    broken = broken.model_copy(update={"adapt": broken.adapt.model_copy(update={"min_samples": 4})})
+    broken = broken.model_copy(update={"adapt": broken.adapt.model_copy(update={"min_samples": 4}),
+                                       "jobs": broken.jobs.model_copy(update={"registry_backoff_s": 0.05})})
     rec = run_job(broken, "finetune", client=r)
     assert rec["status"] == "failed" and rec["error"]
     fail = AlertStore(r, "ro", settings.alerts).list(kind="job_failure")[0]
     assert fail.evidence["job"] == "finetune" and fail.evidence["run_id"] == rec["run_id"]
+
+
+def _broken_copy(folder, dest, how: str):
+    import shutil
+
+    shutil.copytree(folder, dest)
+    if how == "corrupt":
+        (dest / "predictor.safetensors").write_bytes(b"\x00garbage, not a safetensors header" * 10)
+    else:  # built for another model
+        cfg = json.loads((dest / "predictor.json").read_text())
+        cfg["model_fingerprint"] = "0" * len(cfg["model_fingerprint"])
+        (dest / "predictor.json").write_text(json.dumps(cfg))
+    return dest
+
+
+@pytest.mark.parametrize("how", ["corrupt", "mismatched"])
+def test_an_approved_corrupt_or_mismatched_artifact_is_refused_before_its_canary(env, how, tmp_path):
+    settings, registry, versions, r, folder = env
+    store, control = RolloutStore(r, "ro"), ControlStore(r, "ro")
+    champion = registry.aliases()["champion"]
+    bad = registry.register(_broken_copy(folder, tmp_path / how, how), tags={"source": how})
+    registry.set_alias("approved", bad)
+    before = control.get()
+    out = Controller(settings, r, registry).tick()
+    refused = [d for d in out["decisions"] if d["decision"] == "refused"]
+    assert [d["version"] for d in refused] == [bad] and out["phase"] == "idle"
+    after = control.get()
+    assert after.challenger is None and after.canary_share == 0.0 and after.generation == before.generation
+    assert registry.aliases()["champion"] == champion and "approved" not in registry.aliases()
+    assert registry.version(bad).tags["refused"]
+    alert = AlertStore(r, "ro", settings.alerts).list(kind="rollback")[0]
+    assert alert.predictor_version == bad and alert.evidence["refused"] is True
+    assert ("Safetensor" in alert.evidence["reason"] or "header" in alert.evidence["reason"]) if how == "corrupt" \
+        else "built for model" in alert.evidence["reason"]
+    assert Controller(settings, r, registry).tick()["decisions"] == []  # decided: not tried again
+
+
+def test_registry_calls_retry_with_backoff_then_fail(mlflow_uri, caplog):
+    """A server that answers 503 twice, then is MLflow again: the call succeeds on the third
+    try; a dead server: RegistryUnavailable after the bounded waits."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import httpx
+
+    from jobs.registry import Retry, RegistryUnavailable
+    from serving.stack import free_port
+
+    failures = {"left": 2, "seen": 0}
+
+    class Flaky(BaseHTTPRequestHandler):
+        def _any(self):
+            failures["seen"] += 1
+            if failures["left"] > 0:
+                failures["left"] -= 1
+                self.send_response(503)
+                self.end_headers()
+                return
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            resp = httpx.request(self.command, mlflow_uri + self.path, content=body,
+                                 headers={"content-type": self.headers.get("content-type", "application/json")})
+            self.send_response(resp.status_code)
+            self.send_header("content-type", resp.headers.get("content-type", "application/json"))
+            self.end_headers()
+            self.wfile.write(resp.content)
+
+        do_GET = do_POST = do_PATCH = do_DELETE = _any
+
+        def log_message(self, *args):
+            pass
+
+    port = free_port()
+    server = ThreadingHTTPServer(("127.0.0.1", port), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        flaky = PredictorRegistry(f"http://127.0.0.1:{port}", "ro-predictor", retry=Retry(4, 0.2, 1.0))
+        t0 = time.monotonic()
+        assert flaky.aliases()["champion"]
+        waited = time.monotonic() - t0
+        # the client's own HTTP retry takes one 503, our backoff (0.2 s first) the other
+        assert failures["seen"] >= 3 and waited >= 0.2
+    finally:
+        server.shutdown()
+    dead = PredictorRegistry(f"http://127.0.0.1:{free_port()}", "ro-predictor", retry=Retry(3, 0.1, 1.0))
+    t0 = time.monotonic()
+    with pytest.raises(RegistryUnavailable, match="failed 3 times"):
+        dead.client.get_registered_model("ro-predictor")
+    assert 0.3 <= time.monotonic() - t0 < 5  # 0.1 + 0.2 s of backoff, bounded
