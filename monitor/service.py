@@ -39,6 +39,7 @@ import redis
 from monitor import drift as drift_mod
 from monitor.alerts import AlertSettings, AlertStore, Notifier
 from monitor.config import MonitorSettings
+from monitor.redis_client import redis_client
 from monitor.state import ControlState, ControlStore, ControlUpdate
 from monitor.streams import GroupReader, Lease
 
@@ -57,6 +58,7 @@ class MonitorContext:
     alerts: AlertSettings
     mlflow_uri: str | None = None
     mlflow_ui: str | None = None  # base URL of the MLflow UI for links in alerts
+    redis: object | None = None  # the settings' redis section (AUTH, TLS); None: redis_url alone
 
 
 def window_stats(rows: list[dict]) -> dict:
@@ -76,9 +78,9 @@ class Monitor:
         holds the lease (the jobs' scheduler: one active in the deployment)."""
         self.ctx, self.cfg, p = ctx, ctx.monitor, ctx.prefix
         self.scheduler_factory, self.scheduler = scheduler_factory, None
-        self.r = client or redis.Redis.from_url(ctx.redis_url)
+        self.r = client or redis_client(ctx.redis or ctx.redis_url)
         # blocking stream reads must not hit the client's socket timeout (ENV: redis-py 8)
-        self.rb = redis.Redis.from_url(ctx.redis_url, socket_timeout=None)
+        self.rb = redis_client(ctx.redis or ctx.redis_url, blocking=True)
         self.instance = instance or f"monitor-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.p = p
         self.lease = Lease(self.r, f"{p}:monitor:lease", self.instance, self.cfg.lease_ttl_s)

@@ -22,12 +22,12 @@ log = logging.getLogger(__name__)
 def monitor_context(settings: Settings) -> MonitorContext:
     return MonitorContext(redis_url=settings.redis.url, prefix=settings.redis.prefix, monitor=settings.monitor,
                           alerts=settings.alerts, mlflow_uri=settings.mlflow.tracking_uri,
-                          mlflow_ui=settings.mlflow.ui_url)
+                          mlflow_ui=settings.mlflow.ui_url, redis=settings.redis)
 
 
 def reference_loader(settings: Settings):
     """version -> (Basis, reference rows), from the version's artifacts in the registry."""
-    registry = PredictorRegistry(settings.mlflow.tracking_uri, settings.mlflow.registered_model)
+    registry = PredictorRegistry.from_settings(settings.mlflow)
     return lambda version: drift.load_reference(registry.download(version))
 
 

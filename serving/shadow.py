@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 
-import redis
 import torch
 from ray import serve
 
@@ -27,6 +26,7 @@ from adapter.pipeline import traces
 from adapter.selection import predictors as P
 from jobs.registry import PredictorRegistry
 from monitor.fidelity import compare
+from monitor.redis_client import redis_client
 from monitor.samples import SampleStore
 from serving.engine import Engine
 from serving.settings import Settings
@@ -72,9 +72,9 @@ def shadow_run(engine: Engine, sample: dict) -> tuple[traces.TraceRecord, dict]:
 class ShadowDense:
     def __init__(self, settings: Settings):
         self.settings = settings
-        registry = PredictorRegistry(settings.mlflow.tracking_uri, settings.mlflow.registered_model)
+        registry = PredictorRegistry.from_settings(settings.mlflow)
         self.engine = Engine(settings, registry)
-        self.r = redis.Redis.from_url(settings.redis.url)
+        self.r = redis_client(settings.redis)
         self.store = SampleStore(self.r, settings.redis.prefix, settings.serve.shadow_stream_maxlen)
         self.lock = threading.Lock()  # criteria hooks the model's modules: one run at a time
         self.last_sweep = 0.0
