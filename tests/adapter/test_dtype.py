@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -78,15 +79,27 @@ def test_every_shipped_method_generates_in_bfloat16(bf16_llama, name):
     assert gen.effective_sparsity > 0.4
 
 
-def test_eval_in_bfloat16_keeps_the_float32_accuracy(bf16_llama):
+def test_eval_in_bfloat16_keeps_the_float32_accuracy(bf16_llama, tmp_path):
+    """`shadowgate eval` on the served predictor (shadowllm) only: bfloat16 matmuls are slow
+    on CPUs without bf16 units; the slow test below runs every method."""
+    shutil.copytree(default_predictor_dir("default") / TRAINED["shadowllm"], tmp_path / TRAINED["shadowllm"])
+    report = run_eval(bf16_llama.runtime, bf16_llama.tokenizer, "default", tmp_path, None,
+                      sparsities=(0.5,), modes=("per_layer",), per_family=2, text_sentences=4)
+    assert report["n_test"] == 12 and report["dense"]["accuracy"] == 1.0  # float32: 1.000
+    [row] = report["results"]
+    assert row["method"] == "shadowllm" and row["accuracy"] >= 0.75  # float32 at 0.5: 0.960 on 300 prompts
+    assert 0.4 < row["effective_sparsity"] < 0.5 and report["dense"]["perplexity"] < 10
+
+
+@pytest.mark.slow
+def test_eval_in_bfloat16_of_every_shipped_method(bf16_llama):
     report = run_eval(bf16_llama.runtime, bf16_llama.tokenizer, "default", default_predictor_dir("default"),
                       None, sparsities=(0.5,), modes=("per_layer",), per_family=4, text_sentences=8)
     assert report["n_test"] == 24 and report["dense"]["accuracy"] >= 0.95  # float32: 1.000
     by = {r["method"]: r for r in report["results"]}
     assert set(by) == {"shadowllm", "dejavu", "static"}
-    assert by["shadowllm"]["accuracy"] >= 0.75  # float32 at 0.5: 0.960 on 300 prompts
+    assert by["shadowllm"]["accuracy"] >= 0.75
     assert all(0.4 < r["effective_sparsity"] < 0.5 for r in report["results"])
-    assert report["dense"]["perplexity"] < 10
 
 
 # ---- placement -----------------------------------------------------------------------------
