@@ -286,3 +286,7 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
+
+from serving import cli_faults  # noqa: E402
+
+cli_faults.register(bench_app)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
 import subprocess
 from contextlib import contextmanager
@@ -54,6 +55,25 @@ class Stack:
         proc = self.procs.pop(name)
         _stop_group(proc.pid)
         proc.wait(30)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one of the stack's processes (a crash, not a shutdown)."""
+        from serving.launcher import _stop_group
+
+        proc = self.procs.pop(name)
+        _stop_group(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+    def restart_redis(self) -> None:
+        """The same redis-server again: same port, same folder, its AOF replayed."""
+        from serving.launcher import start_redis
+
+        self.procs["redis"] = start_redis(self.settings)
+
+    def redis(self):
+        from monitor.redis_client import redis_client
+
+        return redis_client(self.settings.redis)
 
 
 @contextmanager
