@@ -278,6 +278,9 @@ cli_monitor.register(app)
 from serving import cli_rollout  # noqa: E402
 
 cli_rollout.register(app)
+from serving import cli_keys  # noqa: E402
+
+cli_keys.register(app)
 
 
 def main() -> None:  # pragma: no cover

@@ -28,6 +28,13 @@ class Metrics:
                                   ["version"], registry=r, buckets=(0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0))
         self.fid_exact = Counter("shadowgate_fidelity_exact_match", "Shadowed requests by exact match",
                                  ["version", "match"], registry=r)
+        self.refused = Counter("shadowgate_refused", "Requests refused before any work, by bound", ["reason"],
+                               registry=r)
+        for reason in ("body_size", "prompts", "prompt_bytes", "tokens", "rate_limit"):
+            self.refused.labels(reason)
+        self.retries = Counter("shadowgate_replica_retries", "Calls retried after their GatedLLM replica failed",
+                               ["kind"], registry=r)
+        self.audit_failed = Counter("shadowgate_audit_failed", "Audit records not written (Redis)", registry=r)
         self.generation = Gauge("shadowgate_control_generation", "Control-state generation served", registry=r)
         self.features_dropped = Counter("shadowgate_features_dropped", "Drift feature rows not written",
                                         ["reason"], registry=r)

@@ -42,7 +42,13 @@ class KeyPolicy(BaseModel):
     max_sparsity: float = Field(0.9, ge=0.0, lt=1.0)
     shadow: bool = True
     shadow_retention_s: int = Field(7 * 86400, ge=1)
-    rate_limit_per_min: int | None = Field(None, ge=1, description="requests per minute; None: unlimited")
+    rate_limit_per_min: int | None = Field(None, ge=1, description="prompts per minute (a request of n "
+                                           "prompts counts n); None: unlimited")
+    tokens_per_min: int | None = Field(None, ge=1, description="prompt tokens + max_tokens per prompt, per "
+                                       "minute; None: unlimited")
+    max_prompts: int | None = Field(None, ge=1, description="prompts per request; None: the gateway's bound")
+    max_request_tokens: int | None = Field(None, ge=1, description="prompt tokens + max_tokens per prompt, "
+                                           "summed over one request; None: the gateway's bound")
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -52,10 +58,39 @@ class KeyPolicy(BaseModel):
 
 
 class ApiKey(BaseModel):
+    """One key: its salted hash (`key_hash`, as `shadowgate keys add` writes it) or, for
+    development and tests only, the plain `key`."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
-    key: SecretStr
+    key: SecretStr | None = None
+    key_hash: str | None = None  # "scrypt$<id>$<n>$<r>$<p>$<salt hex>$<hash hex>" (serving/keys.py)
     name: str | None = None  # shown in audit records and metrics instead of the secret
+    role: Literal["client", "admin"] = "client"  # admin: the /admin API and every state change
     policy: KeyPolicy | None = None  # None: the default policy
+
+    @model_validator(mode="after")
+    def _one_secret(self):
+        if (self.key is None) == (self.key_hash is None):
+            raise ValueError("an API key needs exactly one of key (plain) or key_hash")
+        return self
+
+
+class GatewaySettings(BaseModel):
+    """Bounds on one request, checked before any work is queued, what is open without a key,
+    and the retry of work whose GatedLLM replica died."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="bytes of one request body")
+    max_prompts_per_request: int = Field(64, ge=1)
+    max_prompt_bytes: int = Field(16_384, ge=1, description="UTF-8 bytes of one text prompt, checked "
+                                  "before it is tokenized")
+    max_request_tokens: int = Field(16_384, ge=1, description="prompt tokens + max_tokens per prompt, "
+                                    "summed over one request")
+    retries: int = Field(3, ge=0, description="attempts after the first when a replica dies before "
+                         "anything was streamed")
+    retry_backoff_s: float = Field(0.5, ge=0, description="first backoff; doubled per attempt, at most 4 s")
+    metrics_public: bool = False  # /metrics without a key; default: the admin key
+    openapi_public: bool = False  # /openapi.json without a key; default: any valid key
 
 
 class RedisSettings(BaseModel):
@@ -132,7 +167,11 @@ class Settings(BaseSettings):
     # {key, name, policy} entries
     api_keys: Annotated[list[ApiKey], NoDecode] = []
     admin_key: SecretStr | None = None
+    # a key file of salted hashes (`shadowgate keys add`), re-read when it changes; `shadowgate
+    # up` makes one under state_dir when no key is configured
+    key_file: Path | None = None
     default_policy: KeyPolicy = KeyPolicy()
+    gateway: GatewaySettings = GatewaySettings()
     state_dir: Path = Path.home() / ".shadowgate"  # generated keys, launcher state, local services' data
 
     redis: RedisSettings = RedisSettings()

@@ -199,11 +199,10 @@ def test_state_change_is_applied_in_place(service):
 
 def test_canary_share_routes_the_expected_requests(service):
     put_state(service, challenger=service["v2"], canary_share=0.3)
-    ids = [f"canary-{i}" for i in range(40)]
+    # the arm hashes the server's request id (a client's X-Request-ID is only a correlation id)
     arms = [service["http"].post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1},
-                                 headers={**auth(), "x-request-id": rid}).json()["shadowgate"]
-            for rid in ids]
-    want = [canary_arm(rid, 0.3) for rid in ids]
+                                 headers=auth()).json()["shadowgate"] for _ in range(40)]
+    want = [canary_arm(a["request_id"], 0.3) for a in arms]
     assert [a["arm"] for a in arms] == want
     assert 4 <= want.count("challenger") <= 20
     for a in arms:
@@ -254,7 +253,7 @@ def test_shadowed_request_leaves_a_sample_and_audit(service):
         # another key cannot read this record; the opted-out key is never shadowed
         assert service["http"].get(f"/v1/requests/{rid}", headers=auth(NOSHADOW)).status_code == 404
         assert complete(service, key=NOSHADOW).json()["shadowgate"]["shadowed"] is False
-        metrics = service["http"].get("/metrics").text
+        metrics = service["http"].get("/metrics", headers=auth(ADMIN)).text
         assert f'shadowgate_fidelity_kl_count{{version="{service["v1"]}"}}' in metrics
     finally:
         put_state(service, shadow_rate=0.0)
@@ -275,7 +274,7 @@ def test_every_served_request_yields_a_drift_feature_row(service):
         assert set(drift.feature_columns(16)) <= set(row) and row["version"] == service["v1"]
         assert row["prompt_len"] == len(service["loaded"].tokenizer.encode(PROMPT))
         assert 0.0 < row["head_entropy"] <= 1.0
-    metrics = service["http"].get("/metrics").text
+    metrics = service["http"].get("/metrics", headers=auth(ADMIN)).text
     assert 'shadowgate_features_dropped_total{reason="redis"} 0.0' in metrics
 
 
@@ -309,7 +308,7 @@ async def _burst(base: str, n: int) -> list[tuple[float, dict]]:
 
 
 def dropped(service) -> float:
-    for line in service["http"].get("/metrics").text.splitlines():
+    for line in service["http"].get("/metrics", headers=auth(ADMIN)).text.splitlines():
         if line.startswith('shadowgate_shadow_dropped_total{reason="saturated"}'):
             return float(line.split()[-1])
     return 0.0
