@@ -100,7 +100,9 @@ def placed_module(module: nn.Module, device: torch.device, dtype: torch.dtype) -
     copies = _COPIES.setdefault(module, {})
     key = (str(device), dtype)
     if key not in copies:
-        copies[key] = copy.deepcopy(module).to(device=device, dtype=dtype)
+        # made outside inference mode (prefill runs in it): the copy is an ordinary module
+        with torch.inference_mode(False):
+            copies[key] = copy.deepcopy(module).to(device=device, dtype=dtype)
     return copies[key]
 
 
