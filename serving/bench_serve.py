@@ -1,21 +1,64 @@
 """`shadowgate bench serve`: drives the running service over HTTP.
 
-For each shadow rate (set through the admin API, restored afterwards) and each concurrency
-level: `requests` completions, measured from the client: throughput (requests/s and
-completion tokens/s), p50/p99 latency and failed requests; plus the shadow path's sampled
-and dropped counts from /metrics.
+The same load runs against every sparsity in one run (the control state is switched between
+them through the admin API and restored afterwards): for each concurrency level and each
+sparsity, `requests` completions of distinct prompts drawn from the task suite's test split,
+measured from the client: throughput (requests/s, completion tokens/s), p50/p99 latency,
+failures, the effective sparsity the responses report, and the shadow path's sampled and
+dropped counts from /metrics.
+
+Where the time goes, per request: the GatedLLM replicas publish their decode loop's counters
+to Redis every second (serving/llm.py); the difference over a level, divided by its
+requests, gives the mean ms a request spent queued for admission, in prefill, in decode
+steps (a shared step's time split among its sequences), detokenizing, and finishing (mask
+record and drift features), plus the replica's handler time; the client's mean latency
+minus that handler time is the gateway, the proxy and the network (auth, validation, the
+audit and feature writes it starts, the two Ray hops).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
 import numpy as np
 
-PROMPTS = ["3 + 4 = 7 ; 2 + 5 = 7 ; 9 + 9 = 8 ; 1 + 0 = 1 ; 6 + 2 = 8 ; 4 + 4 =",
-           "the cat sees the dog ; the dog sees the", "a b c ; b c d ; c d e ; d e"]
+from serving.batcher import PHASES
+
+
+def suite_prompts(n: int) -> list[str]:
+    """n distinct prompts of the task suite's test split, every family in turn."""
+    from adapter.embedded.suite import split
+
+    per_family = max(1, -(-n // 6))
+    out, seen = [], set()
+    for inst in split("test", per_family):
+        if inst.prompt not in seen:
+            seen.add(inst.prompt)
+            out.append(inst.prompt)
+    return out[:n]
+
+
+def save_bench_checkpoint(folder, arch: str = "llama-gqa") -> dict:
+    """The decode-speed bench's model shape (random weights, vocab 32000, hidden 1024, 16
+    layers: about 309 M parameters for llama-gqa) saved like a user's checkpoint, with the
+    suite's word-level tokenizer (its ids are a prefix of the vocabulary; generated ids past
+    it decode to no text, which does not matter for speed)."""
+    from pathlib import Path
+
+    from adapter.benchmarks.decode_speed import bench_model
+    from adapter.embedded.recipe import build_tokenizer
+
+    folder = Path(folder)
+    model, info = bench_model(arch, quick=False)
+    tok = build_tokenizer()
+    model.config.pad_token_id, model.config.bos_token_id = tok.pad_token_id, tok.bos_token_id
+    model.config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return info
 
 
 def _counter(text: str, name: str) -> float:
@@ -26,26 +69,74 @@ def _counter(text: str, name: str) -> float:
     return total
 
 
-async def _level(client: httpx.AsyncClient, headers: dict, concurrency: int, requests: int,
+class ReplicaTiming:
+    """Sum of the GatedLLM replicas' published decode-loop counters (None without Redis)."""
+
+    def __init__(self, redis_url: str | None, prefix: str):
+        import redis
+
+        self.r = redis.Redis.from_url(redis_url) if redis_url else None
+        self.prefix = prefix
+
+    def read(self) -> dict | None:
+        if self.r is None:
+            return None
+        snaps = [json.loads(self.r.get(k)) for k in self.r.scan_iter(f"{self.prefix}:llm:timing:*")]
+        snaps = [s for s in snaps if s]
+        if not snaps:
+            return None
+        total = {"requests": 0, "replica_ms": 0.0, "steps": 0, "batch_sum": 0, "cancelled": 0,
+                 "max_batch": 0, "ms": {k: 0.0 for k in PHASES}}
+        for s in snaps:
+            for k in ("requests", "replica_ms", "steps", "batch_sum", "cancelled"):
+                total[k] += s[k]
+            total["max_batch"] = max(total["max_batch"], s["max_batch"])
+            for k in PHASES:
+                total["ms"][k] += s["ms"][k]
+        return total
+
+    @staticmethod
+    def per_request(before: dict | None, after: dict | None, client_ms: float) -> dict | None:
+        """Mean ms per request of each phase over a level (its requests only: the caller
+        waits for the replicas' next publication on both sides)."""
+        if before is None or after is None:
+            return None
+        n = after["requests"] - before["requests"]
+        if n <= 0:
+            return None
+        row = {f"{k}_ms": round((after["ms"][k] - before["ms"][k]) / n, 2) for k in PHASES}
+        replica = (after["replica_ms"] - before["replica_ms"]) / n
+        row["replica_ms"] = round(replica, 2)
+        row["gateway_and_hops_ms"] = round(client_ms - replica, 2)
+        row["client_ms"] = round(client_ms, 2)
+        steps = after["steps"] - before["steps"]
+        row["decode_steps"] = steps
+        row["mean_batch"] = round((after["batch_sum"] - before["batch_sum"]) / steps, 2) if steps else 0.0
+        return row
+
+
+async def _level(client: httpx.AsyncClient, headers: dict, prompts: list[str], concurrency: int, requests: int,
                  max_tokens: int) -> dict:
-    latencies, failed, tokens = [], 0, 0
+    latencies, failed, tokens, effective = [], 0, 0, []
     queue = list(range(requests))
 
     async def worker():
         nonlocal failed, tokens
         while queue:
-            i = queue.pop()
+            i = queue.pop(0)
             t0 = time.perf_counter()
             try:
                 r = await client.post("/v1/completions", headers=headers,
-                                      json={"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
+                                      json={"prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
                                             "temperature": 0})
                 ok = r.status_code == 200
             except httpx.HTTPError:
                 ok = False
             latencies.append(time.perf_counter() - t0)
             if ok:
-                tokens += r.json()["usage"]["completion_tokens"]
+                body = r.json()
+                tokens += body["usage"]["completion_tokens"]
+                effective.append(body["shadowgate"]["effective_sparsity"])
             else:
                 failed += 1
 
@@ -55,32 +146,83 @@ async def _level(client: httpx.AsyncClient, headers: dict, concurrency: int, req
     lat = np.array(latencies) * 1000
     return {"concurrency": concurrency, "requests": requests, "failed": failed,
             "throughput_rps": round(requests / wall, 2), "tokens_per_s": round(tokens / wall, 1),
-            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1)}
+            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1),
+            "mean_ms": float(lat.mean()),
+            "effective_sparsity": round(float(np.mean(effective)), 4) if effective else None}
 
 
-async def run(base: str, api_key: str, admin_key: str, concurrencies=(1, 4, 16), rates=(0.0, 0.05),
-              requests: int = 64, max_tokens: int = 8) -> dict:
+async def _set_state(client: httpx.AsyncClient, admin: dict, change: dict, timeout: float = 60.0) -> None:
+    """Write the control state and wait until every replica serves its generation."""
+    r = await client.put("/admin/state", headers=admin, json=change)
+    r.raise_for_status()
+    gen = r.json()["state"]["generation"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        reps = (await client.get("/admin/state", headers=admin)).json()["replicas"]
+        if reps and all(rep["generation"] >= gen for rep in reps):
+            return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"the replicas did not apply control generation {gen} within {timeout:.0f} s")
+
+
+async def run(base: str, api_key: str, admin_key: str, concurrencies=(1, 4, 16), sparsities=(0.0, 0.5),
+              requests: int = 64, max_tokens: int = 8, shadow_rate: float = 0.0, prompts: int = 240,
+              rounds: int = 1, redis_url: str | None = None, prefix: str = "shadowgate",
+              progress=lambda line: None) -> dict:
+    """Rows per (round, concurrency, sparsity); the sparsities alternate inside each
+    concurrency level, so the machine's drift hits them alike."""
     headers, admin = {"Authorization": f"Bearer {api_key}"}, {"Authorization": f"Bearer {admin_key}"}
-    async with httpx.AsyncClient(base_url=base, timeout=300) as client:
+    texts = suite_prompts(prompts)
+    timing = ReplicaTiming(redis_url, prefix)
+    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
         r = await client.get("/admin/state", headers=admin)
         r.raise_for_status()
-        original = r.json()["state"]["shadow_rate"]
-        results = []
+        original = {k: r.json()["state"][k] for k in ("shadow_rate", "sparsity")}
+        results, offset = [], 0
         try:
-            for rate in rates:
-                (await client.put("/admin/state", headers=admin, json={"shadow_rate": rate})).raise_for_status()
-                await asyncio.sleep(1.5)  # every replica follows the new generation
-                await _level(client, headers, 1, 4, max_tokens)  # warm
+            await _set_state(client, admin, {"shadow_rate": shadow_rate})
+            for s in sparsities:  # warm every arm (predictor loaded, gathered weights cached)
+                await _set_state(client, admin, {"sparsity": s})
+                await _level(client, headers, texts[-4:], 1, 4, max_tokens)
+            for rnd in range(rounds):
                 for c in concurrencies:
-                    m0 = (await client.get("/metrics")).text
-                    row = await _level(client, headers, c, max(requests, c), max_tokens)
-                    m1 = (await client.get("/metrics")).text
-                    row["shadow_rate"] = rate
-                    row["shadow_sampled"] = int(_counter(m1, "shadowgate_shadow_sampled_total")
-                                                - _counter(m0, "shadowgate_shadow_sampled_total"))
-                    row["shadow_dropped"] = int(_counter(m1, "shadowgate_shadow_dropped_total")
-                                                - _counter(m0, "shadowgate_shadow_dropped_total"))
-                    results.append(row)
+                    n = max(requests, c)
+                    for s in sparsities:
+                        await _set_state(client, admin, {"sparsity": s})
+                        # each level its own prompts: the same prompts for every sparsity
+                        level_prompts = [texts[(offset + i) % len(texts)] for i in range(n)]
+                        await asyncio.sleep(1.2)  # the replicas publish their counters every second
+                        t_before = await asyncio.to_thread(timing.read)
+                        m0 = (await client.get("/metrics", headers=admin)).text  # /metrics: admin key
+                        row = await _level(client, headers, level_prompts, c, n, max_tokens)
+                        m1 = (await client.get("/metrics", headers=admin)).text
+                        await asyncio.sleep(1.2)
+                        t_after = await asyncio.to_thread(timing.read)
+                        row.update(round=rnd, sparsity=s, shadow_rate=shadow_rate,
+                                   shadow_sampled=int(_counter(m1, "shadowgate_shadow_sampled_total")
+                                                      - _counter(m0, "shadowgate_shadow_sampled_total")),
+                                   shadow_dropped=int(_counter(m1, "shadowgate_shadow_dropped_total")
+                                                      - _counter(m0, "shadowgate_shadow_dropped_total")),
+                                   per_request=ReplicaTiming.per_request(t_before, t_after, row.pop("mean_ms")))
+                        results.append(row)
+                        progress(f"round {rnd} concurrency {c} sparsity {s}: {row['throughput_rps']} req/s")
+                    offset += n
         finally:
-            await client.put("/admin/state", headers=admin, json={"shadow_rate": original})
-    return {"url": base, "max_tokens": max_tokens, "results": results}
+            await client.put("/admin/state", headers=admin, json=original)
+    return {"url": base, "max_tokens": max_tokens, "prompts": len(texts), "prompt_source": "suite test split",
+            "rounds": rounds, "results": results, "ratios": ratios(results)}
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """Throughput of each sparsity over sparsity 0 per concurrency (medians over rounds)."""
+    by: dict[tuple[int, float], list[float]] = {}
+    for r in results:
+        by.setdefault((r["concurrency"], r["sparsity"]), []).append(r["throughput_rps"])
+    out = []
+    for (c, s), vals in sorted(by.items()):
+        dense = by.get((c, 0.0))
+        if s == 0.0 or not dense:
+            continue
+        out.append({"concurrency": c, "sparsity": s,
+                    "ratio": round(float(np.median(vals)) / float(np.median(dense)), 3)})
+    return out
