@@ -44,6 +44,8 @@ class StateFollower:
     notice wins; the others follow that one), so a reset loses no champion, fallback or
     canary. `redis` is a URL or the settings' `redis` section (AUTH, TLS)."""
 
+    RETRY_MIN_S, RETRY_MAX_S = 0.05, 0.25
+
     def __init__(self, redis, prefix: str, role: str, defaults: ControlDefaults,
                  apply: Callable[[ControlState], Awaitable[str | None]], reconcile_s: float):
         self.redis, self.role, self.defaults, self.apply = redis, role, defaults, apply
@@ -106,6 +108,7 @@ class StateFollower:
         await self.r.hset(self.replicas, self.replica, json.dumps(report))
 
     async def _loop(self) -> None:
+        wait = self.RETRY_MIN_S
         while True:
             pubsub = self.rb.pubsub()
             try:
@@ -113,15 +116,22 @@ class StateFollower:
                 # at once after (re)subscribing: a write made while the subscription was down
                 # (Redis restarted) is not notified again
                 await self.reconcile()
+                if wait > self.RETRY_MIN_S:
+                    log.info("%s follows the control state again", self.replica)
+                wait = self.RETRY_MIN_S
                 while True:
                     await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.reconcile_s)
                     await self.reconcile()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis down or restarting: the replica serves on what it has
-                log.warning("%s lost its control-state subscription (%s: %s); retrying in 1 s", self.replica,
-                            type(exc).__name__, exc)
-                await asyncio.sleep(1.0)
+                # short retries first, so a Redis that is back is followed within a fraction of
+                # a second; one warning per outage
+                (log.warning if wait == self.RETRY_MIN_S else log.debug)(
+                    "%s lost its control-state subscription (%s: %s); retrying", self.replica,
+                    type(exc).__name__, exc)
+                await asyncio.sleep(wait)
+                wait = min(2 * wait, self.RETRY_MAX_S)
             finally:
                 try:
                     await pubsub.aclose()

@@ -170,3 +170,69 @@ def test_update_without_a_document_starts_a_new_epoch(volatile_redis):
     back = store.reseed(new, "test")
     assert back is not None and back.epoch not in (new.epoch, "") and back.sparsity == 0.3
     assert store.get() == back and store.changes("0-0")[-1][1] == back
+
+
+def test_aof_redis_killed_under_writes_loses_no_acknowledged_write_and_followers_resume(tmp_path):
+    """kill -9 of a redis-server with AOF while a writer streams entries and alerts: every id
+    Redis returned is there after the restart; the document (same epoch) is followed again
+    within a second of the restart."""
+    import threading
+
+    from monitor.alerts import AlertSettings, AlertStore
+
+    server = RedisProc(tmp_path, aof=True)
+    server.start()
+    acked: dict[str, list] = {"probe": [], "alerts": []}
+    stop = threading.Event()
+
+    def writer():
+        r, i = redis.Redis.from_url(server.url, socket_timeout=1, socket_connect_timeout=1), 0
+        alerts = AlertStore(r, "aof", AlertSettings())
+        while not stop.is_set():
+            try:
+                acked["probe"].append(r.xadd("aof:probe", {"i": str(i)}).decode())
+                a = alerts.raise_alert("recovered", "info", f"probe {i}", dedup_key=f"probe:{i}")
+                acked["alerts"].append(a.id)
+                i += 1
+            except (redis.RedisError, OSError):
+                time.sleep(0.05)
+
+    store = ControlStore(redis.Redis.from_url(server.url), "aof")
+    store.ensure(ControlDefaults())
+    try:
+        async def scenario():
+            async def apply(state):
+                pass
+
+            f = StateFollower(server.url, "aof", "llm", ControlDefaults(), apply, 30.0)
+            await f.start()
+            put = await asyncio.to_thread(store.update, ControlUpdate(sparsity=0.3), "test")
+            await _until(lambda: f.state.generation == put.generation)
+            w = threading.Thread(target=writer, daemon=True)
+            w.start()
+            await asyncio.sleep(1.0)
+            server.kill()
+            await asyncio.sleep(1.0)
+            server.start()
+            t_up = time.monotonic()
+            new = await asyncio.to_thread(store.update, ControlUpdate(sparsity=0.2), "admin-api")
+            await _until(lambda: f.state.generation == new.generation)
+            follow_s = time.monotonic() - t_up
+            await asyncio.sleep(0.5)
+            stop.set()
+            w.join(10)
+            state = f.state
+            await f.stop()
+            return put, new, state, follow_s
+
+        put, new, state, follow_s = asyncio.run(scenario())
+        r = redis.Redis.from_url(server.url)
+        probe = {e[0].decode() for e in r.xrange("aof:probe")}
+        alerts = {e[0].decode() for e in r.xrange("aof:alerts")}
+        assert len(acked["probe"]) > 20 and len(acked["alerts"]) > 20
+        assert set(acked["probe"]) <= probe and set(acked["alerts"]) <= alerts  # nothing acknowledged lost
+        assert new.epoch == put.epoch and new.generation == put.generation + 1  # the document survived
+        assert state == new and follow_s < 0.5, follow_s
+    finally:
+        stop.set()
+        server.stop()
