@@ -131,3 +131,22 @@ def test_request_ids_and_correlation_ids():
     assert correlation_id("x" * 129) is None and correlation_id("a b") is None and correlation_id("é") is None
     assert CompletionRequest.model_validate({"prompt": ["a", "b", "c"]}).prompt_count() == 3
     assert CompletionRequest.model_validate({"prompt": [1, 2, 3]}).prompt_count() == 1
+
+
+def test_guard_turns_an_unexpected_exception_into_a_json_500_naming_the_request():
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from serving.gateway import _Guard
+
+    def boom(request):
+        raise RuntimeError("detail that must not leave the server: sk-secret")
+
+    app = Starlette(routes=[Route("/boom", boom)])
+    app.add_middleware(_Guard)
+    r = TestClient(app, raise_server_exceptions=False).get("/boom")
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    rid = r.headers["x-shadowgate-request-id"]
+    assert REQUEST_ID.fullmatch(rid) and r.json()["error"]["request_id"] == rid and rid in r.json()["error"]["message"]
+    assert "sk-secret" not in r.text and "Traceback" not in r.text and "RuntimeError" not in r.text
