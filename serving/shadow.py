@@ -23,7 +23,7 @@ from ray import serve
 from adapter.pipeline import criteria
 
 from adapter.pipeline import traces
-from adapter.selection import predictors as P
+from adapter.selection.methods import dense as dense_method
 from jobs.registry import PredictorRegistry
 from monitor.fidelity import compare
 from monitor.redis_client import redis_client
@@ -49,7 +49,7 @@ def predictable_positions(model, prompt: list[int]) -> list[int]:
 def shadow_run(engine: Engine, sample: dict) -> tuple[traces.TraceRecord, dict]:
     prompt, cont = sample["prompt_ids"], sample["token_ids"]
     rt = engine.runtime
-    dense = rt.score(prompt, cont, P.Dense())
+    dense = rt.score(prompt, cont, dense_method())
     sparse = rt.score(prompt, cont, engine.method_for(sample["version"], sample["sparsity"]))
     fid = compare(dense, sparse, cont)
     batch = criteria.make_batch([list(prompt)], [fid.pseudo_labels], engine.tokenizer.pad_token_id or 0,
