@@ -176,12 +176,14 @@ class PredictorRegistry:
         try:
             self.client.get_model_version(self.name, str(version))
             return True
+        except RegistryError:  # already worded (the retries are spent)
+            raise
         except MlflowException as exc:
             if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 return False
-            raise RegistryError(f"the registry at {self.uri} did not answer: {exc.error_code}") from None
+            raise RegistryUnavailable(f"the registry at {self.uri} did not answer: {exc.error_code}") from None
         except Exception as exc:  # connection refused, timeouts
-            raise RegistryError(f"the registry at {self.uri} is unreachable ({type(exc).__name__})") from None
+            raise RegistryUnavailable(f"the registry at {self.uri} is unreachable ({type(exc).__name__})") from None
 
     def download(self, version: str) -> Path:
         """The predictor folder of one version (downloaded once per process)."""
@@ -251,12 +253,14 @@ class PredictorRegistry:
 
         try:
             return {a: str(v) for a, v in self.client.get_registered_model(self.name).aliases.items()}
+        except RegistryError:
+            raise
         except MlflowException as exc:
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
                 return {}
-            raise RegistryError(f"the registry at {self.uri} did not answer: {exc.error_code}") from None
+            raise RegistryUnavailable(f"the registry at {self.uri} did not answer: {exc.error_code}") from None
         except Exception as exc:  # connection refused, timeouts
-            raise RegistryError(f"the registry at {self.uri} is unreachable ({type(exc).__name__})") from None
+            raise RegistryUnavailable(f"the registry at {self.uri} is unreachable ({type(exc).__name__})") from None
 
     def set_tag(self, version: str, key: str, value: str) -> None:
         self.client.set_model_version_tag(self.name, str(version), key, value)

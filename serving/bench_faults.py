@@ -84,7 +84,7 @@ class Load:
                     ok = r.status_code == 200
                     out = Outcome(t0, time.time(), ok, r.status_code, None if ok else r.text[:300],
                                   r.json().get("shadowgate") if ok else None)
-                except httpx.HTTPError as exc:
+                except Exception as exc:  # a connection error, a timeout, a body that is not JSON
                     out = Outcome(t0, time.time(), False, None, f"{type(exc).__name__}: {exc}"[:300])
                 with self._lock:
                     self.outcomes.append(out)
@@ -237,8 +237,13 @@ def _job_failures(stack, since: float) -> list[dict]:
 
 def mlflow_outage(stack, load: Load, down_s: float = 60.0, settle_s: float = 5.0) -> dict:
     """Stop the MLflow server for `down_s`; set and clear a fallback while it is down."""
+    from monitor.alerts import AlertStore
+
     r = stack.redis()
     p = stack.settings.redis.prefix
+    # a new incident: a job_failure of an earlier fault (Redis down mid-job) must not hold
+    # this one back under the alert cool-down
+    AlertStore(r, p, stack.settings.alerts).clear_dedup("job_failure:rollout")
     time.sleep(settle_s)
     t_stop = time.time()
     stack.stop("mlflow")
