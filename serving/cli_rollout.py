@@ -31,11 +31,12 @@ def register(app) -> None:
         import redis
 
         from jobs.runner import JobRecords
+        from monitor.redis_client import redis_client
         from serving.cli import fail, settings_or_exit
 
         settings = settings_or_exit(config)
         try:
-            rows = JobRecords(redis.Redis.from_url(settings.redis.url), settings.redis.prefix).listing()
+            rows = JobRecords(redis_client(settings.redis), settings.redis.prefix).listing()
         except redis.RedisError as exc:
             fail(f"cannot read the job records from Redis: {exc}", 1)
         if as_json:

@@ -33,6 +33,7 @@ from jobs.registry import PredictorRegistry, RegistryError
 from jobs.rollout import APPROVED, Controller, RolloutStore
 from monitor.alerts import KINDS as ALERT_KINDS
 from monitor.alerts import AlertStore
+from monitor.redis_client import async_redis_client, redis_client
 from serving.control import ControlState, ControlStore, ControlUpdate, StateFollower, shadow_sampled
 from serving.engine import GenRequest, GenResult
 from serving.keys import Identity, KeyRing
@@ -153,15 +154,15 @@ class Gateway:
         self.prefix = settings.redis.prefix
         self.keys = await asyncio.to_thread(KeyRing, settings)
         self.metrics = Metrics()
-        self.r = aioredis.from_url(settings.redis.url)
-        self.store = ControlStore(redis.Redis.from_url(settings.redis.url), self.prefix)
-        self.follower = StateFollower(settings.redis.url, self.prefix, "gateway", settings.serve.defaults,
+        self.r = async_redis_client(settings.redis)
+        self.store = ControlStore(redis_client(settings.redis), self.prefix)
+        self.follower = StateFollower(settings.redis, self.prefix, "gateway", settings.serve.defaults,
                                       self._apply, settings.serve.reconcile_s)
         await self.follower.start()
         self.inflight = 0
         self.feature_writes = 0  # feature-row writes in flight: bounded, beyond it rows are dropped
         self.tasks: set[asyncio.Task] = set()
-        self.alerts = AlertStore(redis.Redis.from_url(settings.redis.url), self.prefix, settings.alerts)
+        self.alerts = AlertStore(redis_client(settings.redis), self.prefix, settings.alerts)
         self.registry = PredictorRegistry(settings.mlflow.tracking_uri, settings.mlflow.registered_model)
         self.model_name = settings.model.name
         try:

@@ -24,6 +24,7 @@ import redis
 
 from jobs.registry import PredictorRegistry
 from monitor.alerts import AlertStore
+from monitor.redis_client import redis_client
 from serving.control import ControlState, StateFollower
 from serving.batcher import Batcher
 from serving.engine import Engine, GenRequest, GenResult
@@ -41,9 +42,9 @@ class GatedLLM:
         self.engine = await asyncio.to_thread(Engine, settings, registry)
         self.batcher = Batcher(self.engine, settings.serve.max_ongoing_requests).start()
         self.handled, self.handler_ms = 0, 0.0  # requests answered, and their time in this replica
-        self.follower = StateFollower(settings.redis.url, settings.redis.prefix, "llm",
+        self.follower = StateFollower(settings.redis, settings.redis.prefix, "llm",
                                       settings.serve.defaults, self._apply, settings.serve.reconcile_s)
-        self.r = redis.Redis.from_url(settings.redis.url)
+        self.r = redis_client(settings.redis)
         self.alerts = AlertStore(self.r, settings.redis.prefix, settings.alerts)
         self.degraded: str | None = None
         self.warm = False
