@@ -141,7 +141,8 @@ def replica_kill(stack, load: Load, settle_s: float = 5.0) -> dict:
     os.kill(victim["pid"], signal.SIGKILL)
     # Serve notices the death and starts a replacement, which loads the model, warms up and
     # reports to the control state
-    wait_until(lambda: _serve_running()[0] < wanted, 30, 0.1)
+    noticed = wait_until(lambda: _serve_running()[0] < wanted, 30, 0.1)
+    t_noticed = time.time()
     back = wait_until(lambda: _serve_running()[0] >= wanted and any(
         r["pid"] not in before for r in _replicas(stack)), 180, 0.2)
     t_back = time.time()
@@ -150,6 +151,7 @@ def replica_kill(stack, load: Load, settle_s: float = 5.0) -> dict:
     failed = [o for o in load.between(t_kill, time.time()) if not o.ok]
     return {**out, "killed_pid": victim["pid"], "replicas": wanted,
             "recovery_s": round(t_back - t_kill, 2) if back else None,
+            "serve_noticed_s": round(t_noticed - t_kill, 2) if noticed else None,
             "last_failure_after_kill_s": round(max(o.t1 for o in failed) - t_kill, 2) if failed else None}
 
 
