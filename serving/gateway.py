@@ -16,7 +16,6 @@ import re
 import time
 
 import redis
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -558,7 +557,8 @@ class Gateway:
         replicas = await asyncio.to_thread(self.store.replica_reports, 3 * self.settings.serve.reconcile_s + 5)
         return {"state": state.model_dump() if state else None, "replicas": replicas}
 
-    @app.put("/admin/state")
+    @app.put("/admin/state", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": ControlUpdate.model_json_schema()}}}})
     async def put_state(self, request: Request):
         await self.require_admin(request)
         try:
@@ -644,7 +644,8 @@ class Gateway:
                                 "admin-api")
         return {"version": version, "alias": APPROVED}
 
-    @app.post("/admin/rollout/rollback")
+    @app.post("/admin/rollout/rollback", openapi_extra={"requestBody": {"required": False, "content": {
+        "application/json": {"schema": {"type": "object", "properties": {"reason": {"type": "string", "maxLength": 500}}}}}}})
     async def rollout_rollback(self, request: Request):
         """Ask the controller to roll back the challenger now; waits for its decision."""
         await self.require_admin(request)
