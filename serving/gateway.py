@@ -565,13 +565,21 @@ class Gateway:
             change = ControlUpdate.model_validate(await self._read_json(request))
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from None
+        # an explicit null would be written into the document, whose live fields are not optional
+        nulls = [k for k, v in change.model_dump(exclude_unset=True).items()
+                 if v is None and k not in ("champion", "challenger")]
+        if nulls:
+            raise ApiError(400, f"{', '.join(nulls)}: must not be null (leave a field out to keep it)")
         for field in ("champion", "challenger"):
             version = getattr(change, field)
             if version is not None and version not in ("champion", "none"):
                 if not _VERSION.fullmatch(version):  # \d in the model's pattern takes any script's digits
                     raise ApiError(400, f"{field} must be a version number (ASCII digits), not {version!r}")
                 await self._require_version(field, version)
-        state = await asyncio.to_thread(self.store.update, change, "admin-api")
+        try:
+            state = await asyncio.to_thread(self.store.update, change, "admin-api")
+        except ValidationError as exc:  # the change is valid alone but not with the state in force
+            raise RequestValidationError(exc.errors()) from None
         log.info("control state generation %d written by the admin API", state.generation)
         return {"state": state.model_dump()}
 
