@@ -149,6 +149,7 @@ def test_dejavu_runs_in_bfloat16_and_picks_what_float32_picks():
 
 
 @pytest.mark.service
+@pytest.mark.slow  # about 100 s on 2 cores: Ray, Serve, the registry, warm-up
 def test_service_in_bfloat16_serves_the_shipped_predictor(redis_url, registry_uri, tmp_path_factory):  # noqa: F811
     import ray
     from ray import serve
