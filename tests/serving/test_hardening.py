@@ -429,7 +429,7 @@ def test_requests_in_flight_when_a_replica_dies_are_retried(svc):
                     break
             futures = [pool.submit(lambda: httpx.post(svc["base"] + "/v1/completions", json=long, headers=auth(),
                                                       timeout=300)) for _ in range(3)]
-            time.sleep(0.4 * one)  # accepted by the replica and running (or queued there), not done
+            time.sleep(0.6 * one)  # accepted by the replica and running (or queued there), not done
             t_kill = time.perf_counter()
             os.kill(pid, signal.SIGKILL)
             events += [line[6:] for line in lines if line.startswith("data: ")]
@@ -440,7 +440,7 @@ def test_requests_in_flight_when_a_replica_dies_are_retried(svc):
     assert "choices" in json.loads(events[0])
     assert events[-1] == "[DONE]" and "error" in json.loads(events[-2]), events[-3:]
     retried = metric(svc, "shadowgate_replica_retries_total") - retries0
-    print(f"\nreplica SIGKILLed {0.4 * one:.2f} s into three {one:.2f} s requests: served {served:.1f} s after "
+    print(f"\nreplica SIGKILLed {0.6 * one:.2f} s into three {one:.2f} s requests: served {served:.1f} s after "
           f"the kill, {retried:.0f} gateway retries; the stream ended with an error event after "
           f"{len(events) - 2} chunks")
     assert retried >= 1  # they had reached the replica: Ray Serve's router does not re-route those
