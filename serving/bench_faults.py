@@ -237,8 +237,12 @@ def _job_failures(stack, since: float) -> list[dict]:
     return [x for x in alerts if x["ts"] >= since]
 
 
-def mlflow_outage(stack, load: Load, down_s: float = 60.0, settle_s: float = 5.0) -> dict:
-    """Stop the MLflow server for `down_s`; set and clear a fallback while it is down."""
+def mlflow_outage(stack, load: Load, down_s: float = 60.0, settle_s: float = 5.0, how: str = "stop",
+                  alert_wait_s: float = 60.0) -> dict:
+    """Stop the MLflow server (`how`: "stop", SIGTERM and its graceful shutdown, or "kill",
+    SIGKILL) for `down_s`; set and clear a fallback while it is down. When no job_failure has
+    come by then, MLflow stays down up to `alert_wait_s` longer (the outage reported is the
+    real one)."""
     from monitor.alerts import AlertStore
 
     r = stack.redis()
@@ -248,7 +252,7 @@ def mlflow_outage(stack, load: Load, down_s: float = 60.0, settle_s: float = 5.0
     AlertStore(r, p, stack.settings.alerts).clear_dedup("job_failure:rollout")
     time.sleep(settle_s)
     t_stop = time.time()
-    stack.stop("mlflow")
+    (stack.kill if how == "kill" else stack.stop)("mlflow")
     fallback = {}
     with _admin(stack) as a:
         time.sleep(min(5.0, down_s / 4))
@@ -257,7 +261,8 @@ def mlflow_outage(stack, load: Load, down_s: float = 60.0, settle_s: float = 5.0
         dense = wait_until(lambda: [o for o in load.between(time.time() - 0.5, time.time())
                                     if o.ok and o.t0 > t_put and o.body and o.body["fallback"] == "dense"], 30, 0.1)
         fallback = {"put_status": put.status_code, "served_s": round(time.time() - t_put, 2) if dense else None}
-        alert = wait_until(lambda: _job_failures(stack, t_stop), max(5.0, down_s - (time.time() - t_stop)), 0.5)
+        alert = wait_until(lambda: _job_failures(stack, t_stop),
+                           max(5.0, down_s - (time.time() - t_stop)) + alert_wait_s, 0.5)
         t_alert = time.time()
         remaining = down_s - (time.time() - t_stop)
         if remaining > 0:
@@ -270,7 +275,7 @@ def mlflow_outage(stack, load: Load, down_s: float = 60.0, settle_s: float = 5.0
                                    and json.loads(r.hget(f"{p}:jobs:last", "rollout"))["status"] == "ok"), 90, 0.5)
     time.sleep(settle_s)
     failure = (alert or [{}])[0]
-    return {**load.summary(t_stop, time.time()), "down_s": round(t_restart - t_stop, 2),
+    return {**load.summary(t_stop, time.time()), "down_s": round(t_restart - t_stop, 2), "how": how,
             "fallback": fallback, "job_failure_alert_after_s": round(t_alert - t_stop, 2) if alert else None,
             "job_failure_message": failure.get("message"),
             "job_ok_after_restart_s": round(time.time() - settle_s - t_up, 2) if ok_again else None}
