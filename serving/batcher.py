@@ -145,6 +145,11 @@ class Batcher:
                 st.errors += 1
                 self._emit(t, ("error", str(exc)))
                 continue
+            except Exception as exc:  # whatever one request trips over fails it alone
+                log.exception("request %s failed at admission", t.req.request_id)
+                st.errors += 1
+                self._emit(t, ("error", f"the request could not be run: {type(exc).__name__}"))
+                continue
             t.active.timing["queue_ms"] = (time.perf_counter() - t.submitted) * 1000 - t.active.timing["prefill_ms"]
             st.admitted += 1
             if t.active.done:  # echo with max_tokens 0

@@ -185,6 +185,12 @@ def test_a_request_the_model_cannot_run_is_an_error_for_it_alone(engine):
         assert kind == "error" and "token ids must be in" in message
         _, (kind, res) = collect(good)
         assert kind == "done" and len(res.token_ids) == 3
+        # a seed torch cannot take (the gateway bounds seeds; the loop must not rely on it)
+        # fails that request alone, and the loop keeps serving
+        odd, after = queue.Queue(), queue.Queue()
+        loop.submit(GenRequest("odd", PROMPTS[0], max_tokens=3, temperature=1.0, seed=2 ** 70), odd.put)
+        loop.submit(GenRequest("after", PROMPTS[1], max_tokens=3, temperature=0.0), after.put)
+        assert collect(odd)[1][0] == "error" and collect(after)[1][0] == "done"
     finally:
         loop.close()
 
