@@ -282,10 +282,6 @@ def test_two_nodes_serve_deploy_and_a_node_stopped(cluster):
     finally:
         ray.shutdown()
 
-    # every listener of the cluster's processes, by address (recorded in docs/OPERATIONS.md)
-    pids = {p.pid for p in cluster_processes(cluster["temp_dir"], cluster["head_ports"]["port"])}
-    ports = listeners(pids)
-
     # token auth is on: a client without the token is refused
     no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN_PATH",)}
     no_token["HOME"] = str(cluster["work"])  # no ~/.ray/auth_token either
@@ -308,6 +304,15 @@ def test_two_nodes_serve_deploy_and_a_node_stopped(cluster):
     placed = wait_for(lambda: (c := gated_replicas(cluster["dashboard"], nodes)) == {"head": 1, "worker": 1} and c,
                       "one GatedLLM replica per node", 240, 1)
     deploy_s = time.time() - t0
+
+    # every listener of the cluster's processes, by address (recorded in docs/OPERATIONS.md)
+    pids = {p.pid for p in cluster_processes(cluster["temp_dir"], cluster["head_ports"]["port"])}
+    ports = listeners(pids)
+    assert ("127.0.0.1", cluster["serve_port"]) in {(ip.removeprefix("::ffff:"), port) for ip, port, _ in ports}
+    # Ray's node metrics answer on every interface without the token (why the NetworkPolicy exists)
+    metrics = cluster["head_ports"]["metrics-export-port"]
+    assert ("0.0.0.0", metrics) in {(ip, port) for ip, port, _ in ports}
+    assert httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).status_code == 200
 
     load = Load(base, cluster["api_key"])
     load.start()
