@@ -117,6 +117,13 @@ def register(app, bench_app) -> None:
         if 0.0 not in sparsities:
             sparsities = (0.0,) + sparsities  # the ratios are against dense
         levels = tuple(concurrency) or (1, 4, 16)
+        if model is not None and not Path(model).exists() and ("/" in model or model.startswith(".")):
+            from adapter.runtime.loading import ModelLoadError, load
+
+            try:  # a hub id or an embedded name loads; a missing folder is a clean error
+                load(model, settings.runtime)
+            except ModelLoadError as exc:
+                fail(f"--model {model}: {exc}")
         if model is not None and Path(model).exists():
             if not (Path(model) / "config.json").exists():
                 fail(f"--model {model}: no saved model there (config.json is missing)")
