@@ -8,7 +8,8 @@ import pytest
 
 from serving import bench_faults as bench
 
-pytestmark = pytest.mark.service
+# about 5.5 min on 2 cores (a private stack, a replica replaced, MLflow restarted): run with -m slow
+pytestmark = [pytest.mark.service, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
