@@ -169,6 +169,10 @@ def predictor_collect(
     out: Optional[Path] = typer.Option(None, "--out", help="Dataset root (a new version v<N> is written)."),
     per_family: int = typer.Option(300, "--per-family", min=1, help="Training instances per task family."),
     pseudo_labels: bool = typer.Option(False, "--pseudo-labels", help="Label with the dense model's own greedy answers."),
+    continuations: int = typer.Option(1, "--continuations", min=1,
+                                      help="Average the targets over this many query answers (the label "
+                                           "plus samples of the dense model)."),
+    temperature: float = typer.Option(1.0, "--temperature", min=0.01, help="Sampling temperature of those answers."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Collect importance traces (every criterion) over the task suite."""
@@ -178,7 +182,7 @@ def predictor_collect(
     name, loaded = _load_for_predictors(model, config)
     splits = {"train": per_family, "validation": max(10, per_family // 6), "test": max(10, per_family // 6)}
     folder = collect(loaded.runtime.model, loaded.tokenizer, out or default_trace_dir(name), splits,
-                     pseudo_labels=pseudo_labels)
+                     pseudo_labels=pseudo_labels, continuations=continuations, temperature=temperature)
     print(json.dumps({"dataset": str(folder), "splits": splits}))
 
 
@@ -190,6 +194,8 @@ def predictor_train(
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset root or version folder."),
     out: Optional[Path] = typer.Option(None, "--out", help="Predictor folder to write."),
     epochs: int = typer.Option(80, "--epochs", min=1),
+    hidden: int = typer.Option(512, "--hidden", min=8, help="Width of the shadowllm predictor."),
+    dejavu_rank: int = typer.Option(64, "--dejavu-rank", min=4, help="Width of each per-layer dejavu predictor."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Train one predictor on collected traces; prints its validation metrics."""
@@ -201,7 +207,7 @@ def predictor_train(
     out = out or default_predictor_dir(name) / f"{kind}-{criterion}"
     try:
         metrics = train_one(kind, criterion, data or default_trace_dir(name), out, loaded.runtime,
-                            TrainConfig(epochs=epochs))
+                            TrainConfig(epochs=epochs, hidden=hidden, dejavu_rank=dejavu_rank))
     except (FileNotFoundError, PredictorMismatch, ValueError) as exc:
         fail(str(exc))
     print(json.dumps({"predictor": str(out), "kind": kind, "criterion": criterion, "metrics": metrics}))
@@ -237,6 +243,8 @@ def eval_cmd(
     with_09: bool = typer.Option(False, "--with-0.9", help="Also evaluate sparsity 0.9."),
     per_family: Optional[int] = typer.Option(None, "--per-family", min=1,
                                              help="Test prompts per family (default 100, 25 with --quick)."),
+    dejavu_variants: list[str] = typer.Option(["all_tokens"], "--dejavu-variant",
+                                              help="all_tokens (prompt gated too) | decode_only; repeatable."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Accuracy and perplexity against sparsity for every method, through the gated runtime."""
@@ -252,7 +260,8 @@ def eval_cmd(
                                   predictors or default_predictor_dir(name),
                                   data if data.exists() else None, quick, plot, sparsities,
                                   per_family=per_family,
-                                  text_sentences=None if per_family is None else 4 * per_family)
+                                  text_sentences=None if per_family is None else 4 * per_family,
+                                  dejavu_variants=tuple(dejavu_variants))
     except (FileNotFoundError, PredictorMismatch, ValueError) as exc:
         fail(str(exc))
     if as_json:

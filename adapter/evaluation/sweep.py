@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from adapter.evaluation import scoring as evaluate
 
+from adapter.selection import methods
 from adapter.selection.methods import dense
 
 from adapter.embedded import suite as tasks
@@ -38,24 +39,39 @@ def load_set(folder: Path, shape, fingerprint: str) -> dict[str, training.Loaded
     return found
 
 
-def _configs(preds: dict, sparsities, modes, head_selection: str = "heads"):
-    """(method name, criterion, mode, sparsity, method object) to evaluate; the sequence-level
-    methods select heads by `head_selection` (dejavu computes every KV group regardless)."""
+DEJAVU_VARIANTS = ("all_tokens", "decode_only")
+
+
+def _configs(preds: dict, sparsities, modes, head_selection: str = "heads",
+             dejavu_variants=("all_tokens",)):
+    """(method name, criterion, mode, sparsity, method object, predictor folder name) to
+    evaluate; the sequence-level methods select heads by `head_selection` (dejavu computes
+    every KV group regardless).
+
+    dejavu_variants: "all_tokens" gates prompt tokens too (equal terms with the sequence-level
+    methods; its mode is reported as per_layer), "decode_only" gates only the tokens after the
+    prompt, as DejaVu does and as its predictors were trained (mode "decode_only")."""
+    if unknown := set(dejavu_variants) - set(DEJAVU_VARIANTS):
+        raise ValueError(f"unknown dejavu variants {sorted(unknown)}: use {', '.join(DEJAVU_VARIANTS)}")
     out = []
     for s in sparsities:
         for name, lp in preds.items():
             if lp.kind == "dejavu":
-                out.append(("dejavu", lp.criterion, "per_layer", s, lp.method(s)))
+                for variant in dejavu_variants:
+                    sparse_prompt = variant == "all_tokens"
+                    out.append(("dejavu", lp.criterion, "per_layer" if sparse_prompt else "decode_only", s,
+                                methods.make_method("dejavu", s, lp.module_shape, lp.module,
+                                                    sparse_prompt=sparse_prompt), name))
             elif lp.kind == "static":
                 for mode in modes:
                     out.append(("static", lp.criterion, mode, s,
-                                lp.method(s, mode, lp.module_shape, head_selection)))
+                                lp.method(s, mode, lp.module_shape, head_selection), name))
             elif lp.criterion == "plainact":
                 for mode in modes:
-                    out.append(("shadowllm", lp.criterion, mode, s, lp.method(s, mode, None, head_selection)))
+                    out.append(("shadowllm", lp.criterion, mode, s, lp.method(s, mode, None, head_selection), name))
             else:  # other criteria: per-layer only, to compare criteria
                 out.append(("shadowllm", lp.criterion, "per_layer", s,
-                            lp.method(s, "per_layer", None, head_selection)))
+                            lp.method(s, "per_layer", None, head_selection), name))
     return out
 
 
@@ -68,7 +84,9 @@ def spearman_table(preds: dict, test: traces.TraceSet) -> dict:
         yh, yn = training._unified_targets(test, lp.criterion)
         with torch.no_grad():
             ph, pn = lp.module(x)
-        out[lp.criterion] = {"heads": round(float(training.spearman(ph, yh).mean()), 4),
+        # keyed by criterion; a set holding several predictors of one criterion by folder name
+        key = lp.criterion if name == f"shadowllm-{lp.criterion}" else name
+        out[key] = {"heads": round(float(training.spearman(ph, yh).mean()), 4),
                              "neurons": round(float(training.spearman(pn, yn).mean()), 4)}
     for name, lp in preds.items():
         if lp.kind == "static":
@@ -79,7 +97,8 @@ def spearman_table(preds: dict, test: traces.TraceSet) -> dict:
 
 def run_eval(runtime, tokenizer, model_name: str, predictor_dir: Path, data_dir: Path | None,
              quick: bool = False, plot_path: Path | None = None, sparsities=SPARSITIES, modes=MODES,
-             per_family: int | None = None, text_sentences: int | None = None) -> dict:
+             per_family: int | None = None, text_sentences: int | None = None,
+             dejavu_variants=("all_tokens",)) -> dict:
     fingerprint = traces.model_fingerprint(runtime.model)
     preds = load_set(predictor_dir, runtime.shape, fingerprint)
     per_family = per_family or (25 if quick else 100)
@@ -96,11 +115,12 @@ def run_eval(runtime, tokenizer, model_name: str, predictor_dir: Path, data_dir:
     sample = [p for p, _ in evaluate.encode_pairs(tokenizer, instances[::max(1, len(instances) // 30)])]
     results = []
     head_selection = runtime.config.head_selection
-    configs = _configs(preds, sparsities, modes, head_selection)
-    for name, criterion, mode, s, method in tqdm(configs, desc="eval", unit="config"):
+    configs = _configs(preds, sparsities, modes, head_selection, dejavu_variants)
+    for name, criterion, mode, s, method, folder in tqdm(configs, desc="eval", unit="config"):
         acc, ppl = measure(method)
         effective = [runtime.prefill(prompt, method, 0)[0].effective_sparsity for prompt in sample]
-        results.append({"method": name, "criterion": criterion, "mode": mode, "sparsity": s,
+        results.append({"method": name, "predictor": folder, "criterion": criterion,
+                        "mode": mode, "sparsity": s,
                         "head_selection": "heads" if name == "dejavu" else head_selection,
                         "accuracy": round(acc["mean"], 4), "perplexity": round(ppl, 4),
                         "effective_sparsity": round(sum(effective) / len(effective), 4),

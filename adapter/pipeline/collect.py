@@ -31,10 +31,43 @@ def _suite_batch(tokenizer, model, instances, pseudo_labels: bool):
     return prompts, conts, extra
 
 
+def _averaged_scores(model, tokenizer, shape, prompts, conts, extra, continuations: int,
+                     temperature: float, generator: torch.Generator) -> criteria.Scores:
+    """Criteria of a batch, with the head and neuron importance averaged over `continuations`
+    query answers: the given one plus continuations-1 sampled from the dense model at
+    `temperature`. The shots' answers are targets in every pass. Everything else (predictor
+    input, loss, the per-token DejaVu fields) comes from the first pass, the given answer."""
+    pad = tokenizer.pad_token_id or 0
+    first = criteria.compute(model, criteria.make_batch(prompts, conts, pad, extra), shape.heads, shape.head_dim)
+    if continuations == 1:
+        return first
+    heads = {c: v.clone() for c, v in first.heads.items()}
+    neurons = {c: v.clone() for c, v in first.neurons.items()}
+    for _ in range(continuations - 1):
+        sampled = criteria.sampled_continuations(model, prompts, [len(c) for c in conts], temperature, generator)
+        s = criteria.compute(model, criteria.make_batch(prompts, sampled, pad, extra), shape.heads, shape.head_dim)
+        for c in heads:
+            heads[c] += s.heads[c]
+            neurons[c] += s.neurons[c]
+    first.heads = {c: v / continuations for c, v in heads.items()}
+    first.neurons = {c: v / continuations for c, v in neurons.items()}
+    return first
+
+
 def collect(model, tokenizer, out_root: Path, per_family: dict[str, int], batch_size: int = 32,
-            pseudo_labels: bool = False, families: list[str] | None = None) -> Path:
+            pseudo_labels: bool = False, families: list[str] | None = None,
+            continuations: int = 1, temperature: float = 1.0, seed: int = 0) -> Path:
     """Write a new dataset version under out_root; returns its folder. `families` limits the
-    suite to some of its families (a predictor that has not seen the others)."""
+    suite to some of its families (a predictor that has not seen the others).
+
+    continuations > 1 averages the importance targets over that many query answers (the
+    label, or the pseudo-label, and continuations-1 samples of the dense model at
+    `temperature`, seeded by `seed`; each as long as the label): one answer of a confident model gives tiny, noisy
+    gradients, and an average over plausible answers is a steadier per-prompt target."""
+    if continuations < 1:
+        raise ValueError(f"continuations must be >= 1, got {continuations}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     if families is not None and (unknown := set(families) - set(tasks.FAMILIES)):
         raise ValueError(f"unknown task families {sorted(unknown)}: use {', '.join(tasks.FAMILIES)}")
     view = ModelView(model)
@@ -43,6 +76,7 @@ def collect(model, tokenizer, out_root: Path, per_family: dict[str, int], batch_
     fingerprint = traces.model_fingerprint(model)
     folder, version = traces.new_version_dir(out_root)
     counts = {}
+    generator = torch.Generator().manual_seed(seed)
     for split, n in per_family.items():
         instances = [i for i in tasks.split(split, n) if families is None or i.family in families]
         records = []
@@ -50,8 +84,8 @@ def collect(model, tokenizer, out_root: Path, per_family: dict[str, int], batch_
         for start in bar:
             chunk = instances[start:start + batch_size]
             prompts, conts, extra = _suite_batch(tokenizer, model, chunk, pseudo_labels)
-            batch = criteria.make_batch(prompts, conts, tokenizer.pad_token_id or 0, extra)
-            scores = criteria.compute(model, batch, shape.heads, shape.head_dim)
+            scores = _averaged_scores(model, tokenizer, shape, prompts, conts, extra, continuations,
+                                      temperature, generator)
             metas = [{"family": inst.family, "prompt_len": len(p)} for inst, p in zip(chunk, prompts)]
             common = {"model_fingerprint": fingerprint, "source": "suite",
                       "targets": "pseudo_labels" if pseudo_labels else "labels",
@@ -59,5 +93,6 @@ def collect(model, tokenizer, out_root: Path, per_family: dict[str, int], batch_
             records.extend(traces.records_from_scores(scores, common, metas))
         counts[split] = traces.write_split(folder, split, records)
     traces.write_manifest(folder, version, fingerprint, shape.as_dict(), list(criteria.CRITERIA), counts,
-                          {"pseudo_labels": pseudo_labels, "per_family": per_family, "families": families})
+                          {"pseudo_labels": pseudo_labels, "per_family": per_family, "families": families,
+                           "continuations": continuations, "temperature": temperature, "seed": seed})
     return folder

@@ -170,3 +170,25 @@ def pseudo_continuations(model, prompts: list[list[int]], length: int, eos_id: i
                              pad_token_id=eos_id if eos_id is not None else 0)[0, len(p):].tolist()
         out.append(gen or [p[-1]])
     return out
+
+
+@torch.no_grad()
+def sampled_continuations(model, prompts: list[list[int]], lengths: list[int], temperature: float,
+                          generator: torch.Generator | None = None) -> list[list[int]]:
+    """For each prompt, lengths[i] tokens sampled from the dense model at `temperature`
+    (batched: one forward per token step over the right-padded batch)."""
+    seqs = [list(p) for p in prompts]
+    for step in range(max(lengths)):
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        attention = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            attention[i, : len(s)] = 1
+        logits = model(input_ids=ids, attention_mask=attention).logits
+        last = logits[torch.arange(len(seqs)), attention.sum(-1) - 1].float()  # (B, V)
+        toks = torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=generator)[:, 0]
+        for i, s in enumerate(seqs):
+            if step < lengths[i]:
+                s.append(int(toks[i]))
+    return [s[len(p):] for s, p in zip(seqs, prompts)]
