@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 import torch
 
-from adapter.selection import predictors as P
 from adapter.selection.methods import dense
 from adapter.runtime.loading import load
 from adapter.runtime.gated import RequestError, SamplingParams, Sequence, pick_tokens
@@ -104,6 +103,7 @@ class Engine:
         self.challenger: str | None = None
         self.state: ControlState | None = None
         self.problem: str | None = None  # set while the champion cannot be had: serving dense
+        self.challenger_problem: str | None = None  # set while the state's challenger cannot be loaded
         eos = self.tokenizer.eos_token_id
         self.stop_ids = [eos] if eos is not None else []
 
@@ -127,7 +127,7 @@ class Engine:
         the champion cannot be resolved or loaded, the replica keeps the champion it already
         holds if `state` still names it, else serves dense; the problem is returned (and
         the follower applies the state again later)."""
-        problem = None
+        problem = challenger_problem = None
         champion = challenger = None
         if self.registry is None:
             problem = "no predictor registry configured"
@@ -149,10 +149,12 @@ class Engine:
                 except Exception as exc:
                     log.warning("challenger %s unavailable, no canary on this replica: %s", state.challenger, exc)
                     challenger = None
+                    challenger_problem = f"challenger predictor {state.challenger} refused: {_short(exc)}"
         if problem:
             log.warning("%s%s", problem, "" if champion else ": serving dense")
         self.champion, self.challenger, self.state = champion, challenger, state
         self.problem = None if champion else problem
+        self.challenger_problem = challenger_problem  # the replica serves no canary (the champion only)
         return problem
 
     def plan(self, req: GenRequest) -> Plan:
@@ -165,13 +167,12 @@ class Engine:
         # on its own window (the controller rolls it back at once when it breaks the SLO)
         fallback = st.fallback if arm == "champion" else "none"
         if version is None:  # the champion cannot be had: dense, and the response says so
-            return Plan(P.Dense(), None, "dense", 0.0, "dense", st.generation, self.problem or "no champion")
+            return Plan(dense(), None, "dense", 0.0, "dense", st.generation, self.problem or "no champion")
         if fallback == "lower":
             sparsity = min(sparsity, st.fallback_sparsity)
         if fallback == "dense" or sparsity == 0.0:
-            return Plan(P.Dense(), None, "dense", 0.0, fallback, st.generation)
-        method = self.predictor(version).method(sparsity, self.settings.runtime.mode, self.shape)
-        return Plan(method, version, arm, sparsity, fallback, st.generation)
+            return Plan(dense(), None, "dense", 0.0, fallback, st.generation)
+        return Plan(self.method_for(version, sparsity), version, arm, sparsity, fallback, st.generation)
 
     def features(self, plan: Plan, predictor_input: torch.Tensor | None, prompt_len: int) -> dict | None:
         """The request's drift feature row, projected on the basis of the version it was served

@@ -154,6 +154,8 @@ class Gateway:
         self.keys = await asyncio.to_thread(KeyRing, settings)
         self.metrics = Metrics()
         self.r = async_redis_client(settings.redis)
+        self._local_rate: dict[tuple[str, int], int] = {}  # rate counters while Redis is down
+        self._local_rate_warned = False
         self.store = ControlStore(redis_client(settings.redis), self.prefix)
         self.follower = StateFollower(settings.redis, self.prefix, "gateway", settings.serve.defaults,
                                       self._apply, settings.serve.reconcile_s)
@@ -217,15 +219,32 @@ class Gateway:
             if limit is None:
                 continue
             key = f"{self.prefix}:rate:{what}:{ident.name}:{window}"
-            async with self.r.pipeline(transaction=True) as pipe:
-                count, _ = await pipe.incrby(key, n).expire(key, 120).execute()
+            count = await self._count(key, n, window)
             taken.append((key, n))
             if count > limit:
                 for k, m in taken:
-                    await self.r.decrby(k, m)
+                    await self._count(k, -m, window)
                 self.metrics.refused.labels("rate_limit").inc()
                 raise ApiError(429, f"rate limit of {limit} {what} per minute exceeded ({n} in this request)",
                                "rate_limit_error")
+
+    async def _count(self, key: str, n: int, window: int) -> int:
+        """Add n to a rate counter and return its total. While Redis is unreachable the
+        limit is kept per gateway replica in memory (fail open to serving, not to
+        unlimited): a Redis outage must not fail client requests."""
+        try:
+            async with self.r.pipeline(transaction=True) as pipe:
+                count, _ = await pipe.incrby(key, n).expire(key, 120).execute()
+            self._local_rate_warned = False
+            return int(count)
+        except (redis.RedisError, OSError):
+            if not self._local_rate_warned:
+                log.warning("Redis unreachable: rate limits are counted per gateway replica until it returns")
+                self._local_rate_warned = True
+            self._local_rate = {k: v for k, v in self._local_rate.items() if k[1] >= window - 1}
+            count = self._local_rate.get((key, window), 0) + n
+            self._local_rate[(key, window)] = count
+            return count
 
     async def _read_body(self, request: Request) -> bytes:
         """The body, at most gateway.max_body_bytes (413 beyond, before it is all read)."""

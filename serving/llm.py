@@ -54,7 +54,20 @@ class GatedLLM:
     async def _apply(self, state: ControlState) -> str | None:
         problem = await asyncio.to_thread(self.engine.apply, state)
         await asyncio.to_thread(self._report_degraded, self.engine.problem)
+        if self.engine.challenger_problem:
+            await asyncio.to_thread(self._report_refused_challenger, state, self.engine.challenger_problem)
         return problem
+
+    def _report_refused_challenger(self, state: ControlState, problem: str) -> None:
+        """A challenger the state names but this replica cannot load (corrupt, mismatched,
+        unreachable): the replica serves the champion alone, and says so once per version."""
+        try:
+            self.alerts.raise_alert("reconcile", "warning", f"a GatedLLM replica serves no canary: {problem}",
+                                    predictor_version=state.challenger,
+                                    evidence={"reason": problem, "replica": os.getpid()},
+                                    dedup_key=f"reconcile:challenger-refused:{state.challenger}")
+        except redis.RedisError as exc:
+            log.warning("could not raise the refused-challenger alert: %s", exc)
 
     def _report_degraded(self, problem: str | None) -> None:
         """A replica that cannot have its champion serves dense and says so once per incident;

@@ -68,6 +68,10 @@ def test_a_mismatched_champion_artifact_is_refused_at_load_and_dense_is_served(s
     assert "PredictorMismatch" in problem and engine.champion is None
     res = engine.complete(GenRequest("r3", PROMPT, max_tokens=3, temperature=0.0))
     assert res.fallback == "dense" and res.token_ids == dense_tokens(engine, PROMPT, 3)
+    # named as a challenger, the same artifact is refused too: no canary on this replica, said why
+    engine.apply(ControlState(generation=2, challenger=version, canary_share=0.5))
+    assert engine.challenger is None and "PredictorMismatch" in engine.challenger_problem
+    assert engine.plan(GenRequest("r4", PROMPT)).arm != "challenger"
     assert with_reference  # the good path is exercised by the service tests' bootstrap
 
 
