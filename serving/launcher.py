@@ -305,7 +305,7 @@ def up(settings: Settings, say=print) -> None:
         api = f"http://{settings.host}:{settings.port}"
         _wait(lambda: _ready(api), "the Serve app", 300)
         say(f"shadowgate is up\n  API:        {api}/v1  (health {api}/healthz, ready {api}/readyz, "
-            f"metrics {api}/metrics)\n  MLflow UI:  {settings.mlflow.tracking_uri}")
+            f"metrics {api}/metrics with the admin key)\n  MLflow UI:  {settings.mlflow.tracking_uri}")
         if dashboard:
             say(f"  Ray dashboard: http://{dashboard}")
         for note in notes:
