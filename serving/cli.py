@@ -125,27 +125,43 @@ def bench_speed(
     quick: bool = typer.Option(False, "--quick", help="Smaller model and fewer repeats (about a minute)."),
     arch: str = typer.Option("llama-gqa", "--arch", help="llama-gqa | llama-mha | opt"),
     batch_size: int = typer.Option(1, "--batch-size", min=1, max=64),
+    batch: Optional[str] = typer.Option(None, "--batch", help="Batch sizes, a comma list (1,4,8); "
+                                        "overrides --batch-size. Every row has its own prompt."),
+    methods: list[str] = typer.Option([], "--method", help="Only these methods (repeatable; "
+                                      "shadowllm, dejavu, static); dense always runs."),
+    sparsities: list[float] = typer.Option([], "--sparsity", help="Only these sparsities (repeatable)."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Decode speed of dense vs shadowllm / dejavu / static on a realistic random-weight model."""
     from adapter.benchmarks import decode_speed as bench
 
+    sizes: int | list[int] = batch_size
+    if batch is not None:
+        try:
+            sizes = [int(b) for b in batch.split(",")]
+        except ValueError:
+            fail(f"--batch {batch!r}: give batch sizes as a comma list, like 1,4,8")
+        if any(not 1 <= b <= 64 for b in sizes):
+            fail(f"--batch {batch!r}: every batch size must be in [1, 64]")
     settings = settings_or_exit(config)
     try:
-        result = bench.run_speed(settings.runtime, arch=arch, quick=quick, batch_size=batch_size)
+        result = bench.run_speed(settings.runtime, arch=arch, quick=quick, batch_size=sizes,
+                                 methods=methods or None, sparsities=sparsities or None)
     except ValueError as exc:
         fail(str(exc))
     if as_json:
         print(json.dumps(result))
         return
+    dense = {d["batch_size"]: d["ms_per_token"] for d in result["dense"]}
     table = Table(title=f"decode speed, {result['device']}, {result['threads']} threads, "
-                        f"{result['dtype']}, batch {result['batch_size']} "
-                        f"(dense {result['dense_ms_per_token']:.1f} ms/token)")
-    for col in ("method", "sparsity", "ms/token", "speedup", "ideal", "predictor ms", "request ms"):
+                        f"{result['dtype']}, dense ms/token by batch: "
+                        + ", ".join(f"{b}: {ms:.1f}" for b, ms in dense.items()))
+    for col in ("batch", "method", "sparsity", "ms/token", "speedup", "ideal", "% of ideal",
+                "predictor ms", "request ms"):
         table.add_column(col, justify="right")
     for r in result["results"]:
-        table.add_row(r["method"], f"{r['sparsity']:.1f}", f"{r['ms_per_token']:.2f}",
-                      f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x",
+        table.add_row(str(r["batch_size"]), r["method"], f"{r['sparsity']:.1f}", f"{r['ms_per_token']:.2f}",
+                      f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x", f"{r['pct_of_ideal']:.0f}%",
                       f"{r['predictor_ms']:.3f}", f"{r['request_ms']:.0f}")
     Console().print(table)
 

@@ -5,8 +5,17 @@ weights: speed does not depend on what the weights say, and the output says so. 
 decode on a CPU is bound by reading weights, so the ideal speedup of a method is the ratio
 of weight bytes read per dense step to weight bytes read per sparse step.
 
-Configurations are measured round-robin (every repeat visits every configuration), so the
-machine's drift hits all of them alike; figures are medians over repeats.
+Batches (`batch_sizes`): every row has its own prompt, so per-request masks differ. The
+runtime plans each batch composition by a byte model (adapter/runtime/gather.py: per-mask
+products, one product over the union of the rows' kept units, or dense); the ideal speedup
+of a batched row is dense bytes over the bytes of the plan it chose, and the per-layer union
+density of that plan is recorded. The plan is built before the timed steps (it is built
+once per batch composition; `plan_ms` says what that costs).
+
+Every repeat visits every configuration at every batch size. Each configuration's decode
+steps alternate step by step with a dense batch of the same size, and its speedup is the
+median dense step over its median step, so the machine's drift hits both alike; figures are
+medians over all steps of all repeats. Whole requests (`request_ms`) are timed at batch 1.
 """
 
 from __future__ import annotations
@@ -14,6 +23,8 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from collections import Counter
+from typing import Sequence
 
 import torch
 from tqdm import tqdm
@@ -24,6 +35,7 @@ from adapter.selection import predictors as P
 from adapter.selection.methods import make_method
 from adapter.config import PredictorConfig, RuntimeConfig
 from adapter.runtime.gated import GatedModel
+from adapter.runtime.gather import BatchPlan
 
 ARCHS = {
     "llama-gqa": dict(family="llama", hidden=1024, layers=16, heads=16, kv_heads=4, ffn=4096),
@@ -76,6 +88,24 @@ def step_bytes(gm: GatedModel, mask: masks.Mask | None, per_token: tuple[int, in
     return total
 
 
+def plan_step_bytes(gm: GatedModel, plan: BatchPlan, per_token: tuple[int, int] | None = None) -> int:
+    """Weight bytes one batched decode step reads under `plan`: its layers, plus each
+    per-token row's own kept weights (they run apart), plus the lm_head."""
+    shape, wb = gm.shape, gm.view.weight_bytes()
+    total = wb["head"] + plan.step_bytes()
+    if per_token is not None and plan.token_rows:
+        elt = gm.view.layers[0].wq.element_size()
+        kept = masks.layer_params(shape, per_token[0], shape.kv_heads, per_token[1])
+        total += len(plan.token_rows) * (shape.layers - 1) * kept * elt
+    return total
+
+
+def per_mask_step_bytes(gm: GatedModel, plan: BatchPlan) -> int:
+    """What one product per distinct mask would read (the runtime before batch plans)."""
+    return gm.view.weight_bytes()["head"] + sum(lp.bytes["attn"]["per_mask"] + lp.bytes["ffn"]["per_mask"]
+                                                 for lp in plan.layers)
+
+
 def _median_ms(samples: list[float]) -> float:
     return 1000.0 * statistics.median(samples)
 
@@ -97,17 +127,39 @@ class _HFDecoder:
         return (time.perf_counter() - start) / steps
 
 
-def _decode_seconds(gm: GatedModel, prompts: list[list[int]], method, steps: int) -> float:
+def _sync(gm: GatedModel) -> None:
+    if gm.device.type == "cuda":
+        torch.cuda.synchronize(gm.device)
+
+
+def _prepared(gm: GatedModel, prompts: list[list[int]], method, steps: int):
+    """Prefilled sequences for `steps` decode steps, their first tokens, the batch's plan
+    and the seconds it took to build (once per batch composition, before the timed steps)."""
     seqs, last = [], []
     for p in prompts:
         st, logits = gm.prefill(p, method, steps + 1)
         seqs.append(st)
         last.append(logits[0])
-    tok = torch.stack(last).argmax(-1)
+    _sync(gm)
     start = time.perf_counter()
-    for _ in range(steps):
-        tok = gm.decode(seqs, tok).argmax(-1)
-    return (time.perf_counter() - start) / steps
+    plan = gm.batch_plan(seqs, horizon=steps)  # what the first step would build; every step reuses it
+    _sync(gm)
+    return seqs, torch.stack(last).argmax(-1), plan, time.perf_counter() - start
+
+
+def _paired_steps(gm: GatedModel, dense_run: tuple, run: tuple, steps: int) -> tuple[list[float], list[float]]:
+    """Seconds of each decode step of two batches decoded in alternation (dense first on
+    even steps, second on odd ones), so the machine's drift hits both alike."""
+    runs = [list(dense_run), list(run)]  # [sequences, tokens]
+    times: tuple[list[float], list[float]] = ([], [])
+    for step in range(steps):
+        for k in ((0, 1) if step % 2 == 0 else (1, 0)):
+            seqs, tok = runs[k]
+            start = time.perf_counter()
+            runs[k][1] = gm.decode(seqs, tok).argmax(-1)
+            _sync(gm)
+            times[k].append(time.perf_counter() - start)
+    return times
 
 
 def _request_seconds(gm: GatedModel, prompts: list[list[int]], method) -> float:
@@ -138,23 +190,40 @@ def _predictor_seconds(gm: GatedModel, method, rng: torch.Generator) -> float:
 
 
 def run_speed(runtime: RuntimeConfig, arch: str = "llama-gqa", quick: bool = False,
-              batch_size: int = 1, predictor: PredictorConfig = PredictorConfig()) -> dict:
+              batch_size: int | Sequence[int] = 1, predictor: PredictorConfig = PredictorConfig(),
+              methods: Sequence[str] | None = None, sparsities: Sequence[float] | None = None,
+              repeats: int | None = None, steps: int | None = None) -> dict:
+    """batch_size: one size or several (each row of `results` says its own). methods and
+    sparsities: a subset of METHODS and of (0, 1) (default: all METHODS at SPARSITIES).
+    repeats and steps (decode steps timed per repeat) default to 5 x 32, quick 3 x 16."""
+    batches = (batch_size,) if isinstance(batch_size, int) else tuple(batch_size)
+    methods = METHODS if methods is None else tuple(methods)
+    sparsities = SPARSITIES if sparsities is None else tuple(sparsities)
+    if not batches or any(b < 1 for b in batches):
+        raise ValueError(f"batch sizes must be >= 1, got {list(batches)}")
+    if not methods or not sparsities:
+        raise ValueError("give at least one method and one sparsity to compare with dense")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown method {bad[0]!r}: use {', '.join(METHODS)} (dense always runs)")
+    if any(not 0.0 < s < 1.0 for s in sparsities):
+        raise ValueError(f"sparsities must be in (0, 1), got {list(sparsities)}")
     runtime.apply_threads()
     model, spec = bench_model(arch, quick)
-    # room for the three static masks; per-request shadowllm masks churn through the LRU
+    # room for the static masks and the union copies; per-request shadowllm masks churn
     gm = GatedModel(model, runtime.model_copy(update={"gather_cache_mb": 4096}))
     shape = gm.shape
-    repeats, steps = (3, 16) if quick else (5, 32)
+    repeats, steps = repeats or (3 if quick else 5), steps or (16 if quick else 32)
     rng = torch.Generator().manual_seed(1)
 
-    def prompts() -> list[list[int]]:
-        return [torch.randint(0, VOCAB, (PROMPT_TOKENS,), generator=rng).tolist() for _ in range(batch_size)]
+    def prompts(n: int) -> list[list[int]]:  # distinct prompts, one per row
+        return [torch.randint(0, VOCAB, (PROMPT_TOKENS,), generator=rng).tolist() for _ in range(n)]
 
     unified = P.random_unified(shape, predictor.hidden, predictor.rank_for(shape.layers, shape.ffn))
     dejavu_preds = P.random_dejavu(shape, predictor.dejavu_rank)
     configs: list[tuple[str, float, object]] = [("dense", 0.0, make_method("dense", 0.0))]
-    for method in METHODS:
-        for s in SPARSITIES:
+    for method in methods:
+        for s in sparsities:
             if method == "shadowllm":
                 configs.append((method, s, make_method("shadowllm", s, shape, unified, mode=runtime.mode,
                                                           head_selection=runtime.head_selection)))
@@ -165,58 +234,113 @@ def run_speed(runtime: RuntimeConfig, arch: str = "llama-gqa", quick: bool = Fal
                 configs.append((method, s, make_method("static", s, shape, P.random_static_scores(shape),
                                                           head_selection=runtime.head_selection)))
     hf = _HFDecoder(model)
-    decode = {i: [] for i in range(len(configs))}
-    request = {i: [] for i in range(len(configs))}
-    pred = {i: [] for i in range(len(configs))}
+    cells = [(b, i) for b in batches for i in range(len(configs))]
+    decode = {c: [] for c in cells}  # seconds per step; (b, 0): every dense step at batch b
+    paired = {c: [] for c in cells}  # the dense steps that alternated with (b, i)
+    request = {c: [] for c in cells}
+    pred = {c: [] for c in cells}
+    plan_ms = {c: [] for c in cells}
+    plans: dict[tuple[int, int], list[dict]] = {c: [] for c in cells}  # _plan_record per repeat
+    effective = {}
     hf_decode: list[float] = []
-    sample_mask = {}
     with torch.inference_mode():  # warm-up: allocator, kernels, gathered static masks
-        for _, _, method in configs:
-            gm.generate(prompts(), method, 2)
-        hf.per_token_seconds(prompts()[0], 2)
+        for b in batches:
+            for _, _, method in configs:
+                gm.generate(prompts(b), method, 2)
+        hf.per_token_seconds(prompts(1)[0], 2)
     for _ in tqdm(range(repeats), desc=f"bench {arch}", disable=None):
-        if batch_size == 1:
-            hf_decode.append(hf.per_token_seconds(prompts()[0], steps))
-        for i, (_, _, method) in enumerate(configs):
-            ps = prompts()  # fresh prompts: per-request masks differ, gathers are not cached
-            decode[i].append(_decode_seconds(gm, ps, method, steps))
-            request[i].append(_request_seconds(gm, prompts(), method))
-            pred[i].append(_predictor_seconds(gm, method, rng))
-            if i not in sample_mask:
-                st, _ = gm.prefill(ps[0], method, 0)
-                sample_mask[i] = st
-    dense_ms = _median_ms(decode[0])
+        if 1 in batches:
+            hf_decode.append(hf.per_token_seconds(prompts(1)[0], steps))
+            request[1, 0].append(_request_seconds(gm, prompts(1), configs[0][2]))
+        for b, i in cells:
+            if i == 0:
+                continue
+            method = configs[i][2]
+            # fresh prompts: per-request masks differ, their gathers and plans are not cached
+            dense_seqs, dense_tok, _, _ = _prepared(gm, prompts(b), configs[0][2], steps)
+            seqs, tok, plan, plan_s = _prepared(gm, prompts(b), method, steps)
+            d, c = _paired_steps(gm, (dense_seqs, dense_tok), (seqs, tok), steps)
+            decode[b, 0] += d
+            paired[b, i] += d
+            decode[b, i] += c
+            plan_ms[b, i].append(plan_s)
+            per_token = method.counts(shape) if method.per_token else None
+            plans[b, i].append(_plan_record(gm, plan, per_token))
+            effective.setdefault(i, seqs[0].effective_sparsity)
+            del plan, seqs, dense_seqs
+            gm.plans.clear()  # fresh prompts: this composition never comes back
+            if b == 1:
+                request[b, i].append(_request_seconds(gm, prompts(b), method))
+            pred[b, i].append(_predictor_seconds(gm, method, rng))
     dense_bytes = step_bytes(gm, None)
-    results = []
-    for i, (name, s, method) in enumerate(configs):
-        st = sample_mask[i]
-        per_token = method.counts(shape) if method.per_token else None
-        ms = _median_ms(decode[i])
+    results, dense = [], []
+    for b, i in cells:
+        if i == 0:
+            dense.append({"batch_size": b, "ms_per_token": round(_median_ms(decode[b, 0]), 3),
+                          "request_ms": round(_median_ms(request[b, 0]), 1) if request[b, 0] else None})
+            continue
+        name, s, method = configs[i]
+        ms, dense_ms = _median_ms(decode[b, i]), _median_ms(paired[b, i])
+        ideal = dense_bytes / statistics.mean(p["bytes"] for p in plans[b, i])
         results.append({
-            "method": name, "sparsity": s, "ms_per_token": round(ms, 3),
+            "method": name, "sparsity": s, "batch_size": b, "ms_per_token": round(ms, 3),
+            "dense_ms_per_token": round(dense_ms, 3),  # the dense steps it alternated with
             "speedup": round(dense_ms / ms, 3),
-            "ideal_speedup": round(dense_bytes / step_bytes(gm, st.mask, per_token), 3),
-            "predictor_ms": round(_median_ms(pred[i]), 4),
-            "request_ms": round(_median_ms(request[i]), 1),
-            "effective_sparsity": round(st.effective_sparsity, 4),
+            "ideal_speedup": round(ideal, 3),  # dense bytes / bytes of the plan it chose
+            "pct_of_ideal": round(100 * dense_ms / ms / ideal, 1),
+            # what one product per distinct mask would read, relative to dense
+            "per_mask_bytes_vs_dense": round(statistics.mean(p["per_mask_bytes"] for p in plans[b, i])
+                                             / dense_bytes, 3),
+            "plan_ms": round(_median_ms(plan_ms[b, i]), 2),
+            # with the plan's build (once per composition) spread over the timed steps
+            "speedup_with_plan": round(dense_ms / (ms + _median_ms(plan_ms[b, i]) / steps), 3),
+            "plan_gathered_mb": round(statistics.mean(p["gathered_bytes"] for p in plans[b, i]) / 2**20, 1),
+            "predictor_ms": round(_median_ms(pred[b, i]), 4),
+            "request_ms": round(_median_ms(request[b, i]), 1) if request[b, i] else None,
+            "effective_sparsity": round(effective[i], 4),
+            "plan": _plan_summary(plans[b, i]),
         })
     hf_ms = _median_ms(hf_decode) if hf_decode else None
-    return {
+    dense_b1 = next((d for d in dense if d["batch_size"] == 1), None)
+    out = {
         "device": _device_name(gm.device), "threads": torch.get_num_threads(),
-        "dtype": runtime.dtype, "model": spec, "batch_size": batch_size,
+        "dtype": runtime.dtype, "model": spec, "batch_sizes": list(batches),
         "prompt_tokens": PROMPT_TOKENS, "request_tokens": REQUEST_TOKENS,
         "decode_steps": steps, "repeats": repeats, "quick": quick,
-        "dense_ms_per_token": round(dense_ms, 3),
+        "dense": dense,
         "transformers_ms_per_token": None if hf_ms is None else round(hf_ms, 3),
-        "wrapped_vs_transformers": None if hf_ms is None else round(dense_ms / hf_ms, 3),
-        "dense_request_ms": results[0]["request_ms"],
-        "results": results[1:],
+        "wrapped_vs_transformers": None if hf_ms is None else round(dense_b1["ms_per_token"] / hf_ms, 3),
+        "results": results,
         "predictor": {"shadowllm_hidden": predictor.hidden,
                       "shadowllm_neuron_rank": unified.neuron_rank,
                       "dejavu_rank": predictor.dejavu_rank},
+        "plan_horizon_steps": gm.plan_horizon,
         "gather_cache": gm.cache.stats(),
+        "plan_cache": gm.plans.stats(),
         "torch": torch.__version__,
     }
+    if len(batches) == 1:  # the single-batch fields of earlier runs' JSON
+        out.update(batch_size=batches[0], dense_ms_per_token=dense[0]["ms_per_token"],
+                   dense_request_ms=dense[0]["request_ms"])
+    return out
+
+
+def _plan_record(gm: GatedModel, plan: BatchPlan, per_token: tuple[int, int] | None) -> dict:
+    """What the bench keeps of a plan (not the plan: it holds the union copies)."""
+    return {"bytes": plan_step_bytes(gm, plan, per_token), "per_mask_bytes": per_mask_step_bytes(gm, plan),
+            "gathered_bytes": plan.gathered_bytes, "layers": plan.summary()}
+
+
+def _plan_summary(records: list[dict]) -> list[dict]:
+    """Per layer over the repeats' plans: the kinds chosen for attention and FFN (most
+    frequent first) and the mean union density of heads, KV groups and neurons."""
+    out = []
+    for layer in range(len(records[0]["layers"])):
+        rows = [r["layers"][layer] for r in records]
+        kinds = lambda part: "|".join(k for k, _ in Counter(r[part] for r in rows).most_common())
+        out.append({"layer": layer, "attn": kinds("attn"), "ffn": kinds("ffn"),
+                    **{k: round(statistics.mean(r[k] for r in rows), 4) for k in ("heads", "kv_groups", "neurons")}})
+    return out
 
 
 def _device_name(device: torch.device) -> str:

@@ -7,6 +7,11 @@ rest of the prompt and every decode step. Skipped heads are never computed: each
 cache holds only the kept KV groups. DejaVu-style methods instead pick units per token in
 decode, with all KV groups computed so their cache stays complete.
 
+A decode step over a batch of distinct masks follows the batch's plan (gather.build_plan),
+built once per batch composition: per layer, per-mask products, one product over the union
+of the rows' kept units, or a dense one, whichever reads the fewest weight bytes; each row's
+own mask is applied to its result, and attention stays per sequence.
+
 Per-request state lives in a `Sequence` value that the caller holds and passes back; the
 model object holds nothing per request (concurrent requests never share mutable state).
 
@@ -26,7 +31,9 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from adapter.runtime import masks
 from adapter.runtime.model_view import ModelView, Shape
 from adapter.config import RuntimeConfig
-from adapter.runtime.gather import AttnWeights, FfnWeights, GatherCache, LayerWeights, head_rows
+from adapter.runtime.gather import (UNION_HORIZON_STEPS, AttnPlan, AttnWeights, BatchPlan, FfnPlan,
+                                    FfnWeights, GatherCache, LayerPlan, LayerWeights, MaskGroup,
+                                    PlanCache, PlanKind, build_plan, head_rows)
 from adapter.selection.base import SelectionMethod
 
 
@@ -78,6 +85,9 @@ class GatedModel:
         self.view = ModelView(self.model)
         self.shape: Shape = self.view.shape
         self.cache = GatherCache(self.view.layers, self.shape, self.config.gather_cache_mb << 20)
+        # decode plans of batch compositions (content-keyed values, like the gather cache)
+        self.plans = PlanCache(self.config.gather_cache_mb << 20)
+        self.plan_horizon = UNION_HORIZON_STEPS
         self.scale = self.shape.head_dim ** -0.5
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self._dejavu_t: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -124,7 +134,9 @@ class GatedModel:
             enable_gqa=q2g is None and n_heads != keys.shape[0])
         return out[0].transpose(0, 1).reshape(t, n_heads * dh)
 
-    def _ffn(self, layer: int, w: FfnWeights, x: torch.Tensor) -> torch.Tensor:
+    def _ffn(self, layer: int, w: FfnWeights, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x (n, D) -> (n, D). keep (n, K): each row's own units among w's (batch plans);
+        the others' activations are zeroed before the down projection."""
         act = self.view.layers[layer].act
         if w.gated:
             if len(w.inp) == 1:
@@ -134,6 +146,8 @@ class GatedModel:
             a = act(gate) * up
         else:
             a = act(F.linear(x, *w.inp[0]))
+        if keep is not None:
+            a = a * keep
         return F.linear(a, w.w_down, w.b_down)
 
     @staticmethod
@@ -228,65 +242,114 @@ class GatedModel:
         return method.effective_sparsity(self.shape, mask)
 
     # ---- decode ---------------------------------------------------------------------------
+    def batch_plan(self, seqs: list[Sequence], force: PlanKind | None = None,
+                   horizon: int | None = None) -> BatchPlan:
+        """How a decode step over these sequences shares its products, layer by layer
+        (gather.build_plan). Cached by the rows' mask keys in row order, so it is built when
+        the batch's composition changes, not per token. `horizon`: the steps the caller
+        expects this composition to last (default plan_horizon); it weighs a union copy
+        when the plan is built, and a cached plan stands. `force` (tests) is never cached."""
+        def build() -> BatchPlan:
+            return build_plan(self.view.layers, self.shape, [st.mask for st in seqs],
+                              [st.method.per_token for st in seqs], max(1, horizon or self.plan_horizon),
+                              force)
+
+        if force is not None:
+            return build()
+        return self.plans.get(tuple("token" if st.method.per_token else st.mask.key for st in seqs), build)
+
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence], tokens: torch.Tensor) -> torch.Tensor:
-        """One step for a batch: tokens (B,) -> logits (B, V). Sequences sharing a mask run
-        their projections as one matmul; attention is per sequence (own cache)."""
+    def decode(self, seqs: list[Sequence], tokens: torch.Tensor, plan: BatchPlan | None = None,
+               horizon: int | None = None) -> torch.Tensor:
+        """One step for a batch: tokens (B,) -> logits (B, V). Per layer the batch's plan
+        runs its projections per distinct mask, or once over the union of the rows' kept
+        units, or once densely, whichever reads the fewest weight bytes; every row gets its
+        own mask's result. Attention is per sequence (own kept heads, own cache). `plan`:
+        one from batch_plan (default: the cached one); `horizon`: see batch_plan."""
         for st in seqs:
             if st.length >= st.capacity:
                 raise RequestError("the sequence reached its max_tokens capacity")
-        b = len(seqs)
+        if plan is None:
+            plan = self.batch_plan(seqs, horizon=horizon)
         pos = torch.tensor([st.length for st in seqs], device=self.device)
         h = self.view.embed(tokens.to(self.device), pos)  # (B, D)
         cos_sin = self.view.rope(h, pos)
-        groups: dict[object, list[int]] = {}
-        for i, st in enumerate(seqs):
-            key = ("token", i) if st.method.per_token else st.mask.key
-            groups.setdefault(key, []).append(i)
-        if len(groups) == 1 and not seqs[0].method.per_token:  # one shared mask: no row shuffling
-            for layer in range(self.shape.layers):
-                h = self._group_layer(seqs, layer, h, cos_sin)
-            for st in seqs:
-                st.length += 1
-            return self.view.logits(h)
-        for layer in range(self.shape.layers):
+        for layer, lp in enumerate(plan.layers):
+            token_rows = plan.token_rows if layer > 0 else ()
+            if lp.rows is None and not token_rows:
+                h = self._plan_layer(seqs, layer, h, cos_sin, lp)
+                continue
             out = torch.empty_like(h)
-            for key, idx in groups.items():
-                if key[0] == "token" and layer > 0:
-                    i = idx[0]
-                    out[i] = self._dejavu_layer(seqs[i], layer, h[i:i + 1], self._rope_rows(cos_sin, [i]))[0]
-                else:
-                    rows = torch.tensor(idx, device=self.device)
-                    out.index_copy_(0, rows, self._group_layer([seqs[i] for i in idx], layer,
-                                                               h.index_select(0, rows),
-                                                               self._rope_rows(cos_sin, idx)))
+            if lp.members:
+                out.index_copy_(0, lp.rows, self._plan_layer(
+                    [seqs[i] for i in lp.members], layer, h.index_select(0, lp.rows),
+                    self._rope_sel(cos_sin, lp.rows), lp))
+            for i in token_rows:
+                out[i] = self._dejavu_layer(seqs[i], layer, h[i:i + 1], self._rope_row(cos_sin, i))[0]
             h = out
         for st in seqs:
             st.length += 1
         return self.view.logits(h)
 
     @staticmethod
-    def _rope_rows(cos_sin, idx: list[int]):
-        if cos_sin is None:
-            return None
-        return cos_sin[0][idx], cos_sin[1][idx]
+    def _rope_row(cos_sin, j: int):
+        return None if cos_sin is None else (cos_sin[0][j:j + 1], cos_sin[1][j:j + 1])
 
-    def _group_layer(self, seqs: list[Sequence], layer: int, h: torch.Tensor, rope) -> torch.Tensor:
-        """Sequences with the same weights for `layer`, one new token each: h (n, D)."""
-        ref, w = self.view.layers[layer], seqs[0].weights[layer]
+    @staticmethod
+    def _rope_sel(cos_sin, rows: torch.Tensor | None):
+        if cos_sin is None or rows is None:
+            return cos_sin
+        return cos_sin[0].index_select(0, rows), cos_sin[1].index_select(0, rows)
 
-        def attn(x):
-            q, k, v = self._qkv(w.attn, x)
-            outs = [self._attend(st, layer, q[j:j + 1], k[j:j + 1], v[j:j + 1], w.attn.n_heads,
-                                 w.attn.n_groups, w.attn.q2g,
-                                 None if rope is None else (rope[0][j:j + 1], rope[1][j:j + 1]),
-                                 st.length)
-                    for j, st in enumerate(seqs)]
-            return F.linear(torch.cat(outs), w.attn.wo, w.attn.bo)
-
-        h, _ = self._block(h, ref.attn_norm, attn, ref.pre_norm)
-        h, _ = self._block(h, ref.ffn_norm, lambda x: self._ffn(layer, w.ffn, x), ref.pre_norm)
+    def _plan_layer(self, seqs: list[Sequence], layer: int, h: torch.Tensor, rope, lp: LayerPlan) -> torch.Tensor:
+        """The layer's rows, one new token each: h (n, D) -> (n, D)."""
+        ref = self.view.layers[layer]
+        h, _ = self._block(h, ref.attn_norm, lambda x: self._plan_attn(seqs, layer, x, rope, lp.attn), ref.pre_norm)
+        h, _ = self._block(h, ref.ffn_norm, lambda x: self._plan_ffn(seqs, layer, x, lp.ffn), ref.pre_norm)
         return h
+
+    def _per_mask(self, groups: tuple[MaskGroup, ...], x: torch.Tensor, rope, fn) -> torch.Tensor:
+        """fn(group, its rows of x, their rope) per group of rows sharing a layer mask."""
+        if len(groups) == 1 and groups[0].rows is None:  # one mask: no row shuffling
+            return fn(groups[0], x, rope)
+        out = torch.empty_like(x)
+        for g in groups:
+            out.index_copy_(0, g.rows, fn(g, x.index_select(0, g.rows), self._rope_sel(rope, g.rows)))
+        return out
+
+    def _plan_attn(self, seqs: list[Sequence], layer: int, x: torch.Tensor, rope, ap: AttnPlan) -> torch.Tensor:
+        if ap.kind == "per_mask":
+            return self._per_mask(ap.groups, x, rope, lambda g, xs, rs: self._attn_rows(
+                [seqs[j] for j in g.members], layer, xs, rs, seqs[g.members[0]].weights[layer].attn))
+        # one projection over the layout's heads (union or all); each row takes its own
+        # heads and groups out of it, in its own mask's order, and attends over its own cache
+        w, n = ap.weights, x.shape[0]
+        q, k, v = self._qkv(w, x)  # (n, Hu*Dh), (n, Gu*Dh), (n, Gu*Dh)
+        qs = q.reshape(-1).index_select(0, ap.q_idx).split(ap.q_split)
+        ks = k.reshape(-1).index_select(0, ap.kv_idx).split(ap.kv_split)
+        vs = v.reshape(-1).index_select(0, ap.kv_idx).split(ap.kv_split)
+        outs = []
+        for j, st in enumerate(seqs):
+            own = st.weights[layer].attn
+            outs.append(self._attend(st, layer, qs[j][None], ks[j][None], vs[j][None], own.n_heads,
+                                     own.n_groups, own.q2g, self._rope_row(rope, j), st.length))
+        # skipped heads' outputs stay zero: o reads each row's own heads only
+        o = x.new_zeros(n * w.q_width).index_copy_(0, ap.q_idx, torch.cat(outs, dim=1)[0])
+        return F.linear(o.view(n, w.q_width), w.wo, w.bo)
+
+    def _attn_rows(self, seqs: list[Sequence], layer: int, x: torch.Tensor, rope, w: AttnWeights) -> torch.Tensor:
+        """Rows sharing the attention weights w, one new token each: x (n, D) -> (n, D)."""
+        q, k, v = self._qkv(w, x)
+        outs = [self._attend(st, layer, q[j:j + 1], k[j:j + 1], v[j:j + 1], w.n_heads, w.n_groups,
+                             w.q2g, self._rope_row(rope, j), st.length)
+                for j, st in enumerate(seqs)]
+        return F.linear(torch.cat(outs), w.wo, w.bo)
+
+    def _plan_ffn(self, seqs: list[Sequence], layer: int, x: torch.Tensor, fp: FfnPlan) -> torch.Tensor:
+        if fp.kind == "per_mask":
+            return self._per_mask(fp.groups, x, None, lambda g, xs, _: self._ffn(
+                layer, seqs[g.members[0]].weights[layer].ffn, xs))
+        return self._ffn(layer, fp.weights, x, fp.keep)
 
     def _transposed(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """o_proj and down_proj stored (in, D) so a per-token gather of kept inputs is one
@@ -380,7 +443,9 @@ class GatedModel:
             if not still:
                 break
             active = [i for _, i in still]
-            logits = self.decode([states[i] for i in active], toks[[j for j, _ in still]])
+            # the steps this composition has left, if no row stops early
+            logits = self.decode([states[i] for i in active], toks[[j for j, _ in still]],
+                                 horizon=max_new_tokens - len(out_ids[active[0]]))
         return [Generation(token_ids=out_ids[i], finish_reason=finish[i], method=methods[i].name,
                            sparsity=methods[i].sparsity, effective_sparsity=states[i].effective_sparsity,
                            mask=states[i].mask, logprobs=out_lp[i], predictor_input=states[i].predictor_input)

@@ -7,7 +7,25 @@ with no copy. Gathered copies live in a byte-bounded LRU keyed by mask content: 
 is `budget_bytes` for the cache, plus the copies still referenced by in-flight sequences
 (at most one per running sequence, (1 - s) of the gated layers' bytes each).
 
-Shapes: D model dim, Dh head dim, Kh kept heads, Kg kept KV groups, K kept neurons.
+Batches of distinct masks (`build_plan`): rows share a matmul only through a common weight
+copy, so a batch of B distinct masks would run B products, each reading (1 - s) of the
+weights: more bytes than dense once B > 1/(1 - s). Per layer, and separately for attention
+and FFN, a byte model picks the cheapest of
+  per_mask  one product per distinct layer mask, on the masks' own gathered copies;
+  union     one product over the union of the batch's kept units (a gathered copy of the
+            union; each row's own mask is applied to its result, so every row gets exactly
+            what it would get alone, up to float reassociation);
+  dense     one product over every unit (the model's own tensors, no copy), masks applied
+            the same way.
+per_mask reads sum_m bytes(m) >= bytes(union of m), so it wins only where the batch has one
+layer mask, or where the union copy does not pay for itself: a union gather reads and writes
+the union once, charged as GATHER_READS step-reads spread over UNION_HORIZON_STEPS steps.
+Attention stays per sequence whatever the plan: each row attends with its own kept heads
+over its own cache, which holds only its kept KV groups (Polar Sparsity, NeurIPS 2025:
+head sparsity is batch-invariant, while the union of FFN neurons approaches dense).
+
+Shapes: B batch rows, D model dim, Dh head dim, Kh kept heads, Kg kept KV groups, K kept
+neurons; Hu/Gu/U the union's heads, groups and neurons.
 """
 
 from __future__ import annotations
@@ -15,9 +33,11 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from adapter.runtime import masks
 from adapter.runtime.model_view import LayerRefs, Shape
 from adapter.runtime.masks import LayerMask, Mask
 
@@ -79,35 +99,56 @@ def dense_layer(ref: LayerRefs, shape: Shape) -> LayerWeights:
     return LayerWeights(attn, ffn)
 
 
-def gather_layer(ref: LayerRefs, lm: LayerMask, shape: Shape) -> LayerWeights:
-    if lm.full:
-        return dense_layer(ref, shape)
+@torch.no_grad()
+def _rows_into(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The rows idx of each matrix, stacked into one new matrix: index_select straight into
+    its slice (no intermediate copies; about twice as fast as cat of W[idx])."""
+    first = parts[0][0]
+    out = first.new_empty(sum(idx.numel() for _, idx in parts), first.shape[1])
+    at = 0
+    for w, idx in parts:
+        torch.index_select(w, 0, idx, out=out[at:at + idx.numel()])
+        at += idx.numel()
+    return out
+
+
+def gather_attn(ref: LayerRefs, heads: torch.Tensor, groups: torch.Tensor, shape: Shape) -> AttnWeights:
+    """q/k/v rows and o columns of the kept heads (Kh,) and groups (Kg,), fused into one copy."""
     dh = shape.head_dim
-    device = ref.wq.device
-    heads, groups, neurons = lm.heads.to(device), lm.groups.to(device), lm.neurons.to(device)
     rows_q, rows_kv = head_rows(heads, dh), head_rows(groups, dh)
     q_w, kv_w = rows_q.numel(), rows_kv.numel()
-    wqkv = torch.cat([ref.wq[rows_q], ref.wk[rows_kv], ref.wv[rows_kv]])
+    wqkv = _rows_into([(ref.wq, rows_q), (ref.wk, rows_kv), (ref.wv, rows_kv)])
     bqkv = _cat_bias(
         [None if b is None else b[r] for b, r in ((ref.bq, rows_q), (ref.bk, rows_kv), (ref.bv, rows_kv))],
         [q_w, kv_w, kv_w], wqkv)
     per_group = torch.bincount(heads // shape.group_size, minlength=shape.kv_heads)[groups]
     uniform = bool((per_group == per_group[0]).all())  # once per gather, not per token
     q2g = None if uniform else torch.searchsorted(groups, heads // shape.group_size)
-    attn = AttnWeights(
-        qkv=((wqkv, bqkv),), q_width=q_w, kv_width=kv_w, wo=ref.wo[:, rows_q].contiguous(),
+    return AttnWeights(
+        qkv=((wqkv, bqkv),), q_width=q_w, kv_width=kv_w, wo=ref.wo.index_select(1, rows_q),
         bo=ref.bo, n_heads=heads.numel(), n_groups=groups.numel(), q2g=q2g,
     )
+
+
+def gather_ffn(ref: LayerRefs, neurons: torch.Tensor) -> FfnWeights:
+    """gate+up (or fc1) rows and down (fc2) columns of the kept neurons (K,), one copy each."""
     gated = ref.w_up is not None
     if gated:
-        w_in = torch.cat([ref.w_in[neurons], ref.w_up[neurons]])
+        w_in = _rows_into([(ref.w_in, neurons), (ref.w_up, neurons)])
         b_in = None if ref.b_in is None else torch.cat([ref.b_in[neurons], ref.b_in.new_zeros(neurons.numel())])
     else:
-        w_in = ref.w_in[neurons]
+        w_in = ref.w_in.index_select(0, neurons)
         b_in = None if ref.b_in is None else ref.b_in[neurons]
-    ffn = FfnWeights(inp=((w_in, b_in),), w_down=ref.w_down[:, neurons].contiguous(),
-                     b_down=ref.b_down, gated=gated, width=neurons.numel())
-    return LayerWeights(attn, ffn)
+    return FfnWeights(inp=((w_in, b_in),), w_down=ref.w_down.index_select(1, neurons),
+                      b_down=ref.b_down, gated=gated, width=neurons.numel())
+
+
+def gather_layer(ref: LayerRefs, lm: LayerMask, shape: Shape) -> LayerWeights:
+    if lm.full:
+        return dense_layer(ref, shape)
+    device = ref.wq.device
+    heads, groups, neurons = lm.heads.to(device), lm.groups.to(device), lm.neurons.to(device)
+    return LayerWeights(gather_attn(ref, heads, groups, shape), gather_ffn(ref, neurons))
 
 
 class GatherCache:
@@ -149,6 +190,235 @@ class GatherCache:
                 break
             _, size = self._entries.pop(key)
             self.bytes -= size
+
+    def stats(self) -> dict:
+        return {"entries": len(self._entries), "bytes": self.bytes, "budget_bytes": self.budget,
+                "hits": self.hits, "misses": self.misses}
+
+
+# ---- batch plans: one decode step over rows with distinct masks -----------------------------
+
+PlanKind = Literal["per_mask", "union", "dense"]
+PLAN_KINDS: tuple[PlanKind, ...] = ("per_mask", "dense", "union")  # tie order: no copy first
+UNION_HORIZON_STEPS = 32  # decode steps a batch composition is expected to last
+GATHER_READS = 2  # a union gather reads and writes each byte of the union once
+
+
+@dataclass(frozen=True)
+class MaskGroup:
+    """Rows of a layer's plan that share one layer mask: one product on the mask's own
+    gathered weights, which the rows' sequences hold (a plan never keeps them alive)."""
+
+    rows: torch.Tensor | None  # (n,) positions among the plan's rows; None: all, in order
+    members: tuple[int, ...]  # the same positions, on the host
+
+
+@dataclass(frozen=True)
+class AttnPlan:
+    kind: PlanKind
+    groups: tuple[MaskGroup, ...]  # per_mask
+    weights: AttnWeights | None  # union / dense: the projection over the layout's heads
+    q_idx: torch.Tensor | None  # (sum_b Kh_b*Dh,) each row's own heads in the flat q (B*Hu*Dh,)
+    kv_idx: torch.Tensor | None  # (sum_b Kg_b*Dh,) each row's own groups in the flat k/v (B*Gu*Dh,)
+    q_split: tuple[int, ...] = ()  # Kh_b*Dh per row
+    kv_split: tuple[int, ...] = ()  # Kg_b*Dh per row
+
+
+@dataclass(frozen=True)
+class FfnPlan:
+    kind: PlanKind
+    groups: tuple[MaskGroup, ...]  # per_mask
+    weights: FfnWeights | None  # union / dense
+    keep: torch.Tensor | None  # (B, U) 1 where the layout's unit is in the row's own mask, else 0
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    rows: torch.Tensor | None  # (n,) batch rows this layer runs on the plan; None: all, in order
+    members: tuple[int, ...]  # the same rows, on the host
+    attn: AttnPlan
+    ffn: FfnPlan
+    bytes: dict  # weight bytes per step of each candidate: {"attn": {kind: n}, "ffn": {kind: n}}
+    density: dict  # the union's share of the layer's heads, kv_groups and neurons
+
+    @property
+    def step_bytes(self) -> int:
+        return self.bytes["attn"][self.attn.kind] + self.bytes["ffn"][self.ffn.kind]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    layers: tuple[LayerPlan, ...]
+    token_rows: tuple[int, ...]  # per-token (DejaVu) rows: their own path at layers >= 1
+    gathered_bytes: int  # bytes of the union copies this plan holds
+
+    def step_bytes(self) -> int:
+        """Weight bytes of the decoder layers one step reads for the plan's rows (per-token
+        rows, the embedding and the lm_head not counted)."""
+        return sum(lp.step_bytes for lp in self.layers)
+
+    def summary(self) -> list[dict]:
+        return [{"layer": i, "attn": lp.attn.kind, "ffn": lp.ffn.kind, **lp.density,
+                 "mask_groups": len(lp.ffn.groups) if lp.ffn.kind == "per_mask" else None,
+                 "bytes": lp.step_bytes}
+                for i, lp in enumerate(self.layers)]
+
+
+def unit_bytes(ref: LayerRefs, shape: Shape) -> tuple[int, int, int]:
+    """Weight bytes read per kept query head, KV group and neuron of one layer."""
+    elt = ref.wq.element_size()
+    return tuple(n * elt for n in masks.unit_params(shape))
+
+
+def _choose(costs: dict[str, float], force: PlanKind | None) -> PlanKind:
+    if force is not None:
+        return force
+    return min((k for k in PLAN_KINDS if k in costs), key=lambda k: costs[k])  # min keeps the first of ties
+
+
+def _layer_key(lm: LayerMask) -> bytes:
+    return lm.heads.cpu().numpy().tobytes() + b"|" + lm.neurons.cpu().numpy().tobytes()
+
+
+def build_plan(layers: list[LayerRefs], shape: Shape, row_masks: list[Mask], per_token: list[bool],
+               horizon: int = UNION_HORIZON_STEPS, force: PlanKind | None = None) -> BatchPlan:
+    """The plan of one decode step for rows with these masks.
+
+    Host work (unique, searchsorted, copies of the unions): run it when the batch's
+    composition changes, not per token. `force` makes every layer take one kind (tests)."""
+    b = len(row_masks)
+    token_rows = tuple(i for i in range(b) if per_token[i])
+    planned = [i for i in range(b) if not per_token[i]]
+    out, gathered = [], 0
+    for layer, ref in enumerate(layers):
+        # layer 0 is dense for every method, per-token ones included
+        members = list(range(b)) if layer == 0 else planned
+        lp, nbytes = _plan_layer(ref, shape, [row_masks[i].layers[layer] for i in members], horizon, force)
+        device = ref.wq.device
+        rows = None if members == list(range(b)) else torch.tensor(members, dtype=torch.long, device=device)
+        out.append(LayerPlan(rows=rows, members=tuple(members), **lp))
+        gathered += nbytes
+    return BatchPlan(layers=tuple(out), token_rows=token_rows, gathered_bytes=gathered)
+
+
+def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int,
+                force: PlanKind | None) -> tuple[dict, int]:
+    device, dh = ref.wq.device, shape.head_dim
+    per_head, per_group, per_neuron = unit_bytes(ref, shape)
+    if not lms:  # every row is per-token at this layer
+        empty_a = AttnPlan("per_mask", (), None, None, None)
+        empty_f = FfnPlan("per_mask", (), None, None)
+        return dict(attn=empty_a, ffn=empty_f, bytes={"attn": {"per_mask": 0}, "ffn": {"per_mask": 0}},
+                    density={"heads": 0.0, "kv_groups": 0.0, "neurons": 0.0}), 0
+    by_key: dict[bytes, list[int]] = {}
+    for j, lm in enumerate(lms):
+        by_key.setdefault(_layer_key(lm), []).append(j)
+    firsts = [idx[0] for idx in by_key.values()]
+    n = len(lms)
+    groups = tuple(
+        MaskGroup(rows=None if len(by_key) == 1 else torch.tensor(idx, dtype=torch.long, device=device),
+                  members=tuple(idx))
+        for idx in by_key.values())
+    heads_u = torch.unique(torch.cat([lms[j].heads for j in firsts]))
+    groups_u = torch.unique(heads_u // shape.group_size)
+    neurons_u = torch.unique(torch.cat([lms[j].neurons for j in firsts]))
+    full_attn = heads_u.numel() == shape.heads and groups_u.numel() == shape.kv_heads
+    full_ffn = neurons_u.numel() == shape.ffn
+    attn_bytes = {
+        "per_mask": sum(lms[j].heads.numel() * per_head + lms[j].groups.numel() * per_group for j in firsts),
+        "dense": shape.heads * per_head + shape.kv_heads * per_group,
+    }
+    ffn_bytes = {"per_mask": sum(lms[j].neurons.numel() * per_neuron for j in firsts),
+                 "dense": shape.ffn * per_neuron}
+    if not full_attn:
+        attn_bytes["union"] = heads_u.numel() * per_head + groups_u.numel() * per_group
+    if not full_ffn:
+        ffn_bytes["union"] = neurons_u.numel() * per_neuron
+
+    def costs(nbytes: dict) -> dict:
+        # a union copy is made once per batch composition: charge it over the horizon
+        return {k: v * (1 + GATHER_READS / horizon) if k == "union" else v for k, v in nbytes.items()}
+
+    attn_kind = _choose(costs(attn_bytes), force)
+    ffn_kind = _choose(costs(ffn_bytes), force)
+    if force == "union":  # a forced union that covers every unit is the dense layout
+        attn_bytes.setdefault("union", attn_bytes["dense"])
+        ffn_bytes.setdefault("union", ffn_bytes["dense"])
+    gathered = 0
+    if attn_kind == "per_mask":
+        attn = AttnPlan("per_mask", groups, None, None, None)
+    else:
+        if attn_kind == "union" and not full_attn:
+            w = gather_attn(ref, heads_u.to(device), groups_u.to(device), shape)
+            gathered += sum(t.numel() * t.element_size() for t in (w.qkv[0][0], w.wo))
+            lay_h, lay_g = heads_u, groups_u
+        else:
+            w = dense_layer(ref, shape).attn
+            lay_h, lay_g = torch.arange(shape.heads), torch.arange(shape.kv_heads)
+        wq, wkv = lay_h.numel() * dh, lay_g.numel() * dh
+        q_idx = torch.cat([j * wq + head_rows(torch.searchsorted(lay_h, lm.heads), dh) for j, lm in enumerate(lms)])
+        kv_idx = torch.cat([j * wkv + head_rows(torch.searchsorted(lay_g, lm.groups), dh) for j, lm in enumerate(lms)])
+        attn = AttnPlan(attn_kind, (), w, q_idx.to(device), kv_idx.to(device),
+                        q_split=tuple(lm.heads.numel() * dh for lm in lms),
+                        kv_split=tuple(lm.groups.numel() * dh for lm in lms))
+    if ffn_kind == "per_mask":
+        ffn = FfnPlan("per_mask", groups, None, None)
+    else:
+        if ffn_kind == "union" and not full_ffn:
+            w = gather_ffn(ref, neurons_u.to(device))
+            gathered += sum(t.numel() * t.element_size() for t in (w.inp[0][0], w.w_down))
+            lay_n = neurons_u
+        else:
+            w = dense_layer(ref, shape).ffn
+            lay_n = torch.arange(shape.ffn)
+        keep = torch.zeros(n, lay_n.numel(), dtype=ref.w_down.dtype)
+        for j, lm in enumerate(lms):
+            keep[j, torch.searchsorted(lay_n, lm.neurons)] = 1
+        ffn = FfnPlan(ffn_kind, (), w, keep.to(device))
+    density = {"heads": round(heads_u.numel() / shape.heads, 4),
+               "kv_groups": round(groups_u.numel() / shape.kv_heads, 4),
+               "neurons": round(neurons_u.numel() / shape.ffn, 4)}
+    return dict(attn=attn, ffn=ffn, bytes={"attn": attn_bytes, "ffn": ffn_bytes}, density=density), gathered
+
+
+class PlanCache:
+    """Batch plans keyed by the batch's composition (each row's mask key, in row order):
+    a plan is built when the composition changes and reused by every step after. Bounded
+    by `budget_bytes` of union copies and `max_entries`; the newest plan always stays (the
+    running batch must not rebuild its plan every step). Thread-safe."""
+
+    def __init__(self, budget_bytes: int, max_entries: int = 64):
+        self.budget, self.max_entries = budget_bytes, max_entries
+        self._entries: OrderedDict[tuple, BatchPlan] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple, build) -> BatchPlan:
+        with self._lock:
+            plan = self._entries.get(key)
+            if plan is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return plan
+        plan = build()
+        with self._lock:
+            self.misses += 1
+            if key not in self._entries:
+                self._entries[key] = plan
+                self.bytes += plan.gathered_bytes
+            self._evict()
+            return self._entries.get(key, plan)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
+
+    def _evict(self) -> None:
+        while len(self._entries) > 1 and (self.bytes > self.budget or len(self._entries) > self.max_entries):
+            _, plan = self._entries.popitem(last=False)
+            self.bytes -= plan.gathered_bytes
 
     def stats(self) -> dict:
         return {"entries": len(self._entries), "bytes": self.bytes, "budget_bytes": self.budget,

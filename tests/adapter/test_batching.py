@@ -1,0 +1,241 @@
+"""Decode steps over batches of distinct masks: every row gets what it would get alone, and
+the plan the byte model picks never reads more weight bytes than the dense step."""
+
+import pytest
+import torch
+
+from adapter.runtime import gated as gated_mod
+from adapter.runtime import masks
+from adapter.runtime.gated import GatedModel
+from adapter.runtime.gather import GATHER_READS, PlanCache, unit_bytes
+from adapter.selection import predictors as P
+from tests.adapter.test_runtime import prompt
+from tests.conftest import tiny_llama
+
+# batched and solo steps differ only by float reassociation (the batched GEMM of layer 0 and
+# the lm_head already differ from the solo one at ~1e-7); 1e-5 is 10x tighter than the
+# runtime's other tests
+ATOL = 1e-5
+
+
+def mixed_methods(shape):
+    """Distinct masks at several sparsities, two rows sharing one, a dense row, a per-token row."""
+    shared = P.random_static(shape, 0.5, seed=4)
+    return [P.ShadowLLM(P.random_unified(shape, 32, seed=0), 0.5),
+            P.ShadowLLM(P.random_unified(shape, 32, seed=1), 0.5),
+            P.ShadowLLM(P.random_unified(shape, 32, seed=2), 0.7),
+            shared, P.random_static(shape, 0.3, seed=5), shared,
+            P.Dense(), P.DejaVu(P.random_dejavu(shape, 8), 0.5)]
+
+
+def overlapping_masks(shape, n, drop=4, seed=0):
+    """n masks that keep the same half of every layer but for `drop` neurons and one head
+    each: the union is small, so the union plan pays."""
+    g = torch.Generator().manual_seed(seed)
+    base_n = torch.randperm(shape.ffn, generator=g)[: shape.ffn // 2]
+    base_h = torch.randperm(shape.heads, generator=g)[: shape.heads // 2]
+    out = []
+    for i in range(n):
+        heads, neurons = [], []
+        for _ in range(shape.layers - 1):
+            extra_n = torch.randperm(shape.ffn, generator=g)[:drop]
+            neurons.append(torch.unique(torch.cat([base_n[drop:], extra_n])))
+            extra_h = torch.randperm(shape.heads, generator=g)[:1]
+            heads.append(torch.unique(torch.cat([base_h[1:], extra_h])))
+        out.append(masks.from_indices(shape, heads, neurons))
+    return out
+
+
+def run_both(gm, prompts, methods, steps, force=None):
+    """Batched decode under a plan vs each row decoded alone: the logits of every step."""
+    batch = [gm.prefill(p, m, steps + 1)[0] for p, m in zip(prompts, methods)]
+    solo = [gm.prefill(p, m, steps + 1)[0] for p, m in zip(prompts, methods)]
+    plan = gm.batch_plan(batch, force)
+    toks = torch.tensor([p[-1] for p in prompts])
+    got, want = [], []
+    for _ in range(steps):
+        out = gm.decode(batch, toks, plan)
+        got.append(out)
+        want.append(torch.cat([gm.decode([st], toks[i:i + 1]) for i, st in enumerate(solo)]))
+        toks = out.argmax(-1)
+    return plan, batch, torch.stack(got), torch.stack(want)
+
+
+@pytest.mark.parametrize("force", [None, "per_mask", "union", "dense"])
+def test_each_row_of_a_mixed_batch_equals_the_row_alone(tiny_model, force):
+    gm = GatedModel(tiny_model)
+    methods = mixed_methods(gm.shape)
+    prompts = [prompt(n=9 + 2 * i, seed=i) for i in range(len(methods))]
+    plan, _, got, want = run_both(gm, prompts, methods, steps=4, force=force)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    if force is not None:
+        assert {lp.ffn.kind for lp in plan.layers[1:]} == {force}
+        assert {lp.attn.kind for lp in plan.layers[1:]} == {force}
+    assert plan.token_rows == (7,)  # the DejaVu row runs its own per-token path
+
+
+def test_union_plan_rows_equal_alone_and_caches_stay_per_sequence():
+    """Overlapping masks: the byte model picks the union, GQA with uneven heads per group."""
+    gm = GatedModel(tiny_llama(kv_heads=2))
+    ms = overlapping_masks(gm.shape, 4)
+    methods = [P.Static(m, 0.5) for m in ms]
+    prompts = [prompt(n=8 + i, seed=10 + i) for i in range(4)]
+    plan, batch, got, want = run_both(gm, prompts, methods, steps=5)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    for lp in plan.layers[1:]:
+        assert lp.ffn.kind == "union" and lp.attn.kind == "union"
+        assert lp.bytes["ffn"]["union"] < lp.bytes["ffn"]["per_mask"]
+        assert lp.density["neurons"] < 1.0
+    assert plan.gathered_bytes > 0
+    for i, (st, m) in enumerate(zip(batch, ms)):
+        assert st.length == len(prompts[i]) + 5
+        for layer in range(1, gm.shape.layers):
+            # the row's cache holds only its own kept groups
+            assert st.k[layer].shape[0] == m.layers[layer].groups.numel()
+
+
+def test_disjoint_masks_run_per_mask():
+    """Two masks with no unit in common: the union reads what the two products read, and its
+    copy would cost more, so each mask runs its own product on its own gathered weights."""
+    gm = GatedModel(tiny_llama(kv_heads=2))
+    shape = gm.shape  # H=8 over G=2, F=96
+    a = masks.from_indices(shape, [[0, 1], [0, 1]], [list(range(0, 30))] * 2)
+    b = masks.from_indices(shape, [[4, 5], [4, 5]], [list(range(30, 60))] * 2)
+    methods = [P.Static(a, 0.7), P.Static(b, 0.7), P.Static(a, 0.7)]
+    prompts = [prompt(n=10, seed=i) for i in range(3)]
+    plan, _, got, want = run_both(gm, prompts, methods, steps=3)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    for lp in plan.layers[1:]:
+        assert lp.ffn.kind == "per_mask" and lp.attn.kind == "per_mask"
+        assert [g.members for g in lp.ffn.groups] == [(0, 2), (1,)]
+    assert plan.gathered_bytes == 0
+
+
+def test_one_shared_mask_runs_on_its_own_weights():
+    gm = GatedModel(tiny_llama())
+    method = P.random_static(gm.shape, 0.5)
+    states = [gm.prefill(prompt(seed=i), method, 2)[0] for i in range(3)]
+    plan = gm.batch_plan(states)
+    for layer, lp in enumerate(plan.layers):
+        assert lp.ffn.kind == lp.attn.kind == "per_mask"
+        (group,) = lp.ffn.groups
+        assert group.rows is None and group.members == (0, 1, 2)
+    assert plan.step_bytes() == sum(lp.bytes["ffn"]["per_mask"] + lp.bytes["attn"]["per_mask"]
+                                    for lp in plan.layers)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 8])
+def test_chosen_plan_never_reads_more_bytes_than_dense(kv_heads):
+    gm = GatedModel(tiny_llama(kv_heads=kv_heads))
+    shape = gm.shape
+    g = torch.Generator().manual_seed(0)
+    dense_layer = sum(n * c for n, c in zip(unit_bytes(gm.view.layers[1], shape),
+                                             (shape.heads, shape.kv_heads, shape.ffn)))
+    pred = P.random_unified(shape, 32)
+    checked = set()
+    for trial in range(24):
+        b = int(torch.randint(1, 10, (1,), generator=g))
+        s = [0.3, 0.5, 0.7, 0.9][trial % 4]
+        kind = trial % 3
+        if kind == 0:
+            methods = [P.random_static(shape, s, seed=int(torch.randint(0, 4, (1,), generator=g)))
+                       for _ in range(b)]
+        elif kind == 1:
+            methods = [P.ShadowLLM(pred, s)] * b
+        else:
+            methods = [P.Static(m, s) for m in overlapping_masks(shape, b, seed=trial)]
+        states = [gm.prefill(prompt(n=6, seed=100 * trial + i), m, 1)[0] for i, m in enumerate(methods)]
+        plan = gm.batch_plan(states)
+        distinct = len({st.mask.key for st in states})
+        for lp in plan.layers:
+            for part in ("attn", "ffn"):
+                nbytes, kind_chosen = lp.bytes[part], getattr(lp, part).kind
+                chosen = nbytes[kind_chosen]
+                assert chosen <= nbytes["dense"] and chosen <= nbytes["per_mask"]
+                cost = {k: v * (1 + GATHER_READS / gm.plan_horizon) if k == "union" else v
+                        for k, v in nbytes.items()}
+                assert cost[kind_chosen] == min(cost.values())
+                checked.add(kind_chosen)
+            assert lp.step_bytes <= dense_layer
+        assert plan.step_bytes() <= shape.layers * dense_layer
+        if distinct == 1:
+            assert all(lp.ffn.kind == "per_mask" for lp in plan.layers)
+    assert checked == {"per_mask", "union", "dense"}  # the trials reach every kind
+
+
+def test_plan_is_built_once_per_composition(monkeypatch):
+    gm = GatedModel(tiny_llama())
+    calls = []
+    real = gated_mod.build_plan
+    monkeypatch.setattr(gated_mod, "build_plan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    methods = [P.ShadowLLM(P.random_unified(gm.shape, 32, seed=i), 0.5) for i in range(3)]
+    prompts = [prompt(n=8, seed=i) for i in range(3)]
+    gm.generate(prompts, methods, 6)
+    assert len(calls) == 1  # every row ran to max_tokens: one composition
+    assert gm.plans.stats()["hits"] == 4  # decode steps 2..5 reuse it
+    states = [gm.prefill(p, m, 2)[0] for p, m in zip(prompts, methods)]
+    gm.decode(states[::-1], torch.tensor([1, 2, 3]))  # another row order: another plan
+    assert len(calls) == 2
+
+
+def test_only_per_token_rows():
+    gm = GatedModel(tiny_llama())
+    method = P.DejaVu(P.random_dejavu(gm.shape, 8), 0.5)
+    prompts = [prompt(n=7, seed=i) for i in range(2)]
+    plan, _, got, want = run_both(gm, prompts, [method, method], steps=3)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert plan.token_rows == (0, 1) and all(not lp.members for lp in plan.layers[1:])
+
+
+def test_plan_cache_keeps_the_newest_plan_over_budget():
+    cache = PlanCache(budget_bytes=0, max_entries=2)
+
+    class Fake:
+        def __init__(self, n):
+            self.gathered_bytes = n
+
+    first = cache.get(("a",), lambda: Fake(10))
+    assert cache.get(("a",), lambda: Fake(99)) is first  # kept although over budget
+    cache.get(("b",), lambda: Fake(10))
+    assert cache.stats()["entries"] == 1 and cache.stats()["bytes"] == 10
+    cache.get(("c",), lambda: Fake(0))
+    cache.get(("d",), lambda: Fake(0))
+    cache.get(("e",), lambda: Fake(0))
+    assert cache.stats()["entries"] == 2
+
+
+def test_bench_speed_reports_each_batch_against_its_plan(monkeypatch):
+    """`shadowgate bench speed --batch 1,3` on a tiny shape: every row names its batch size,
+    its ideal comes from the plan it chose, and the plan's union density is recorded."""
+    from adapter.benchmarks import decode_speed as bench
+    from adapter.config import PredictorConfig, RuntimeConfig
+
+    monkeypatch.setitem(bench.ARCHS, "tiny", dict(family="llama", hidden=64, layers=3, heads=8,
+                                                  kv_heads=2, ffn=96))
+    out = bench.run_speed(RuntimeConfig(), arch="tiny", quick=True, batch_size=[1, 3],
+                          predictor=PredictorConfig(hidden=32), methods=["shadowllm", "static"],
+                          sparsities=[0.5], repeats=1, steps=3)
+    assert out["batch_sizes"] == [1, 3] and [d["batch_size"] for d in out["dense"]] == [1, 3]
+    rows = {(r["method"], r["batch_size"]): r for r in out["results"]}
+    assert set(rows) == {("shadowllm", 1), ("static", 1), ("shadowllm", 3), ("static", 3)}
+    for r in rows.values():
+        assert len(r["plan"]) == 8 and r["plan"][0]["neurons"] == 1.0  # quick: 8 layers, layer 0 dense
+        assert r["ideal_speedup"] >= 1.0 and r["per_mask_bytes_vs_dense"] > 0
+        assert r["pct_of_ideal"] == pytest.approx(100 * r["speedup"] / r["ideal_speedup"], rel=0.01)
+    # static rows share one mask: the same bytes at every batch size
+    assert rows["static", 3]["ideal_speedup"] == rows["static", 1]["ideal_speedup"]
+    # three distinct shadowllm masks: the plan reads at most dense, never 3x one mask
+    assert rows["shadowllm", 3]["ideal_speedup"] >= 1.0
+    assert rows["shadowllm", 3]["per_mask_bytes_vs_dense"] > 1.0 / rows["shadowllm", 3]["ideal_speedup"]
+    assert rows["shadowllm", 1]["request_ms"] is not None and rows["shadowllm", 3]["request_ms"] is None
+
+
+def test_a_short_horizon_does_not_pay_for_a_union_copy():
+    gm = GatedModel(tiny_llama(kv_heads=2))
+    methods = [P.Static(m, 0.5) for m in overlapping_masks(gm.shape, 4)]
+    states = [gm.prefill(prompt(n=8, seed=i), m, 2)[0] for i, m in enumerate(methods)]
+    short = gm.batch_plan(states, horizon=1)  # a copy read 2x over 1 step costs more than dense
+    assert {lp.ffn.kind for lp in short.layers[1:]} == {"dense"} and short.gathered_bytes == 0
+    assert gm.batch_plan(states).gathered_bytes == 0  # the cached plan stands for this composition
+    gm.plans.clear()
+    assert {lp.ffn.kind for lp in gm.batch_plan(states, horizon=32).layers[1:]} == {"union"}
