@@ -130,6 +130,9 @@ def bench_speed(
     methods: list[str] = typer.Option([], "--method", help="Only these methods (repeatable; "
                                       "shadowllm, dejavu, static); dense always runs."),
     sparsities: list[float] = typer.Option([], "--sparsity", help="Only these sparsities (repeatable)."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", min=1, help="Repeats (default 5, quick 3)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Timed decode steps per repeat "
+                                        "(default 32, quick 16)."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Decode speed of dense vs shadowllm / dejavu / static on a realistic random-weight model."""
@@ -146,7 +149,8 @@ def bench_speed(
     settings = settings_or_exit(config)
     try:
         result = bench.run_speed(settings.runtime, arch=arch, quick=quick, batch_size=sizes,
-                                 methods=methods or None, sparsities=sparsities or None)
+                                 methods=methods or None, sparsities=sparsities or None,
+                                 repeats=repeats, steps=steps)
     except ValueError as exc:
         fail(str(exc))
     if as_json:
@@ -212,6 +216,10 @@ def predictor_train(
     epochs: int = typer.Option(80, "--epochs", min=1),
     hidden: int = typer.Option(512, "--hidden", min=8, help="Width of the shadowllm predictor."),
     dejavu_rank: int = typer.Option(64, "--dejavu-rank", min=4, help="Width of each per-layer dejavu predictor."),
+    dejavu_neuron_input: str = typer.Option(
+        "layer_input", "--dejavu-neuron-input",
+        help="What the dejavu neuron predictor reads: layer_input (the hidden state entering the layer) "
+             "| ffn_input (the hidden state after its attention block; default folder dejavu-l2norm-ffn)."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Train one predictor on collected traces; prints its validation metrics."""
@@ -220,10 +228,12 @@ def predictor_train(
     from adapter.pipeline.train import PredictorMismatch, TrainConfig
 
     name, loaded = _load_for_predictors(model, config)
-    out = out or default_predictor_dir(name) / f"{kind}-{criterion}"
+    suffix = "-ffn" if kind == "dejavu" and dejavu_neuron_input == "ffn_input" else ""
+    out = out or default_predictor_dir(name) / f"{kind}-{criterion}{suffix}"
     try:
         metrics = train_one(kind, criterion, data or default_trace_dir(name), out, loaded.runtime,
-                            TrainConfig(epochs=epochs, hidden=hidden, dejavu_rank=dejavu_rank))
+                            TrainConfig(epochs=epochs, hidden=hidden, dejavu_rank=dejavu_rank,
+                                        dejavu_neuron_input=dejavu_neuron_input))
     except (FileNotFoundError, PredictorMismatch, ValueError) as exc:
         fail(str(exc))
     print(json.dumps({"predictor": str(out), "kind": kind, "criterion": criterion, "metrics": metrics}))
