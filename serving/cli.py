@@ -328,3 +328,7 @@ if __name__ == "__main__":  # pragma: no cover
 from serving import cli_faults  # noqa: E402
 
 cli_faults.register(bench_app)
+
+from serving import cli_device  # noqa: E402
+
+cli_device.register(bench_app)
