@@ -5,6 +5,9 @@ Predictor folder layout (what `shadowgate predictor build` writes):
   <dir>/shadowllm-<criterion>/  for each criterion   (the unified predictor)
   <dir>/dejavu-l2norm/                                (per-layer magnitude predictors)
   <dir>/static-plainact/                              (one mask from mean importance)
+Every folder holding a predictor.json is evaluated, by its kind, and its rows name it: a
+set may hold more, e.g. <dir>/dejavu-l2norm-ffn/ (`predictor train --kind dejavu
+--dejavu-neuron-input ffn_input`, neurons chosen from the FFN input) beside dejavu-l2norm.
 """
 
 from __future__ import annotations
@@ -92,6 +95,13 @@ def spearman_table(preds: dict, test: traces.TraceSet) -> dict:
         if lp.kind == "static":
             m = training.static_metrics(test, lp.criterion, lp.module)
             out[f"static-{lp.criterion}"] = {"heads": round(m["rho_heads"], 4), "neurons": round(m["rho_neurons"], 4)}
+    for name, lp in preds.items():
+        if lp.kind == "dejavu":  # per token, keyed by folder name (its neuron input differs)
+            x, yh, yn = training._token_targets(test, lp.module.neuron_input)
+            with torch.no_grad():
+                ph, pn = training.dejavu_scores(lp.module, x)
+            out[name] = {"heads": round(float(training.spearman(ph, yh).mean()), 4),
+                         "neurons": round(float(training.spearman(pn, yn).mean()), 4)}
     return out
 
 
@@ -110,6 +120,14 @@ def run_eval(runtime, tokenizer, model_name: str, predictor_dir: Path, data_dir:
         ppl = evaluate.pair_perplexity(evaluate.runtime_score_fn(runtime, method), ppl_pairs)
         return acc, ppl
 
+    # rank correlations first: a test split that lacks a field a predictor reads fails here,
+    # before the long measurement
+    if data_dir is not None:
+        spearman = spearman_table(preds, traces.load_split(data_dir, "test"))
+    else:
+        spearman = {lp.criterion: {"heads": round(lp.config["metrics"]["rho_heads"], 4),
+                                   "neurons": round(lp.config["metrics"]["rho_neurons"], 4)}
+                    for lp in preds.values() if lp.kind == "shadowllm"}
     dense_acc, dense_ppl = measure(dense())
     # effective sparsity is per prompt for shadowllm: the mean over prompts of every family
     sample = [p for p, _ in evaluate.encode_pairs(tokenizer, instances[::max(1, len(instances) // 30)])]
@@ -119,7 +137,8 @@ def run_eval(runtime, tokenizer, model_name: str, predictor_dir: Path, data_dir:
     for name, criterion, mode, s, method, folder in tqdm(configs, desc="eval", unit="config"):
         acc, ppl = measure(method)
         effective = [runtime.prefill(prompt, method, 0)[0].effective_sparsity for prompt in sample]
-        results.append({"method": name, "predictor": folder, "criterion": criterion,
+        inputs = {"neuron_input": preds[folder].module.neuron_input} if name == "dejavu" else {}
+        results.append({"method": name, "predictor": folder, **inputs, "criterion": criterion,
                         "mode": mode, "sparsity": s,
                         "head_selection": "heads" if name == "dejavu" else head_selection,
                         "accuracy": round(acc["mean"], 4), "perplexity": round(ppl, 4),
@@ -129,14 +148,8 @@ def run_eval(runtime, tokenizer, model_name: str, predictor_dir: Path, data_dir:
         "model": model_name, "n_test": len(instances), "quick": quick, "head_selection": head_selection,
         "dense": {"accuracy": round(dense_acc["mean"], 4), "perplexity": round(dense_ppl, 4),
                   "families": {f: round(v, 4) for f, v in dense_acc["families"].items()}},
-        "results": results,
+        "results": results, "spearman": spearman,
     }
-    if data_dir is not None:
-        out["spearman"] = spearman_table(preds, traces.load_split(data_dir, "test"))
-    else:
-        out["spearman"] = {lp.criterion: {"heads": round(lp.config["metrics"]["rho_heads"], 4),
-                                          "neurons": round(lp.config["metrics"]["rho_neurons"], 4)}
-                           for lp in preds.values() if lp.kind == "shadowllm"}
     if plot_path is not None:
         plot(out, plot_path)
         out["plot"] = str(plot_path)
@@ -152,12 +165,16 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     lines: dict[str, list] = {}
     for r in report["results"]:
-        label = f"{r['method']}/{r['criterion']}" + ("" if r["mode"] == "per_layer" else " (global)")
+        # a predictor folder of another name than <method>-<criterion> (a second dejavu, say)
+        # gets its own line, labelled by the folder
+        folder = r.get("predictor", f"{r['method']}-{r['criterion']}")
+        label = (f"{r['method']}/{r['criterion']}" if folder == f"{r['method']}-{r['criterion']}" else folder) \
+            + ("" if r["mode"] == "per_layer" else f" ({r['mode']})")
         lines.setdefault(label, []).append(r)
     for label, rows in sorted(lines.items()):
         rows = sorted(rows, key=lambda r: r["sparsity"])
         xs = [0.0] + [r["sparsity"] for r in rows]
-        style = "--" if "global" in label else "-"
+        style = "--" if label.endswith("(global)") else ":" if label.endswith("(decode_only)") else "-"
         axes[0].plot(xs, [report["dense"]["accuracy"]] + [r["accuracy"] for r in rows], style, marker="o", label=label)
         axes[1].plot(xs, [report["dense"]["perplexity"]] + [r["perplexity"] for r in rows], style, marker="o", label=label)
     axes[0].set_title("5-shot exact-match accuracy (test split)")

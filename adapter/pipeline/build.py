@@ -9,6 +9,7 @@ from adapter.pipeline import traces
 from adapter.pipeline import train as training
 from adapter.pipeline.collect import collect
 from adapter.pipeline.criteria import CRITERIA
+from adapter.selection.predictors import NEURON_INPUTS
 
 
 def train_one(kind: str, criterion: str, data: Path, out: Path, runtime, cfg: training.TrainConfig) -> dict:
@@ -19,6 +20,10 @@ def train_one(kind: str, criterion: str, data: Path, out: Path, runtime, cfg: tr
         raise ValueError(f"unknown criterion {criterion!r}: use one of {', '.join(CRITERIA)}")
     if kind == "dejavu" and criterion != "l2norm":
         raise ValueError("dejavu predictors learn magnitude targets: use --criterion l2norm")
+    if cfg.dejavu_neuron_input not in NEURON_INPUTS:
+        raise ValueError(f"unknown dejavu neuron input {cfg.dejavu_neuron_input!r}: use {' or '.join(NEURON_INPUTS)}")
+    if kind != "dejavu" and cfg.dejavu_neuron_input != "layer_input":
+        raise ValueError(f"the neuron input {cfg.dejavu_neuron_input!r} applies to dejavu predictors only")
     train, val = traces.load_split(data, "train"), traces.load_split(data, "validation")
     fingerprint = traces.model_fingerprint(runtime.model)
     if train.manifest["model_fingerprint"] != fingerprint:

@@ -11,6 +11,9 @@ Record (schema "shadowgate.trace/1"):
     neurons.<criterion>  (L, F)      importance of every FFN neuron of every layer
     token_positions      (P,) int64  target positions (the tokens DejaVu-style predictors see)
     layer_inputs         (P, L, D)   hidden state entering each layer at those positions
+    ffn_inputs           (P, L, D)   hidden state entering each layer's FFN block (after its
+                                     attention block) at those positions; optional: records
+                                     and datasets written before it was traced lack it
     token_heads_l2       (P, L, H)   per-token ||head output||   (magnitude targets)
     token_neurons_l2     (P, L, F)   per-token |neuron activation|
     loss                 ()          summed target NLL of the dense model
@@ -36,7 +39,10 @@ import torch
 from safetensors.torch import load, load_file, save, save_file
 
 SCHEMA = "shadowgate.trace/1"
-TOKEN_FIELDS = ("token_positions", "layer_inputs", "token_heads_l2", "token_neurons_l2")
+TOKEN_FIELDS = ("token_positions", "layer_inputs", "ffn_inputs", "token_heads_l2", "token_neurons_l2")
+# per-token fields a record may lack (older collections, shadow records): a split holds one
+# when every record has it
+OPTIONAL_TOKEN_FIELDS = ("ffn_inputs",)
 
 
 _PINNED: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
@@ -92,8 +98,10 @@ class TraceRecord:
         return cls(meta=meta, tensors=load(fields["tensors"]))
 
 
-def records_from_scores(scores, meta_common: dict, metas: list[dict]) -> list[TraceRecord]:
-    """Split a criteria.Scores batch into per-example records."""
+def records_from_scores(scores, meta_common: dict, metas: list[dict],
+                        ffn_inputs: list[torch.Tensor] | None = None) -> list[TraceRecord]:
+    """Split a criteria.Scores batch into per-example records. ffn_inputs: per example
+    (P_b, L, D) at the same positions as the scores' layer_inputs, when traced."""
     out = []
     for j, meta in enumerate(metas):
         tensors = {"predictor_input": scores.predictor_input[j], "loss": scores.loss[j].float()}
@@ -105,6 +113,8 @@ def records_from_scores(scores, meta_common: dict, metas: list[dict]) -> list[Tr
         tensors["layer_inputs"] = scores.layer_inputs[j]
         tensors["token_heads_l2"] = scores.token_heads_l2[j]
         tensors["token_neurons_l2"] = scores.token_neurons_l2[j]
+        if ffn_inputs is not None:
+            tensors["ffn_inputs"] = ffn_inputs[j]
         out.append(TraceRecord(meta={"schema": SCHEMA, **meta_common, **meta}, tensors=tensors))
     return out
 
@@ -117,6 +127,8 @@ def write_split(folder: Path, split: str, records: list[TraceRecord]) -> int:
     lengths = torch.tensor([r.tensors["token_positions"].numel() for r in records])
     stacked["token_offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     for k in TOKEN_FIELDS:
+        if k in OPTIONAL_TOKEN_FIELDS and not all(k in r.tensors for r in records):
+            continue
         stacked[k] = torch.cat([r.tensors[k] for r in records])
     save_file({k: v.contiguous() for k, v in stacked.items()}, str(folder / f"{split}.safetensors"))
     with open(folder / f"{split}.jsonl", "w") as fh:
@@ -158,6 +170,14 @@ class TraceSet:
 
     def neurons(self, criterion: str) -> torch.Tensor:
         return self._get(f"neurons.{criterion}")
+
+    def token_field(self, key: str) -> torch.Tensor:
+        """A per-token field (concatenated over records, rows indexed by token_offsets)."""
+        if key not in self.tensors:
+            raise ValueError(f"dataset version {self.manifest['version']} has no per-token field {key!r} "
+                             "(it was collected before that field was traced): collect the traces "
+                             "again with `shadowgate predictor collect`")
+        return self.tensors[key]
 
     def _get(self, key: str) -> torch.Tensor:
         if key not in self.tensors:

@@ -47,6 +47,7 @@ class TrainConfig:
     hidden: int = 512
     neuron_rank: int = 64
     dejavu_rank: int = 64
+    dejavu_neuron_input: str = "layer_input"  # or "ffn_input" (P.NEURON_INPUTS)
     seed: int = 0
 
 
@@ -140,27 +141,43 @@ def finetune_shadowllm(module: "P.UnifiedPredictor", x: torch.Tensor, heads: tor
     return _fit(model, x, (yh, yn), model, evaluate, cfg, "fine-tune shadowllm")
 
 
-def _token_targets(ts: TraceSet):
-    """Per-token inputs/targets of layers 1..L-1: x (N, L-1, D), heads (N, L-1, H), neurons."""
-    return (ts.tensors["layer_inputs"][:, 1:], normalise(ts.tensors["token_heads_l2"][:, 1:]),
-            normalise(ts.tensors["token_neurons_l2"][:, 1:]))
+def _token_targets(ts: TraceSet, neuron_input: str = "layer_input"):
+    """Per-token inputs/targets of layers 1..L-1: x (N, L-1, D), or (N, 2, L-1, D) with the
+    FFN inputs beside the layer inputs for an ffn_input predictor; heads (N, L-1, H), neurons."""
+    x = ts.token_field("layer_inputs")[:, 1:]
+    if neuron_input == "ffn_input":
+        x = torch.stack([x, ts.token_field("ffn_inputs")[:, 1:]], 1)
+    return (x, normalise(ts.token_field("token_heads_l2")[:, 1:]),
+            normalise(ts.token_field("token_neurons_l2")[:, 1:]))
+
+
+def dejavu_scores(model: "P.DejaVuPredictors", xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of every gated layer for a batch of tokens: heads (N, L-1, H), neurons (N, L-1, F).
+    xb as _token_targets gives it for model.neuron_input."""
+    if model.neuron_input == "ffn_input":
+        heads = [layer.head_scores(xb[:, 0, i]) for i, layer in enumerate(model.layers)]
+        neurons = [layer.neuron_scores(xb[:, 1, i]) for i, layer in enumerate(model.layers)]
+        return torch.stack(heads, 1), torch.stack(neurons, 1)
+    outs = [layer(xb[:, i]) for i, layer in enumerate(model.layers)]
+    return torch.stack([o[0] for o in outs], 1), torch.stack([o[1] for o in outs], 1)
 
 
 def train_dejavu(train: TraceSet, val: TraceSet, shape: Shape, cfg: TrainConfig):
-    """Magnitude (l2norm) targets per token, one predictor per layer, trained jointly."""
-    x, yh, yn = _token_targets(train)
-    vx, vh, vn = _token_targets(val)
-    model = P.DejaVuPredictors(shape, cfg.dejavu_rank)
+    """Magnitude (l2norm) targets per token, one predictor per layer, trained jointly. The
+    neuron branch reads cfg.dejavu_neuron_input: the layer's input, or its FFN input (the
+    traces must carry ffn_inputs)."""
+    model = P.DejaVuPredictors(shape, cfg.dejavu_rank, cfg.dejavu_neuron_input)
+    x, yh, yn = _token_targets(train, model.neuron_input)
+    vx, vh, vn = _token_targets(val, model.neuron_input)
 
-    def forward(xb):  # xb (N, L-1, D)
-        outs = [layer(xb[:, i]) for i, layer in enumerate(model.layers)]
-        return torch.stack([o[0] for o in outs], 1), torch.stack([o[1] for o in outs], 1)
+    def forward(xb):
+        return dejavu_scores(model, xb)
 
     def evaluate():
         ph, pn = forward(vx)
         return {"rho_heads": float(spearman(ph, vh).mean()), "rho_neurons": float(spearman(pn, vn).mean())}
 
-    return _fit(model, x, (yh, yn), forward, evaluate, cfg, "train dejavu/l2norm")
+    return _fit(model, x, (yh, yn), forward, evaluate, cfg, f"train dejavu/l2norm ({model.neuron_input})")
 
 
 def static_scores(train: TraceSet, criterion: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,12 +205,15 @@ def save_predictor(folder: Path, kind: str, criterion: str, module_or_scores, sh
         tensors = dict(module_or_scores.state_dict())
         sizes = ({"hidden": module_or_scores.hidden, "neuron_rank": module_or_scores.neuron_rank}
                  if kind == "shadowllm" else {"rank": module_or_scores.layers[0].rank})
+    # which hidden state a dejavu predictor's neuron branch reads; an artifact without the
+    # field (all written before it existed) reads the layer's input
+    inputs = {"neuron_input": module_or_scores.neuron_input} if kind == "dejavu" else {}
     x = P.minmax(train.tensors["predictor_input"])
     tensors["stats.input_mean"], tensors["stats.input_std"] = x.mean(0), x.std(0)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "predictor.safetensors"))
     config = {
         "kind": kind, "criterion": criterion, "model_fingerprint": fingerprint, "shape": shape.as_dict(),
-        "sizes": sizes, "normalisation": NORMALISATION, "metrics": metrics,
+        "sizes": sizes, **inputs, "normalisation": NORMALISATION, "metrics": metrics,
         "input_stats": {"n": int(x.shape[0]), "mean_of_mean": float(x.mean()), "mean_of_std": float(x.std(0).mean())},
         "dataset": {"version": train.manifest["version"], "records": len(train)},
         "train_config": asdict(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -243,6 +263,6 @@ def load_predictor(folder: Path, shape: Shape, fingerprint: str) -> LoadedPredic
     if config["kind"] == "shadowllm":
         module = P.UnifiedPredictor(shape, config["sizes"]["hidden"], config["sizes"]["neuron_rank"])
     else:
-        module = P.DejaVuPredictors(shape, config["sizes"]["rank"])
+        module = P.DejaVuPredictors(shape, config["sizes"]["rank"], config.get("neuron_input", "layer_input"))
     module.load_state_dict(state)
     return LoadedPredictor(config["kind"], config["criterion"], config, module.eval().requires_grad_(False))

@@ -361,8 +361,10 @@ class GatedModel:
         return self._dejavu_t
 
     def _dejavu_layer(self, st: Sequence, layer: int, h: torch.Tensor, rope, pos: int | None = None) -> torch.Tensor:
-        """DejaVu-style layer for one token h (1, D): the predictor picks heads and neurons
-        from the hidden state entering the layer; all KV groups are computed and cached."""
+        """DejaVu-style layer for one token h (1, D): the method picks the heads from the
+        hidden state entering the layer, and the neurons from it too or from the hidden state
+        after the attention block (the FFN block's input; method.ffn_units decides); all KV
+        groups are computed and cached."""
         ref, method, shape = self.view.layers[layer], st.method, self.shape
         wo_t, wd_t = self._transposed()[layer]
         kh, kf = method.counts(shape)
@@ -386,6 +388,7 @@ class GatedModel:
             return out if ref.b_down is None else out + ref.b_down
 
         h, _ = self._block(h, ref.attn_norm, attn, ref.pre_norm)
+        neurons = method.ffn_units(layer, h[0], kf, neurons)  # h: the FFN block's input now
         h, _ = self._block(h, ref.ffn_norm, ffn, ref.pre_norm)
         return h
 

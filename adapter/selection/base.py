@@ -7,7 +7,10 @@ Per request the runtime calls, in order:
   effective_sparsity(shape, m) once: the fraction of gateable weights not read
 and, for per-token methods (per_token True) at every token of layers >= 1:
   counts(shape)                kept heads and neurons per token
-  units(layer, h, kh, kf)      which ones, from the hidden state h (D,) entering the layer
+  units(layer, h, kh, kf)      which heads, from the hidden state h (D,) entering the layer,
+                               and which neurons, or None to choose them after attention
+  ffn_units(layer, x, kf, n)   the neurons, once the attention block has run: x (D,) is the
+                               hidden state entering the FFN block, n what units returned
 sparse_prompt says whether a per-token method also gates the prompt (token by token).
 
 Shapes: D model dim, Kh kept heads, K kept neurons.
@@ -47,5 +50,12 @@ class SelectionMethod(ABC):
     def counts(self, shape: Shape) -> tuple[int, int]:
         raise TypeError(f"{self.name} selects once per sequence: it has no per-token counts")
 
-    def units(self, layer: int, h: torch.Tensor, kh: int, kf: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def units(self, layer: int, h: torch.Tensor, kh: int, kf: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise TypeError(f"{self.name} selects once per sequence: it has no per-token units")
+
+    def ffn_units(self, layer: int, x: torch.Tensor, kf: int, neurons: torch.Tensor | None) -> torch.Tensor:
+        """The kept neurons (K,) of a per-token method, given x (D,), the hidden state after
+        the attention block. By default the ones units chose from the layer's input."""
+        if neurons is None:
+            raise TypeError(f"{self.name}.units left the neurons to ffn_units, which does not choose them")
+        return neurons

@@ -5,8 +5,11 @@
   and FFN neuron of layers 1..L-1. Heads: Linear(D, Hp) -> ReLU -> Linear(Hp, n*H).
   Neurons: the same trunk shape, with a low-rank factored output when n*F is large
   (Linear(Hp, n*r) then one (r, F) factor per layer) so it stays small next to the model.
-- dejavu: one small predictor per layer, run at EVERY decode step on the hidden state
-  entering that layer, scoring that layer's heads and neurons for the current token.
+- dejavu: one small predictor per layer, run at EVERY decode step, scoring that layer's
+  heads and neurons for the current token. Heads are scored from the hidden state entering
+  the layer; neurons from the same state ("layer_input", what shipped artifacts are) or from
+  the FFN input, the hidden state after the layer's attention block ("ffn_input", as DejaVu
+  does: it sees what attention just added).
 - static: one fixed mask for every input, no predictor.
 
 Shapes: D model dim, n gated layers (L-1), H heads, F FFN neurons, Hp predictor width.
@@ -20,6 +23,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adapter.runtime import masks
@@ -76,11 +80,33 @@ class LayerPredictor(nn.Module):
         a, b = torch.relu(self.trunk(h)).split(self.rank, dim=-1)
         return self.heads(a), self.neurons(b)
 
+    def head_scores(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> heads (N, H), through the trunk's first r rows only."""
+        r = self.rank
+        return self.heads(torch.relu(F.linear(h, self.trunk.weight[:r], self.trunk.bias[:r])))
+
+    def neuron_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> neurons (N, F), through the trunk's last r rows only (the neuron branch
+        of an ffn_input predictor reads another hidden state than its head branch)."""
+        r = self.rank
+        return self.neurons(torch.relu(F.linear(x, self.trunk.weight[r:], self.trunk.bias[r:])))
+
+
+NEURON_INPUTS = ("layer_input", "ffn_input")
+
 
 class DejaVuPredictors(nn.Module):
-    def __init__(self, shape: Shape, rank: int = 128):
+    """One LayerPredictor per gated layer. neuron_input says which hidden state the neuron
+    branch reads: "layer_input" (the state entering the layer, like the heads) or
+    "ffn_input" (the state after the layer's attention block, the FFN block's input). The
+    weights have the same shapes either way, so the width budget does not change."""
+
+    def __init__(self, shape: Shape, rank: int = 128, neuron_input: str = "layer_input"):
         super().__init__()
+        if neuron_input not in NEURON_INPUTS:
+            raise ValueError(f"unknown dejavu neuron input {neuron_input!r}: use {' or '.join(NEURON_INPUTS)}")
         self.shape = shape
+        self.neuron_input = neuron_input
         self.layers = nn.ModuleList(LayerPredictor(shape, rank) for _ in range(shape.layers - 1))
 
 
@@ -186,10 +212,24 @@ class DejaVu(SelectionMethod):
     def counts(self, shape: Shape) -> tuple[int, int]:
         return masks.keep_count(shape.heads, self.sparsity), masks.keep_count(shape.ffn, self.sparsity)
 
-    def units(self, layer: int, h: torch.Tensor, kh: int, kf: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kept heads (Kh,) and neurons (K,) of `layer` (>= 1) for one token h (D,)."""
-        heads, neurons = self.predictors.layers[layer - 1](h[None])
+    def units(self, layer: int, h: torch.Tensor, kh: int,
+              kf: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Kept heads (Kh,) of `layer` (>= 1) for one token h (D,), the hidden state entering
+        the layer, and its kept neurons (K,) when they are scored from h too (a layer_input
+        predictor: one trunk product for both); None when ffn_units scores them."""
+        predictor = self.predictors.layers[layer - 1]
+        if self.predictors.neuron_input == "ffn_input":
+            return predictor.head_scores(h[None])[0].topk(kh).indices.sort().values, None
+        heads, neurons = predictor(h[None])
         return heads[0].topk(kh).indices.sort().values, neurons[0].topk(kf).indices.sort().values
+
+    def ffn_units(self, layer: int, x: torch.Tensor, kf: int,
+                  neurons: torch.Tensor | None) -> torch.Tensor:
+        """Kept neurons (K,) of `layer`: those units chose, or, for an ffn_input predictor,
+        the top kf scored from x (D,), the hidden state after the layer's attention block."""
+        if neurons is not None:
+            return neurons
+        return self.predictors.layers[layer - 1].neuron_scores(x[None])[0].topk(kf).indices.sort().values
 
 
 def random_unified(shape: Shape, hidden: int, neuron_rank: int = 0, seed: int = 0) -> UnifiedPredictor:
@@ -197,9 +237,10 @@ def random_unified(shape: Shape, hidden: int, neuron_rank: int = 0, seed: int = 
     return UnifiedPredictor(shape, hidden, neuron_rank).eval().requires_grad_(False)
 
 
-def random_dejavu(shape: Shape, rank: int = 128, seed: int = 0) -> DejaVuPredictors:
+def random_dejavu(shape: Shape, rank: int = 128, seed: int = 0,
+                  neuron_input: str = "layer_input") -> DejaVuPredictors:
     torch.manual_seed(seed)
-    return DejaVuPredictors(shape, rank).eval().requires_grad_(False)
+    return DejaVuPredictors(shape, rank, neuron_input).eval().requires_grad_(False)
 
 
 def random_static_scores(shape: Shape, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
