@@ -275,8 +275,12 @@ class Engine:
         a.timing["detokenize_ms"] += (time.perf_counter() - t) * 1000
 
     def decode(self, acts: list[Active], toks: torch.Tensor) -> torch.Tensor:
-        """One decode step for the sequences still running: tokens (B,) -> logits (B, V)."""
-        return self.runtime.decode([a.seq for a in acts], toks)
+        """One decode step for the sequences still running: tokens (B,) -> logits (B, V).
+        The batch keeps this composition at most until its first sequence runs out of
+        tokens, so that is the horizon a union gather is weighed over (with short
+        completions, a union that would be rebuilt every few steps costs more than it saves)."""
+        horizon = min(a.req.max_tokens - len(a.res.token_ids) for a in acts)
+        return self.runtime.decode([a.seq for a in acts], toks, horizon=max(1, horizon))
 
     def finish(self, a: Active) -> GenResult:
         """The finished request's result: text, mask record, drift features (off the loop's

@@ -257,3 +257,32 @@ def test_a_disconnected_streaming_client_stops_its_generation(service):
     steps = stats["steps"]
     time.sleep(1.0)
     assert llm.stats.remote().result()["steps"] == steps  # nothing decodes for it any more
+
+
+def test_the_loop_weighs_a_union_over_the_steps_its_batch_can_last(engine):
+    """A batch whose first sequence ends after one more token keeps its composition for one
+    step: the loop's decode must not build a union gather for it, where a batch that runs on
+    would (same masks)."""
+    import torch
+
+    from adapter.runtime.gather import build_plan
+
+    def started(max_tokens: int):
+        acts, toks = [], []
+        for i, p in enumerate(PROMPTS):
+            a, logits = engine.start(GenRequest(f"h{i}", p, max_tokens=max_tokens if i else 2,
+                                                temperature=0.0, sparsity=0.5))
+            acts.append(a)
+            toks.append(engine.accept([a], logits))
+        return acts, torch.cat(toks)
+
+    rt = engine.runtime
+    acts, toks = started(40)
+    seqs = [a.seq for a in acts]
+    assert len({s.mask.key for s in seqs}) == len(PROMPTS)  # distinct masks: a plan has a choice
+    runs_on = build_plan(rt.view.layers, rt.shape, [s.mask for s in seqs], [False] * len(seqs), 39)
+    assert any(lp.ffn.kind == "union" for lp in runs_on.layers[1:])
+    rt.plans.clear()
+    engine.decode(acts, toks)  # the first sequence has 1 token left: horizon 1
+    plan = rt.batch_plan(seqs)  # the plan that step built and cached
+    assert plan.gathered_bytes == 0 and all(lp.ffn.kind != "union" for lp in plan.layers[1:])
