@@ -69,6 +69,12 @@ def pin_fingerprint(model) -> str:
     return fp
 
 
+def pin_fingerprint_once(model) -> str:
+    """Pin unless already pinned: a model handed to the runtime directly is pinned as it
+    arrives, and a loader's pin (taken before anything else touched the model) stands."""
+    return _PINNED[model] if model in _PINNED else pin_fingerprint(model)
+
+
 def _weights_fingerprint(model) -> str:
     cfg = model.config.to_dict()
     for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"):

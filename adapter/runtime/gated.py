@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from adapter.pipeline import traces
 from adapter.runtime import masks
 from adapter.runtime.model_view import ModelView, Shape
 from adapter.config import RuntimeConfig
@@ -81,6 +82,7 @@ class GatedModel:
         self.config = config or RuntimeConfig()
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.config.dtype]
         self.device = torch.device(self.config.resolved_device())
+        traces.pin_fingerprint_once(model)  # the identity of the weights as given, before the cast
         self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         self.view = ModelView(self.model)
         self.shape: Shape = self.view.shape

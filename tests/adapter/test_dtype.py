@@ -193,3 +193,15 @@ def test_service_in_bfloat16_serves_the_shipped_predictor(redis_url, registry_ur
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_a_model_handed_to_the_runtime_directly_keeps_its_float32_identity():
+    """GatedModel(model, bf16) without the loader: the fingerprint is the weights' as given."""
+    fp = traces.model_fingerprint(tiny_llama(seed=3))
+    gm = GatedModel(tiny_llama(seed=3), BF16)
+    assert next(gm.model.parameters()).dtype == torch.bfloat16
+    assert traces.model_fingerprint(gm.model) == fp
+    # a loader's pin stands: pinned first, then handed over
+    model = tiny_llama(seed=4)
+    pinned = traces.pin_fingerprint(model)
+    assert traces.model_fingerprint(GatedModel(model, BF16).model) == pinned
