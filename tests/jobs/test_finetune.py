@@ -119,6 +119,10 @@ def test_scheduler_sigkilled_mid_finetune_runs_it_again_once_and_registers_once(
         assert wait_until(lambda: phase() == "training", 120, interval=0.05), (tmp_path / "monitor.log").read_text()[-2000:]
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
+        # the rerun needs no long training to prove it runs once: early stopping keeps a busy machine in time
+        short = yaml.safe_load(cfg.read_text())
+        short["adapt"].update(patience=10)
+        cfg.write_text(yaml.safe_dump(short))
         second = start()
         try:
             done = lambda: [h for h in records.recent(name="finetune") if h["trigger"] == "recovery"]  # noqa: E731
