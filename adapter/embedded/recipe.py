@@ -2,7 +2,8 @@
 
 `shadowgate model build` trains a word-level tokenizer on the task suite's vocabulary, then
 a small Llama (GQA: 8 query heads share 2 KV heads) and a smaller OPT on the suite's train
-split plus grammar text, and saves both with save_pretrained. The weights are committed
+split plus grammar text, then forms the copy-from-context circuit of the recall families in
+both (stage 3), and saves them with save_pretrained. The weights are committed
 under adapter/default_models/; the recipe reproduces them (seeded, single process; torch
 CPU kernels are deterministic for a fixed thread count, so build with the same
 `--threads`). Loading takes the same path as a user's checkpoint:
@@ -64,7 +65,11 @@ class RecipeConfig:
 RECIPES = {
     "llama": RecipeConfig("llama", hidden=256, layers=6, heads=8, kv_heads=2, ffn=512, steps=1500,
                          stage2_steps=500, stage2_threads=1, stage3_steps=1000, stage3_threads=2),
-    "opt": RecipeConfig("opt", hidden=128, layers=4, heads=4, kv_heads=4, ffn=512, steps=400),
+    # No stage 2 for OPT: for the Llama it left recall near guessing. The OPT's induction
+    # head forms later than the Llama's (after about 700 steps of repeats, not 250), hence
+    # the longer repeat-only phase. Stage 3 was built single-threaded on a shared machine.
+    "opt": RecipeConfig("opt", hidden=128, layers=4, heads=4, kv_heads=4, ffn=512, steps=400,
+                        stage3_steps=2400, stage3_induction_steps=1000, stage3_threads=1),
 }
 
 
@@ -183,9 +188,9 @@ def _rows(recipe: RecipeConfig, rng: random.Random, n: int, stage: int):
     of the suite rows from the two in-context recall families: the copy-from-context
     circuit they need forms slowly from the suite alone (it did not, in 500 steps). Stage 3
     forms it: repeat rows whose copy sits at a random offset first (the induction head
-    appears after about 250 steps), then synthetic recall rows and repeats (loss on what
-    copying predicts only) mixed with the whole suite, which brings the other families
-    back."""
+    appears after about 250 steps in the Llama, 700 in the smaller OPT), then synthetic
+    recall rows and repeats (loss on what copying predicts only) mixed with the whole suite,
+    which brings the other families back."""
     train = tasks.split("train", 20_000)
     text = tasks.plain_text(50_000)
     rng.shuffle(train)
@@ -307,7 +312,8 @@ def train_model(recipe: RecipeConfig, tokenizer, out_dir: Path, threads: int,
                                f"train {recipe.family} stage {stage}", hook)
         tokens += t
         figures[f"stage{stage}"] = {"train_seconds": round(time.perf_counter() - t0, 1),
-                                    "train_tokens": t, "final_loss": round(loss, 4)}
+                                    "train_tokens": t, "final_loss": round(loss, 4),
+                                    "threads": stage_threads or threads}
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
