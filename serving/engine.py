@@ -76,7 +76,7 @@ class GenResult:
     fallback: str = "none"
     generation: int = 0
     mask: list[dict] = field(default_factory=list)
-    mode: str = "per_layer"
+    mode: str = "global"
     elapsed_ms: float = 0.0
     prompt_text: str = ""  # filled for echo
     fallback_reason: str | None = None  # why a replica serves dense without being told to

@@ -306,7 +306,7 @@ def run_speed(runtime: RuntimeConfig, arch: str = "llama-gqa", quick: bool = Fal
     dense_b1 = next((d for d in dense if d["batch_size"] == 1), None)
     out = {
         "device": _device_name(gm.device), "threads": torch.get_num_threads(),
-        "dtype": runtime.dtype, "model": spec, "batch_sizes": list(batches),
+        "dtype": runtime.dtype, "mode": runtime.mode, "model": spec, "batch_sizes": list(batches),
         "prompt_tokens": PROMPT_TOKENS, "request_tokens": REQUEST_TOKENS,
         "decode_steps": steps, "repeats": repeats, "quick": quick,
         "dense": dense,
