@@ -181,9 +181,10 @@ async def run(base: str, api_key: str, admin_key: str, concurrencies=(1, 4, 16),
         results, offset = [], 0
         try:
             await _set_state(client, admin, {"shadow_rate": shadow_rate})
-            for s in sparsities:  # warm every arm (predictor loaded, gathered weights cached)
-                await _set_state(client, admin, {"sparsity": s})
-                await _level(client, headers, texts[-4:], 1, 4, max_tokens)
+            top = max(concurrencies)
+            for s in sparsities:  # warm every arm at the highest load it will see: predictor loaded,
+                await _set_state(client, admin, {"sparsity": s})  # the memory of that many masks' gathers
+                await _level(client, headers, texts[-max(4, top):], top, max(4, top), max_tokens)
             for rnd in range(rounds):
                 for c in concurrencies:
                     n = max(requests, c)

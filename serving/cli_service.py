@@ -127,7 +127,9 @@ def register(app, bench_app) -> None:
         if model is not None and Path(model).exists():
             if not (Path(model) / "config.json").exists():
                 fail(f"--model {model}: no saved model there (config.json is missing)")
-            model = str(Path(model).resolve())
+            given, model = model, str(Path(model).resolve())  # the report names it as given
+        else:
+            given = model
         console = Console(stderr=True)
         t0 = _time.time()
         if model is not None:
@@ -156,7 +158,7 @@ def register(app, bench_app) -> None:
                                                prefix=s.redis.prefix, progress=lambda line: console.print(line)))
             except httpx.HTTPError as exc:
                 fail(f"cannot drive the service at {base}: {exc} (is `shadowgate up` running?)", 1)
-        result["model"] = model or settings.model.name
+        result["model"] = given or settings.model.name
         result["settings"] = {"threads": s.runtime.threads, "dtype": s.runtime.dtype, "mode": s.runtime.mode,
                               "llm_replicas": s.serve.llm_replicas, "max_ongoing_requests": s.serve.max_ongoing_requests}
         result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
