@@ -60,8 +60,13 @@ def check_model(name: str, device: str, dtype: str, prompts_per_family: int = 2,
     prompts = [p for p, _ in encode_pairs(loaded.tokenizer, suite.split("test", prompts_per_family))]
     full = _shadowllm(loaded, 0.0)
     half = _shadowllm(loaded, 0.5)
-    cpu = load(name, RuntimeConfig(device="cpu", dtype="float32")) if half is not None else None
-    cpu_half = _shadowllm(cpu, 0.5) if cpu is not None else None
+    if half is None:
+        cpu = None
+    elif rt.device.type == "cpu" and dtype == "float32":  # already the reference: no second load
+        cpu = loaded
+    else:
+        cpu = load(name, RuntimeConfig(device="cpu", dtype="float32"))
+    cpu_half = half if cpu is loaded else (_shadowllm(cpu, 0.5) if cpu is not None else None)
     diffs, same_dense, same_full, same_mask, same_half = [], 0, 0, 0, 0
     with torch.inference_mode():
         for p in prompts:
