@@ -14,10 +14,11 @@ APP_NAME = "shadowgate"
 def build_app(settings: Settings):
     s = settings.serve
     cpus = {"num_cpus": s.replica_cpus}
+    health = {"health_check_period_s": s.health_check_period_s, "health_check_timeout_s": s.health_check_timeout_s}
     llm = GatedLLM.options(num_replicas=s.llm_replicas, ray_actor_options=cpus,
-                           max_ongoing_requests=s.max_ongoing_requests).bind(settings)
+                           max_ongoing_requests=s.max_ongoing_requests, **health).bind(settings)
     shadow = ShadowDense.options(num_replicas=s.shadow_replicas, ray_actor_options=cpus,
-                                 max_ongoing_requests=s.shadow_max_inflight * 2).bind(settings)
+                                 max_ongoing_requests=s.shadow_max_inflight * 2, **health).bind(settings)
     # one Monitor replica; a second one (during a restart) waits on the Redis lease
     monitor = Monitor.options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(settings) \
         if settings.monitor.enabled else None

@@ -135,12 +135,15 @@ class Batcher:
     def _step(self, new: list[Ticket]) -> None:
         eng, st = self.engine, self.stats
         rows = [] if self._logits is None else [self._logits]
+        # a sequence that will decode by itself needs its mask's own weight copy; one that
+        # joins others shares their products and is prefilled without one
+        alone = not self._running and len(new) == 1 and not self._waiting
         for t in new:
             if t.cancelled:
                 self._cancelled(t)
                 continue
             try:
-                t.active, logits = eng.start(t.req, stream=t.stream)
+                t.active, logits = eng.start(t.req, stream=t.stream, alone=alone)
             except RequestError as exc:
                 st.errors += 1
                 self._emit(t, ("error", str(exc)))

@@ -129,6 +129,22 @@ def _serve_running(deployment: str = "GatedLLM") -> tuple[int, int]:
     return running, sum(dep.replica_states.values()) if dep.replica_states else 0
 
 
+def _replacement_startup(stack, before: set[int], t_kill: float) -> dict | None:
+    """Where the replacement replica's start went (its own report, published with the decode
+    loop's timing): import, engine (model and predictor), control state and warm-up, and
+    when it began and was ready, in seconds after the kill."""
+    r, p = stack.redis(), stack.settings.redis.prefix
+    new = [rep["pid"] for rep in _replicas(stack) if rep["pid"] not in before]
+    report = None
+    if new and wait_until(lambda: r.get(f"{p}:llm:timing:{new[0]}") is not None, 10, 0.2):
+        report = (json.loads(r.get(f"{p}:llm:timing:{new[0]}")) or {}).get("startup")
+    if not report:
+        return None
+    began = report["ready_at"] - report["total_s"]
+    return {**{k: v for k, v in report.items() if k != "ready_at"},
+            "began_after_kill_s": round(began - t_kill, 2), "ready_after_kill_s": round(report["ready_at"] - t_kill, 2)}
+
+
 def replica_kill(stack, load: Load, settle_s: float = 5.0) -> dict:
     """SIGKILL one GatedLLM replica under load."""
     wanted = stack.settings.serve.llm_replicas
@@ -151,6 +167,7 @@ def replica_kill(stack, load: Load, settle_s: float = 5.0) -> dict:
     return {**out, "killed_pid": victim["pid"], "replicas": wanted,
             "recovery_s": round(t_back - t_kill, 2) if back else None,
             "serve_noticed_s": round(t_noticed - t_kill, 2) if noticed else None,
+            "replacement": _replacement_startup(stack, before, t_kill),
             "last_failure_after_kill_s": round(max(o.t1 for o in failed) - t_kill, 2) if failed else None}
 
 

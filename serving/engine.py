@@ -208,17 +208,19 @@ class Engine:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     # ---- step primitives (the decode loop in serving/batcher.py drives these) -------------
-    def start(self, req: GenRequest, stream: bool = False) -> tuple[Active, torch.Tensor]:
+    def start(self, req: GenRequest, stream: bool = False, alone: bool = True) -> tuple[Active, torch.Tensor]:
         """Plan and prefill one request; returns its state and the logits (1, V) that pick its
         first token. With echo the prompt's own scores are taken from the same prefill (all
-        logits, under the mask the whole prompt selected)."""
+        logits, under the mask the whole prompt selected). `alone`: whether it is expected to
+        decode by itself; one that joins a busy batch is prefilled without a weight copy of
+        its own (its steps share the batch's union or dense products)."""
         t0 = time.perf_counter()
         ids = self.prompt_ids(req.prompt)
         plan = self.plan(req)
         res = GenResult(request_id=req.request_id, prompt_ids=ids, version=plan.version, arm=plan.arm,
                         sparsity=plan.sparsity, fallback=plan.fallback, generation=plan.generation,
                         mode=self.settings.runtime.mode, fallback_reason=plan.fallback_reason)
-        seq, logits = self.runtime.prefill(ids, plan.method, req.max_tokens, all_logits=req.echo)
+        seq, logits = self.runtime.prefill(ids, plan.method, req.max_tokens, all_logits=req.echo, gather=alone)
         res.effective_sparsity = seq.effective_sparsity
         scores = None
         if req.logprobs is not None:

@@ -11,11 +11,14 @@ out of the batch.
 
 from __future__ import annotations
 
+import time
+
+_IMPORT_T0 = time.time()  # a replacement replica's start: its process imports this module first
+
 import asyncio
 import json
 import logging
 import os
-import time
 from typing import Callable
 
 from ray import serve
@@ -32,14 +35,17 @@ from serving.openai_format import format_result
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
+_IMPORTED = time.time()
 
 
 @serve.deployment(name="GatedLLM")
 class GatedLLM:
     async def __init__(self, settings: Settings):
+        t_init = time.time()
         self.settings = settings
         registry = PredictorRegistry(settings.mlflow.tracking_uri, settings.mlflow.registered_model)
         self.engine = await asyncio.to_thread(Engine, settings, registry)
+        t_engine = time.time()
         self.batcher = Batcher(self.engine, settings.serve.max_ongoing_requests).start()
         self.handled, self.handler_ms = 0, 0.0  # requests answered, and their time in this replica
         self.follower = StateFollower(settings.redis, settings.redis.prefix, "llm",
@@ -50,6 +56,13 @@ class GatedLLM:
         self.warm = False
         self._timing_task = asyncio.get_running_loop().create_task(self._publish_timing())
         await self._ensure_started()
+        t_ready = time.time()
+        # where a (replacement) replica's start goes: what `bench faults` reports beside the
+        # recovery time, and what an operator reads in the replica's log
+        self.startup = {"import_s": round(_IMPORTED - _IMPORT_T0, 2), "init_wait_s": round(t_init - _IMPORTED, 2),
+                        "engine_s": round(t_engine - t_init, 2), "state_and_warmup_s": round(t_ready - t_engine, 2),
+                        "total_s": round(t_ready - _IMPORT_T0, 2), "ready_at": round(t_ready, 3)}
+        log.info("GatedLLM replica %d ready: %s", os.getpid(), self.startup)
 
     async def _apply(self, state: ControlState) -> str | None:
         problem = await asyncio.to_thread(self.engine.apply, state)
@@ -111,7 +124,7 @@ class GatedLLM:
 
     def timing(self) -> dict:
         return {**self.batcher.stats.as_dict(), "replica_ms": round(self.handler_ms, 3),
-                "requests": self.handled, "pid": os.getpid()}
+                "requests": self.handled, "pid": os.getpid(), "startup": getattr(self, "startup", None)}
 
     def _channel(self) -> tuple[asyncio.Queue, Callable[[tuple], None]]:
         queue: asyncio.Queue = asyncio.Queue()

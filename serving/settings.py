@@ -149,6 +149,10 @@ class ServeSettings(BaseModel):
     audit_retention_s: int = Field(7 * 86400, ge=1)
     reconcile_s: float = Field(5.0, gt=0, description="period of the control-state reconcile poll")
     max_tokens_limit: int = Field(256, ge=1)
+    # how often Serve's controller checks each GatedLLM / ShadowDense replica: a SIGKILLed
+    # replica is noticed (and its replacement started) at the next check, not before
+    health_check_period_s: float = Field(2.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
     route_prefix: str = "/"
     defaults: ControlDefaults = ControlDefaults()
 

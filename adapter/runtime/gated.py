@@ -22,7 +22,7 @@ and groups, K kept neurons, V vocab, C cache capacity.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence as Seq
+from typing import Callable, Sequence as Seq
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +32,9 @@ from adapter.pipeline import traces
 from adapter.runtime import masks
 from adapter.runtime.model_view import ModelView, Shape
 from adapter.config import RuntimeConfig
-from adapter.runtime.gather import (UNION_HORIZON_STEPS, AttnPlan, AttnWeights, BatchPlan, FfnPlan,
-                                    FfnWeights, GatherCache, LayerPlan, LayerWeights, MaskGroup,
-                                    PlanCache, PlanKind, build_plan, head_rows)
+from adapter.runtime.gather import (UNION_HORIZON_STEPS, AttnLayout, AttnPlan, AttnWeights, BatchPlan,
+                                    FfnPlan, FfnWeights, GatherCache, LayerPlan, LayerWeights, MaskGroup,
+                                    PlanCache, PlanKind, build_plan, head_rows, mask_layouts)
 from adapter.selection.base import SelectionMethod
 
 
@@ -46,12 +46,30 @@ class RequestError(ValueError):
 class Sequence:
     method: object
     mask: masks.Mask
-    weights: list[LayerWeights]
     k: list[torch.Tensor]  # per layer (Kg_l, C, Dh)
     v: list[torch.Tensor]
     length: int  # tokens written to the cache
     predictor_input: torch.Tensor  # (D,) layer-0 attention output at the selection position
     effective_sparsity: float
+    own: list[LayerWeights] | None = None  # the mask's gathered weights, once made
+    layouts: list[AttnLayout | AttnWeights] | None = None  # per layer: its kept heads (no copy)
+    gather: Callable[[], list[LayerWeights]] | None = None  # makes (or finds) `own`
+
+    @property
+    def weights(self) -> list[LayerWeights]:
+        """The mask's gathered weights, made on first use: a sequence that only ever runs in
+        shared (union or dense) products of a batch never pays for a copy of its own."""
+        if self.own is None:
+            self.own = self.gather()
+        return self.own
+
+    @property
+    def gathered(self) -> bool:
+        return self.own is not None
+
+    def attn_layout(self, layer: int) -> AttnLayout | AttnWeights:
+        """The layer's kept heads and groups (n_heads, n_groups, q2g), without gathering."""
+        return self.own[layer].attn if self.own is not None else self.layouts[layer]
 
     @property
     def capacity(self) -> int:
@@ -161,9 +179,11 @@ class GatedModel:
         out = fn(h)
         return norm(h + out), out
 
-    def _seq_layer(self, st: Sequence, layer: int, h: torch.Tensor, rope, pos0: int):
-        """One sequence through one layer on its gathered weights; returns (h, attn block out)."""
-        ref, w = self.view.layers[layer], st.weights[layer]
+    def _seq_layer(self, st: Sequence, layer: int, h: torch.Tensor, rope, pos0: int,
+                   w: LayerWeights | None = None):
+        """One sequence through one layer on its gathered weights (or `w`); returns (h, attn
+        block out)."""
+        ref, w = self.view.layers[layer], w or st.weights[layer]
 
         def attn(x):
             q, k, v = self._qkv(w.attn, x)
@@ -174,14 +194,44 @@ class GatedModel:
         h, _ = self._block(h, ref.ffn_norm, lambda x: self._ffn(layer, w.ffn, x), ref.pre_norm)
         return h, attn_out
 
+    def _masked_layer(self, st: Sequence, layer: int, h: torch.Tensor, rope, pos0: int) -> torch.Tensor:
+        """One sequence through one layer on the model's own weights with its mask applied:
+        the kept heads' q/k/v taken out of the full projections (the cache holds only the
+        kept groups, as on gathered weights), the skipped heads' outputs left zero before o,
+        the skipped neurons' activations zeroed before down. The same result as the gathered
+        layer up to float reassociation, at the dense FLOPs and without a copy: for the
+        prefill of a sequence that will decode inside a batch's shared products."""
+        lm, dense = st.mask.layers[layer], self.cache.dense()[layer]
+        if lm.full:
+            return self._seq_layer(st, layer, h, rope, pos0, dense)[0]
+        ref, lay = self.view.layers[layer], st.layouts[layer]
+
+        def attn(x):
+            q, k, v = self._qkv(dense.attn, x)  # (T, H*Dh), (T, G*Dh), (T, G*Dh)
+            q, k, v = q.index_select(1, lay.rows_q), k.index_select(1, lay.rows_kv), v.index_select(1, lay.rows_kv)
+            o = self._attend(st, layer, q, k, v, lay.n_heads, lay.n_groups, lay.q2g, rope, pos0)
+            full = o.new_zeros(o.shape[0], dense.attn.q_width).index_copy_(1, lay.rows_q, o)
+            return F.linear(full, dense.attn.wo, dense.attn.bo)
+
+        keep = h.new_zeros(self.shape.ffn).index_fill_(0, lm.neurons.to(h.device), 1)
+        h, _ = self._block(h, ref.attn_norm, attn, ref.pre_norm)
+        h, _ = self._block(h, ref.ffn_norm, lambda x: self._ffn(layer, dense.ffn, x, keep), ref.pre_norm)
+        return h
+
     # ---- prefill --------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, ids: Seq[int], method, max_new_tokens: int = 0, select_at: int | None = None,
-                all_logits: bool = False) -> tuple[Sequence, torch.Tensor]:
+                all_logits: bool = False, gather: bool = True) -> tuple[Sequence, torch.Tensor]:
         """Run the prompt; returns the sequence state and logits (1, V), or (T, V) with
         all_logits. `select_at` is the position whose layer-0 attention output selects the
         mask (default: the last token); scoring passes prompt+continuation and the last
-        prompt position, which gives the same mask as a prefill of the prompt alone."""
+        prompt position, which gives the same mask as a prefill of the prompt alone.
+
+        `gather`: run the prompt on the mask's gathered weights (copied now unless cached),
+        what a sequence that decodes alone needs; False runs it on the full weights with the
+        mask applied (no copy) when the gathered ones are not cached, for a sequence that
+        joins a busy batch, whose decode steps share union or dense products; its copy is
+        made later only if a plan asks for it (`Sequence.weights`)."""
         t = len(ids)
         if t == 0:
             raise RequestError("the prompt is empty")
@@ -197,24 +247,30 @@ class GatedModel:
         cap = t + max_new_tokens
         dense = self.cache.dense()
         method = method.placed(h.device, h.dtype)  # its predictor on the model's device
-        st = Sequence(method=method, mask=None, weights=dense, k=[], v=[], length=0,
-                      predictor_input=None, effective_sparsity=0.0)
+        st = Sequence(method=method, mask=None, k=[], v=[], length=0, predictor_input=None,
+                      effective_sparsity=0.0)
         self._alloc(st, 0, self.shape.kv_heads, cap, h.dtype)
-        h, attn0 = self._seq_layer(st, 0, h, rope, 0)
+        h, attn0 = self._seq_layer(st, 0, h, rope, 0, dense[0])
         st.predictor_input = attn0[t - 1 if select_at is None else select_at]
         st.mask = method.choose(self.shape, st.predictor_input)
-        st.weights = self.cache.get(st.mask)
+        st.gather = lambda mask=st.mask: self.cache.get(mask)
+        if gather or self.cache.has(st.mask):
+            st.own = self.cache.get(st.mask)
+        else:
+            st.layouts = [lay or d.attn for lay, d in zip(mask_layouts(self.view.layers, st.mask, self.shape), dense)]
         st.effective_sparsity = self._effective(method, st.mask)
         for layer in range(1, self.shape.layers):
-            self._alloc(st, layer, st.weights[layer].attn.n_groups, cap, h.dtype)
+            self._alloc(st, layer, st.attn_layout(layer).n_groups, cap, h.dtype)
             if method.per_token and method.sparse_prompt:
                 # per-token selection on prompt tokens too, one token at a time (causal: each
                 # token's keys are cached before the next token of the same layer attends)
                 h = torch.cat([self._dejavu_layer(st, layer, h[i:i + 1],
                                                   None if rope is None else (rope[0][i:i + 1], rope[1][i:i + 1]), i)
                                for i in range(t)])
-            else:
+            elif st.gathered:
                 h, _ = self._seq_layer(st, layer, h, rope, 0)
+            else:
+                h = self._masked_layer(st, layer, h, rope, 0)
         st.length = t
         return st, self.view.logits(h if all_logits else h[-1:])
 
@@ -228,8 +284,8 @@ class GatedModel:
         ids_t = torch.as_tensor(list(ids), dtype=torch.long, device=self.device)
         pos = torch.arange(t, device=self.device)
         h = self.view.embed(ids_t, pos)
-        st = Sequence(method=None, mask=None, weights=self.cache.dense(), k=[], v=[], length=0,
-                      predictor_input=None, effective_sparsity=0.0)
+        st = Sequence(method=None, mask=None, k=[], v=[], length=0, predictor_input=None,
+                      effective_sparsity=0.0, own=self.cache.dense())
         self._alloc(st, 0, self.shape.kv_heads, t, h.dtype)
         _, attn0 = self._seq_layer(st, 0, h, self.view.rope(h, pos), 0)
         return attn0[t - 1]
@@ -254,7 +310,7 @@ class GatedModel:
         def build() -> BatchPlan:
             return build_plan(self.view.layers, self.shape, [st.mask for st in seqs],
                               [st.method.per_token for st in seqs], max(1, horizon or self.plan_horizon),
-                              force)
+                              force, [st.gathered for st in seqs])
 
         if force is not None:
             return build()
@@ -310,6 +366,15 @@ class GatedModel:
         h, _ = self._block(h, ref.ffn_norm, lambda x: self._plan_ffn(seqs, layer, x, lp.ffn), ref.pre_norm)
         return h
 
+    def _group_weights(self, seqs: list[Sequence], g: MaskGroup, layer: int) -> LayerWeights:
+        """The weights a mask group's product runs on: a full layer's are the model's own;
+        else a row's copy, one that has it already if any (rows sharing this layer's mask
+        may differ in others), made now otherwise."""
+        st = next((seqs[j] for j in g.members if seqs[j].gathered), seqs[g.members[0]])
+        if not st.gathered and st.mask.layers[layer].full:
+            return self.cache.dense()[layer]
+        return st.weights[layer]
+
     def _per_mask(self, groups: tuple[MaskGroup, ...], x: torch.Tensor, rope, fn) -> torch.Tensor:
         """fn(group, its rows of x, their rope) per group of rows sharing a layer mask."""
         if len(groups) == 1 and groups[0].rows is None:  # one mask: no row shuffling
@@ -322,7 +387,7 @@ class GatedModel:
     def _plan_attn(self, seqs: list[Sequence], layer: int, x: torch.Tensor, rope, ap: AttnPlan) -> torch.Tensor:
         if ap.kind == "per_mask":
             return self._per_mask(ap.groups, x, rope, lambda g, xs, rs: self._attn_rows(
-                [seqs[j] for j in g.members], layer, xs, rs, seqs[g.members[0]].weights[layer].attn))
+                [seqs[j] for j in g.members], layer, xs, rs, self._group_weights(seqs, g, layer).attn))
         # one projection over the layout's heads (union or all); each row takes its own
         # heads and groups out of it, in its own mask's order, and attends over its own cache
         w, n = ap.weights, x.shape[0]
@@ -332,7 +397,7 @@ class GatedModel:
         vs = v.reshape(-1).index_select(0, ap.kv_idx).split(ap.kv_split)
         outs = []
         for j, st in enumerate(seqs):
-            own = st.weights[layer].attn
+            own = st.attn_layout(layer)
             outs.append(self._attend(st, layer, qs[j][None], ks[j][None], vs[j][None], own.n_heads,
                                      own.n_groups, own.q2g, self._rope_row(rope, j), st.length))
         # skipped heads' outputs stay zero: o reads each row's own heads only
@@ -350,7 +415,7 @@ class GatedModel:
     def _plan_ffn(self, seqs: list[Sequence], layer: int, x: torch.Tensor, fp: FfnPlan) -> torch.Tensor:
         if fp.kind == "per_mask":
             return self._per_mask(fp.groups, x, None, lambda g, xs, _: self._ffn(
-                layer, seqs[g.members[0]].weights[layer].ffn, xs))
+                layer, self._group_weights(seqs, g, layer).ffn, xs))
         return self._ffn(layer, fp.weights, x, fp.keep)
 
     def _transposed(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

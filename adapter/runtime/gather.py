@@ -20,6 +20,9 @@ and FFN, a byte model picks the cheapest of
 per_mask reads sum_m bytes(m) >= bytes(union of m), so it wins only where the batch has one
 layer mask, or where the union copy does not pay for itself: a union gather reads and writes
 the union once, charged as GATHER_READS step-reads spread over UNION_HORIZON_STEPS steps.
+A sequence's own copy is made lazily (a sequence admitted into a busy batch is prefilled on
+the full weights with its mask applied, and never needs one while it shares products), so
+per_mask is charged the same for each mask not gathered yet.
 Attention stays per sequence whatever the plan: each row attends with its own kept heads
 over its own cache, which holds only its kept KV groups (Polar Sparsity, NeurIPS 2025:
 head sparsity is batch-invariant, while the union of FFN neurons approaches dense).
@@ -112,21 +115,47 @@ def _rows_into(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class AttnLayout:
+    """A layer's kept heads as a row attends with them, whether or not its weights are
+    gathered: what a shared (union or dense) projection needs to hand each row its own
+    heads, and what a prefill on the full weights selects."""
+
+    rows_q: torch.Tensor  # (Kh*Dh,) rows of wq (columns of wo) of the kept heads
+    rows_kv: torch.Tensor  # (Kg*Dh,) rows of wk/wv of the kept groups
+    n_heads: int  # Kh
+    n_groups: int  # Kg
+    q2g: torch.Tensor | None  # (Kh,) kept-group slot of each kept head; None: uniform GQA
+
+
+def attn_layout(heads: torch.Tensor, groups: torch.Tensor, shape: Shape) -> AttnLayout:
+    """Kept heads (Kh,) and groups (Kg,), on the model's device -> their layout (one host
+    sync, for the uniform check: once per mask and layer, never per token)."""
+    per_group = torch.bincount(heads // shape.group_size, minlength=shape.kv_heads)[groups]
+    uniform = bool((per_group == per_group[0]).all())
+    q2g = None if uniform else torch.searchsorted(groups, heads // shape.group_size)
+    return AttnLayout(rows_q=head_rows(heads, shape.head_dim), rows_kv=head_rows(groups, shape.head_dim),
+                      n_heads=heads.numel(), n_groups=groups.numel(), q2g=q2g)
+
+
+def mask_layouts(layers: list[LayerRefs], mask: Mask, shape: Shape) -> list[AttnLayout | None]:
+    """Per layer, the mask's attention layout; None for a full layer (the model's own tensors)."""
+    return [None if lm.full else attn_layout(lm.heads.to(ref.wq.device), lm.groups.to(ref.wq.device), shape)
+            for ref, lm in zip(layers, mask.layers)]
+
+
 def gather_attn(ref: LayerRefs, heads: torch.Tensor, groups: torch.Tensor, shape: Shape) -> AttnWeights:
     """q/k/v rows and o columns of the kept heads (Kh,) and groups (Kg,), fused into one copy."""
-    dh = shape.head_dim
-    rows_q, rows_kv = head_rows(heads, dh), head_rows(groups, dh)
+    lay = attn_layout(heads, groups, shape)
+    rows_q, rows_kv = lay.rows_q, lay.rows_kv
     q_w, kv_w = rows_q.numel(), rows_kv.numel()
     wqkv = _rows_into([(ref.wq, rows_q), (ref.wk, rows_kv), (ref.wv, rows_kv)])
     bqkv = _cat_bias(
         [None if b is None else b[r] for b, r in ((ref.bq, rows_q), (ref.bk, rows_kv), (ref.bv, rows_kv))],
         [q_w, kv_w, kv_w], wqkv)
-    per_group = torch.bincount(heads // shape.group_size, minlength=shape.kv_heads)[groups]
-    uniform = bool((per_group == per_group[0]).all())  # once per gather, not per token
-    q2g = None if uniform else torch.searchsorted(groups, heads // shape.group_size)
     return AttnWeights(
         qkv=((wqkv, bqkv),), q_width=q_w, kv_width=kv_w, wo=ref.wo.index_select(1, rows_q),
-        bo=ref.bo, n_heads=heads.numel(), n_groups=groups.numel(), q2g=q2g,
+        bo=ref.bo, n_heads=lay.n_heads, n_groups=lay.n_groups, q2g=lay.q2g,
     )
 
 
@@ -164,6 +193,11 @@ class GatherCache:
 
     def dense(self) -> list[LayerWeights]:
         return self._dense
+
+    def has(self, mask: Mask) -> bool:
+        """Whether `mask`'s weights are gathered already (a dense mask needs no copy)."""
+        with self._lock:
+            return mask.dense or mask.key in self._entries
 
     def get(self, mask: Mask) -> list[LayerWeights]:
         if mask.dense:
@@ -281,11 +315,14 @@ def _layer_key(lm: LayerMask) -> bytes:
 
 
 def build_plan(layers: list[LayerRefs], shape: Shape, row_masks: list[Mask], per_token: list[bool],
-               horizon: int = UNION_HORIZON_STEPS, force: PlanKind | None = None) -> BatchPlan:
+               horizon: int = UNION_HORIZON_STEPS, force: PlanKind | None = None,
+               has_copy: list[bool] | None = None) -> BatchPlan:
     """The plan of one decode step for rows with these masks.
 
     Host work (unique, searchsorted, copies of the unions): run it when the batch's
-    composition changes, not per token. `force` makes every layer take one kind (tests)."""
+    composition changes, not per token. `force` makes every layer take one kind (tests).
+    `has_copy`: per row, whether its mask's own copy exists (default: all do)."""
+    has_copy = has_copy if has_copy is not None else [True] * len(row_masks)
     b = len(row_masks)
     token_rows = tuple(i for i in range(b) if per_token[i])
     planned = [i for i in range(b) if not per_token[i]]
@@ -293,7 +330,8 @@ def build_plan(layers: list[LayerRefs], shape: Shape, row_masks: list[Mask], per
     for layer, ref in enumerate(layers):
         # layer 0 is dense for every method, per-token ones included
         members = list(range(b)) if layer == 0 else planned
-        lp, nbytes = _plan_layer(ref, shape, [row_masks[i].layers[layer] for i in members], horizon, force)
+        lp, nbytes = _plan_layer(ref, shape, [row_masks[i].layers[layer] for i in members], horizon, force,
+                                 [has_copy[i] for i in members])
         device = ref.wq.device
         rows = None if members == list(range(b)) else torch.tensor(members, dtype=torch.long, device=device)
         out.append(LayerPlan(rows=rows, members=tuple(members), **lp))
@@ -302,7 +340,7 @@ def build_plan(layers: list[LayerRefs], shape: Shape, row_masks: list[Mask], per
 
 
 def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int,
-                force: PlanKind | None) -> tuple[dict, int]:
+                force: PlanKind | None, has_copy: list[bool]) -> tuple[dict, int]:
     device, dh = ref.wq.device, shape.head_dim
     per_head, per_group, per_neuron = unit_bytes(ref, shape)
     if not lms:  # every row is per-token at this layer
@@ -324,23 +362,32 @@ def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int
     neurons_u = torch.unique(torch.cat([lms[j].neurons for j in firsts]))
     full_attn = heads_u.numel() == shape.heads and groups_u.numel() == shape.kv_heads
     full_ffn = neurons_u.numel() == shape.ffn
-    attn_bytes = {
-        "per_mask": sum(lms[j].heads.numel() * per_head + lms[j].groups.numel() * per_group for j in firsts),
-        "dense": shape.heads * per_head + shape.kv_heads * per_group,
-    }
+    # a mask group's own copy exists when any of its rows holds it
+    fresh = [j for j, idx in zip(firsts, by_key.values())
+             if not lms[j].full and not any(has_copy[i] for i in idx)]
+
+    def attn_of(j: int) -> int:
+        return lms[j].heads.numel() * per_head + lms[j].groups.numel() * per_group
+
+    attn_bytes = {"per_mask": sum(attn_of(j) for j in firsts),
+                  "dense": shape.heads * per_head + shape.kv_heads * per_group}
     ffn_bytes = {"per_mask": sum(lms[j].neurons.numel() * per_neuron for j in firsts),
                  "dense": shape.ffn * per_neuron}
+    copies = {"attn": sum(attn_of(j) for j in fresh), "ffn": sum(lms[j].neurons.numel() * per_neuron for j in fresh)}
     if not full_attn:
         attn_bytes["union"] = heads_u.numel() * per_head + groups_u.numel() * per_group
     if not full_ffn:
         ffn_bytes["union"] = neurons_u.numel() * per_neuron
 
-    def costs(nbytes: dict) -> dict:
-        # a union copy is made once per batch composition: charge it over the horizon
-        return {k: v * (1 + GATHER_READS / horizon) if k == "union" else v for k, v in nbytes.items()}
+    def costs(nbytes: dict, part: str) -> dict:
+        # a copy (the union's, or the masks' own not made yet) is made once per batch
+        # composition: charge it over the horizon
+        out = {k: v * (1 + GATHER_READS / horizon) if k == "union" else v for k, v in nbytes.items()}
+        out["per_mask"] += copies[part] * GATHER_READS / horizon
+        return out
 
-    attn_kind = _choose(costs(attn_bytes), force)
-    ffn_kind = _choose(costs(ffn_bytes), force)
+    attn_kind = _choose(costs(attn_bytes, "attn"), force)
+    ffn_kind = _choose(costs(ffn_bytes, "ffn"), force)
     if force == "union":  # a forced union that covers every unit is the dense layout
         attn_bytes.setdefault("union", attn_bytes["dense"])
         ffn_bytes.setdefault("union", ffn_bytes["dense"])

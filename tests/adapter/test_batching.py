@@ -239,3 +239,53 @@ def test_a_short_horizon_does_not_pay_for_a_union_copy():
     assert gm.batch_plan(states).gathered_bytes == 0  # the cached plan stands for this composition
     gm.plans.clear()
     assert {lp.ffn.kind for lp in gm.batch_plan(states, horizon=32).layers[1:]} == {"union"}
+
+
+def test_a_prefill_without_a_copy_equals_the_gathered_prefill():
+    """gather=False runs the prompt on the full weights with the mask applied: the same
+    logits and the same (kept-groups-only) KV cache as on gathered weights, no copy made."""
+    gm = GatedModel(tiny_llama(kv_heads=2))
+    ms = overlapping_masks(gm.shape, 2) + [masks.from_indices(gm.shape, [[0, 1, 5]] * 2, [list(range(40))] * 2)]
+    methods = [P.Static(m, 0.5) for m in ms] + [P.ShadowLLM(P.random_unified(gm.shape, 32, seed=3), 0.7), P.Dense()]
+    for i, method in enumerate(methods):
+        ids = prompt(n=9 + i, seed=20 + i)
+        lazy, got = gm.prefill(ids, method, 3, all_logits=True, gather=False)
+        assert gm.cache.stats()["misses"] == 0
+        assert lazy.gathered == isinstance(method, P.Dense)  # a dense mask needs no copy
+        eager, want = gm.prefill(ids, method, 3, all_logits=True)
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        for layer in range(gm.shape.layers):
+            torch.testing.assert_close(lazy.k[layer][:, :len(ids)], eager.k[layer][:, :len(ids)], atol=ATOL, rtol=0)
+        gm.cache = type(gm.cache)(gm.view.layers, gm.shape, gm.cache.budget)  # cold again
+
+
+def test_rows_prefilled_without_a_copy_share_products_and_gather_only_when_alone():
+    """A busy batch of rows prefilled without copies decodes on union/dense products (no
+    per-row copy is ever made) and equals each row alone; the row left by itself later gets
+    its own copy, because the byte model charges it once over the steps left."""
+    gm = GatedModel(tiny_llama(kv_heads=2))
+    ms = overlapping_masks(gm.shape, 4)
+    methods = [P.Static(m, 0.5) for m in ms]
+    prompts = [prompt(n=8 + i, seed=30 + i) for i in range(4)]
+    batch = [gm.prefill(p, m, 40, gather=False)[0] for p, m in zip(prompts, methods)]
+    assert gm.cache.stats()["misses"] == 0
+    ref = GatedModel(gm.model)
+    solo = [ref.prefill(p, m, 40)[0] for p, m in zip(prompts, methods)]
+    toks = torch.tensor([p[-1] for p in prompts])
+    for _ in range(3):
+        out = gm.decode(batch, toks, horizon=30)
+        want = torch.cat([ref.decode([st], toks[i:i + 1]) for i, st in enumerate(solo)])
+        torch.testing.assert_close(out, want, atol=ATOL, rtol=0)
+        toks = out.argmax(-1)
+    plan = gm.batch_plan(batch, horizon=30)
+    assert {lp.ffn.kind for lp in plan.layers[1:]} <= {"union", "dense"}
+    assert gm.cache.stats()["misses"] == 0 and not any(st.gathered for st in batch)
+    # the last row alone, 30 steps to go: its own copy (half the layer) beats dense
+    alone = gm.batch_plan(batch[:1], horizon=30)
+    assert {lp.ffn.kind for lp in alone.layers[1:]} == {"per_mask"}
+    out = gm.decode(batch[:1], toks[:1], alone)
+    torch.testing.assert_close(out, ref.decode(solo[:1], toks[:1]), atol=ATOL, rtol=0)
+    assert batch[0].gathered and gm.cache.stats()["misses"] == 1
+    # one step left: the copy would not pay for itself, the full weights serve it
+    last = gm.batch_plan([batch[1]], horizon=1)
+    assert {lp.ffn.kind for lp in last.layers[1:]} == {"dense"}
