@@ -83,6 +83,11 @@ class Batcher:
         self._waiting: deque[Ticket] = deque()
         self._running: list[Ticket] = []
         self._logits: torch.Tensor | None = None  # (B, V) rows for self._running, in order
+        # how many steps a batch composition lasts before a sequence joins or leaves (moving
+        # average): a union copy is weighed over that, since arrivals end a composition too
+        self._composition: tuple[int, ...] = ()
+        self._since_change = 0
+        self._lifetime = 32.0
         self._wake = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
@@ -187,7 +192,7 @@ class Batcher:
             return
         self._running = [self._running[j] for j in still]
         t0 = time.perf_counter()
-        self._logits = eng.decode([t.active for t in self._running], toks[still])
+        self._logits = eng.decode([t.active for t in self._running], toks[still], self._expected_steps())
         ms = (time.perf_counter() - t0) * 1000
         b = len(self._running)
         st.steps += 1
@@ -196,6 +201,17 @@ class Batcher:
         for t in self._running:  # a shared step's time, split evenly among its sequences
             t.steps += 1
             t.active.timing["decode_ms"] = t.active.timing.get("decode_ms", 0.0) + ms / b
+
+    def _expected_steps(self) -> int:
+        """The steps the running composition is expected to last: 1 when requests wait to
+        join (the next step changes it), else the recent compositions' mean lifetime."""
+        comp = tuple(id(t) for t in self._running)
+        if comp != self._composition:
+            if self._composition:
+                self._lifetime = 0.7 * self._lifetime + 0.3 * self._since_change
+            self._composition, self._since_change = comp, 0
+        self._since_change += 1
+        return 1 if self._waiting else max(1, round(self._lifetime))
 
     def _finish(self, t: Ticket) -> None:
         res = self.engine.finish(t.active)

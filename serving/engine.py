@@ -276,12 +276,15 @@ class Engine:
         a.delta, a.sent = text[a.sent:upto], max(a.sent, upto)
         a.timing["detokenize_ms"] += (time.perf_counter() - t) * 1000
 
-    def decode(self, acts: list[Active], toks: torch.Tensor) -> torch.Tensor:
+    def decode(self, acts: list[Active], toks: torch.Tensor, expected_steps: int | None = None) -> torch.Tensor:
         """One decode step for the sequences still running: tokens (B,) -> logits (B, V).
         The batch keeps this composition at most until its first sequence runs out of
-        tokens, so that is the horizon a union gather is weighed over (with short
-        completions, a union that would be rebuilt every few steps costs more than it saves)."""
+        tokens, and (`expected_steps`, the caller's estimate) until a new sequence joins:
+        that is the horizon a union gather is weighed over (with short completions or busy
+        arrivals, a union that would be rebuilt every few steps costs more than it saves)."""
         horizon = min(a.req.max_tokens - len(a.res.token_ids) for a in acts)
+        if expected_steps is not None:
+            horizon = min(horizon, expected_steps)
         return self.runtime.decode([a.seq for a in acts], toks, horizon=max(1, horizon))
 
     def finish(self, a: Active) -> GenResult:

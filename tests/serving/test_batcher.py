@@ -286,3 +286,22 @@ def test_the_loop_weighs_a_union_over_the_steps_its_batch_can_last(engine):
     engine.decode(acts, toks)  # the first sequence has 1 token left: horizon 1
     plan = rt.batch_plan(seqs)  # the plan that step built and cached
     assert plan.gathered_bytes == 0 and all(lp.ffn.kind != "union" for lp in plan.layers[1:])
+
+
+def test_the_loop_expects_a_composition_to_last_as_long_as_recent_ones_did(engine):
+    """Arrivals end a composition as surely as departures: the horizon the loop hands the
+    engine is 1 while requests wait to join, else the moving average of how many steps
+    recent compositions lasted (a union copy is weighed over it)."""
+    b = Batcher(engine)  # not started: its bookkeeping only
+    first, second = object(), object()
+    b._running = [first]
+    assert b._expected_steps() == 32  # nothing seen yet
+    for _ in range(3):
+        b._expected_steps()  # [first] lasts 4 steps
+    b._running = [first, second]
+    assert b._expected_steps() == round(0.7 * 32 + 0.3 * 4)
+    b._waiting.append(object())
+    assert b._expected_steps() == 1
+    b._waiting.clear()
+    b._running = [second]  # [first, second] lasted 2 steps
+    assert b._expected_steps() == round(0.7 * (0.7 * 32 + 0.3 * 4) + 0.3 * 2)
