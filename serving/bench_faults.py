@@ -131,8 +131,9 @@ def _serve_running(deployment: str = "GatedLLM") -> tuple[int, int]:
 
 def _replacement_startup(stack, before: set[int], t_kill: float) -> dict | None:
     """Where the replacement replica's start went (its own report, published with the decode
-    loop's timing): import, engine (model and predictor), control state and warm-up, and
-    when it began and was ready, in seconds after the kill."""
+    loop's timing), in seconds after the kill: when its worker process started, when its
+    constructor began (the time before that is Ray starting the actor and the imports), the
+    engine (model and predictor) and control state with warm-up, and when it was ready."""
     r, p = stack.redis(), stack.settings.redis.prefix
     new = [rep["pid"] for rep in _replicas(stack) if rep["pid"] not in before]
     report = None
@@ -140,9 +141,10 @@ def _replacement_startup(stack, before: set[int], t_kill: float) -> dict | None:
         report = (json.loads(r.get(f"{p}:llm:timing:{new[0]}")) or {}).get("startup")
     if not report:
         return None
-    began = report["ready_at"] - report["total_s"]
-    return {**{k: v for k, v in report.items() if k != "ready_at"},
-            "began_after_kill_s": round(began - t_kill, 2), "ready_after_kill_s": round(report["ready_at"] - t_kill, 2)}
+    return {"process_started_after_kill_s": round(report["process_started_at"] - t_kill, 2),
+            "constructor_began_after_kill_s": round(report["init_at"] - t_kill, 2),
+            "engine_s": report["engine_s"], "state_and_warmup_s": report["state_and_warmup_s"],
+            "ready_after_kill_s": round(report["ready_at"] - t_kill, 2)}
 
 
 def replica_kill(stack, load: Load, settle_s: float = 5.0) -> dict:

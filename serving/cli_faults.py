@@ -59,7 +59,13 @@ def register(bench_app) -> None:
 
 def _figure(name: str, r: dict) -> str:
     if name == "replica_kill":
-        return f"recovery {r['recovery_s']} s"
+        rep = r.get("replacement") or {}
+        parts = [f"recovery {r['recovery_s']} s", f"Serve noticed after {r.get('serve_noticed_s')} s"]
+        if rep:
+            parts.append(f"replacement's constructor began {rep['constructor_began_after_kill_s']} s after the "
+                         f"kill (process started {rep['process_started_after_kill_s']} s), engine {rep['engine_s']} s, "
+                         f"state and warm-up {rep['state_and_warmup_s']} s")
+        return "; ".join(parts)
     if name == "redis_kill":
         return (f"lost {r['lost']}; followed {r['followed_after_restart_s']} s after restart; "
                 f"epoch kept {r['epoch_kept']}")
