@@ -310,6 +310,24 @@ def _choose(costs: dict[str, float], force: PlanKind | None) -> PlanKind:
     return min((k for k in PLAN_KINDS if k in costs), key=lambda k: costs[k])  # min keeps the first of ties
 
 
+def _covered(size: int, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The sorted distinct indices (< size) found in any of `parts`."""
+    flags = torch.zeros(size, dtype=torch.bool)
+    for idx in parts:
+        flags[idx] = True
+    return flags.nonzero().squeeze(1)
+
+
+def _slots(size: int, layout: torch.Tensor):
+    """Index -> its position in `layout` (sorted indices < size): identity for a full layout,
+    else one lookup table for every row of the plan (no search per row)."""
+    if layout.numel() == size:
+        return lambda idx: idx
+    table = torch.full((size,), -1, dtype=torch.long)
+    table[layout] = torch.arange(layout.numel())
+    return lambda idx: table[idx]
+
+
 def _layer_key(lm: LayerMask) -> bytes:
     return lm.heads.cpu().numpy().tobytes() + b"|" + lm.neurons.cpu().numpy().tobytes()
 
@@ -357,9 +375,10 @@ def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int
         MaskGroup(rows=None if len(by_key) == 1 else torch.tensor(idx, dtype=torch.long, device=device),
                   members=tuple(idx))
         for idx in by_key.values())
-    heads_u = torch.unique(torch.cat([lms[j].heads for j in firsts]))
-    groups_u = torch.unique(heads_u // shape.group_size)
-    neurons_u = torch.unique(torch.cat([lms[j].neurons for j in firsts]))
+    # the union by coverage flags (cheaper than unique over the rows' indices)
+    heads_u = _covered(shape.heads, [lms[j].heads for j in firsts])
+    groups_u = _covered(shape.kv_heads, [heads_u // shape.group_size])
+    neurons_u = _covered(shape.ffn, [lms[j].neurons for j in firsts])
     full_attn = heads_u.numel() == shape.heads and groups_u.numel() == shape.kv_heads
     full_ffn = neurons_u.numel() == shape.ffn
     # a mask group's own copy exists when any of its rows holds it
@@ -403,8 +422,9 @@ def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int
             w = dense_layer(ref, shape).attn
             lay_h, lay_g = torch.arange(shape.heads), torch.arange(shape.kv_heads)
         wq, wkv = lay_h.numel() * dh, lay_g.numel() * dh
-        q_idx = torch.cat([j * wq + head_rows(torch.searchsorted(lay_h, lm.heads), dh) for j, lm in enumerate(lms)])
-        kv_idx = torch.cat([j * wkv + head_rows(torch.searchsorted(lay_g, lm.groups), dh) for j, lm in enumerate(lms)])
+        at_h, at_g = _slots(shape.heads, lay_h), _slots(shape.kv_heads, lay_g)
+        q_idx = torch.cat([j * wq + head_rows(at_h(lm.heads), dh) for j, lm in enumerate(lms)])
+        kv_idx = torch.cat([j * wkv + head_rows(at_g(lm.groups), dh) for j, lm in enumerate(lms)])
         attn = AttnPlan(attn_kind, (), w, q_idx.to(device), kv_idx.to(device),
                         q_split=tuple(lm.heads.numel() * dh for lm in lms),
                         kv_split=tuple(lm.groups.numel() * dh for lm in lms))
@@ -419,8 +439,9 @@ def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int
             w = dense_layer(ref, shape).ffn
             lay_n = torch.arange(shape.ffn)
         keep = torch.zeros(n, lay_n.numel(), dtype=ref.w_down.dtype)
+        at_n = _slots(shape.ffn, lay_n)
         for j, lm in enumerate(lms):
-            keep[j, torch.searchsorted(lay_n, lm.neurons)] = 1
+            keep[j, at_n(lm.neurons)] = 1
         ffn = FfnPlan(ffn_kind, (), w, keep.to(device))
     density = {"heads": round(heads_u.numel() / shape.heads, 4),
                "kv_groups": round(groups_u.numel() / shape.kv_heads, 4),
