@@ -116,6 +116,22 @@ def test_config_driven_app_builder_binds_the_three_deployments(tmp_path):
     assert isinstance(app_builder({"config": str(cfg)}), Application)
 
 
+def test_the_model_replicas_are_health_checked_as_often_as_the_settings_say():
+    """A SIGKILLed replica is noticed at Serve's next health check: GatedLLM and ShadowDense
+    take the period from settings (2 s by default, Serve's own is 10 s)."""
+    from serving.app import build_app
+    from serving.settings import load_settings
+
+    for period in (None, 0.5):
+        settings = load_settings(None, **({"serve": {"health_check_period_s": period}} if period else {}))
+        gateway = build_app(settings)._bound_deployment
+        bound = {a._bound_deployment.name: a._bound_deployment for a in gateway.init_args[1:] if a is not None}
+        for name in ("GatedLLM", "ShadowDense"):
+            cfg = bound[name]._deployment_config
+            assert cfg.health_check_period_s == (period or 2.0)
+            assert cfg.health_check_timeout_s == settings.serve.health_check_timeout_s
+
+
 def test_registry_versions_aliases_and_download(tmp_path, monkeypatch):
     from jobs.registry import PredictorRegistry, RegistryError
 
