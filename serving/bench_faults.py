@@ -136,9 +136,9 @@ def _replacement_startup(stack, before: set[int], t_kill: float) -> dict | None:
     engine (model and predictor) and control state with warm-up, and when it was ready."""
     r, p = stack.redis(), stack.settings.redis.prefix
     new = [rep["pid"] for rep in _replicas(stack) if rep["pid"] not in before]
-    report = None
-    if new and wait_until(lambda: r.get(f"{p}:llm:timing:{new[0]}") is not None, 10, 0.2):
-        report = (json.loads(r.get(f"{p}:llm:timing:{new[0]}")) or {}).get("startup")
+    # the timing document is published every second, its startup part once the replica is ready
+    report = wait_until(lambda: json.loads(r.get(f"{p}:llm:timing:{new[0]}") or "{}").get("startup"), 10, 0.2) \
+        if new else None
     if not report:
         return None
     return {"process_started_after_kill_s": round(report["process_started_at"] - t_kill, 2),

@@ -52,6 +52,7 @@ class GatedLLM:
         self.alerts = AlertStore(self.r, settings.redis.prefix, settings.alerts)
         self.degraded: str | None = None
         self.warm = False
+        self.startup: dict | None = None  # where this replica's start went, once it is ready
         self._timing_task = asyncio.get_running_loop().create_task(self._publish_timing())
         await self._ensure_started()
         t_ready = time.time()
@@ -124,7 +125,7 @@ class GatedLLM:
 
     def timing(self) -> dict:
         return {**self.batcher.stats.as_dict(), "replica_ms": round(self.handler_ms, 3),
-                "requests": self.handled, "pid": os.getpid(), "startup": getattr(self, "startup", None)}
+                "requests": self.handled, "pid": os.getpid(), "startup": self.startup}
 
     def _channel(self) -> tuple[asyncio.Queue, Callable[[tuple], None]]:
         queue: asyncio.Queue = asyncio.Queue()

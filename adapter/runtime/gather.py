@@ -337,7 +337,7 @@ def build_plan(layers: list[LayerRefs], shape: Shape, row_masks: list[Mask], per
                has_copy: list[bool] | None = None) -> BatchPlan:
     """The plan of one decode step for rows with these masks.
 
-    Host work (unique, searchsorted, copies of the unions): run it when the batch's
+    Host work (coverage flags, slot tables, copies of the unions): run it when the batch's
     composition changes, not per token. `force` makes every layer take one kind (tests).
     `has_copy`: per row, whether its mask's own copy exists (default: all do)."""
     has_copy = has_copy if has_copy is not None else [True] * len(row_masks)
@@ -388,11 +388,13 @@ def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int
     def attn_of(j: int) -> int:
         return lms[j].heads.numel() * per_head + lms[j].groups.numel() * per_group
 
+    def ffn_of(j: int) -> int:
+        return lms[j].neurons.numel() * per_neuron
+
     attn_bytes = {"per_mask": sum(attn_of(j) for j in firsts),
                   "dense": shape.heads * per_head + shape.kv_heads * per_group}
-    ffn_bytes = {"per_mask": sum(lms[j].neurons.numel() * per_neuron for j in firsts),
-                 "dense": shape.ffn * per_neuron}
-    copies = {"attn": sum(attn_of(j) for j in fresh), "ffn": sum(lms[j].neurons.numel() * per_neuron for j in fresh)}
+    ffn_bytes = {"per_mask": sum(ffn_of(j) for j in firsts), "dense": shape.ffn * per_neuron}
+    copies = {"attn": sum(attn_of(j) for j in fresh), "ffn": sum(ffn_of(j) for j in fresh)}
     if not full_attn:
         attn_bytes["union"] = heads_u.numel() * per_head + groups_u.numel() * per_group
     if not full_ffn:
