@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from adapter.pipeline.targets import TargetPolicy
+
 
 class JobsSettings(BaseModel):
     """APScheduler runs in the active monitor's process (the same Redis lease)."""
@@ -39,13 +41,18 @@ class AdaptSettings(BaseModel):
     epochs: int = Field(40, ge=1)
     lr: float = Field(5e-4, gt=0)
     patience: int = Field(8, ge=1)
+    refit: bool = Field(True, description="once a candidate passes the gate, train it again on the training "
+                        "data plus the held-out samples (as many epochs as the first fit peaked at)")
     early_retry_s: float = Field(60, gt=0, description="while drift lasts, another early fine-tune at most "
                                  "this often when the last one registered nothing")
+    early_max_runs: int = Field(8, ge=1, description="early fine-tunes of one drift episode at most")
     auto_approve: bool = False  # development only: a registered candidate is approved at once
     drift_shadow_rate: float | None = Field(0.5, ge=0, le=1, description="shadow rate while drift is "
                                             "active (samples come in faster); None: unchanged")
     webhook_secret: SecretStr | None = None  # the MLflow registry webhook's secret; None: generated
     webhook_url: str | None = None  # where MLflow delivers; None: <service>/hooks/mlflow
+    targets: TargetPolicy = Field(TargetPolicy(), description="the target policy of shadow samples and of "
+                                  "the fine-tune (adapter.pipeline.targets); the collector's default too")
 
 
 class CanarySettings(BaseModel):
@@ -54,6 +61,8 @@ class CanarySettings(BaseModel):
     min_samples: int = Field(20, ge=1, description="shadow samples per arm before a decision")
     timeout_s: float = Field(1800, gt=0, description="decide with what there is after this long")
     margin: float = Field(0.02, ge=0, description="the challenger's top-1 agreement may be this much "
-                          "below the champion's")
+                          "below the champion's (the bound of the difference must clear it)")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="one-sided confidence of the bounds the canary "
+                              "is decided with")
     shadow_rate: float | None = Field(0.5, ge=0, le=1, description="shadow rate during a canary (both arms "
                                       "are sampled); None: unchanged")

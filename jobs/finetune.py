@@ -1,22 +1,33 @@
 """The fine-tune job: a candidate predictor from what the shadow runs measured.
 
-1. Reads the shadow samples that arrived since its last run through consumer group
-   `finetune` (one consumer name, so a run that was killed is retried on exactly the
-   samples it held; they are acknowledged only when the run has ended).
+1. Reads the shadow samples through consumer group `finetune`: first what this consumer
+   holds unacknowledged (a run that was killed is retried on exactly the samples it held),
+   else the entries that arrived since the last run, in arrival order, up to
+   `adapt.max_samples`; they are acknowledged only when the run has ended. A sample is token
+   ids (prompt, served continuation, the dense model's tokens, the request's stop strings);
+   its targets follow the target policy `adapt.targets` (adapter.pipeline.targets, the one
+   the offline collector uses), scored here in batches. One example per prompt (the newest).
 2. Adds a replay share of the champion's own training data: the suite training instances of
    the families it was trained on (tag `families`; all six for the shipped predictor) and
-   the shadow samples it was itself fine-tuned on (kept in its artifacts under training/).
-3. Holds out the newest `adapt.holdout` of the samples and fine-tunes from the champion's
-   weights on the rest (adapter.pipeline.train.finetune_shadowllm).
+   the shadow examples it and its ancestors learnt (kept in its artifacts under training/,
+   rescored when the policy changed).
+3. Holds out `adapt.holdout` of the prompts by hash (the same prompt always on the same side)
+   and fine-tunes from the champion's weights on the rest (finetune_shadowllm).
 4. Evaluates candidate and champion on the held-out samples (Spearman rho against their
-   targets, and replayed fidelity: the gated model with each predictor's masks, teacher-
-   forced on the sample's prompt + continuation, KL and top-1 against the dense model) and
-   on suite validation prompts of the champion's families (forgetting).
-5. Logs everything as one MLflow run (experiment `shadowgate-finetune`): params, metrics,
+   targets, and replayed fidelity on the continuation targets, under the default policy the
+   answer span: the gated model with each predictor's masks, teacher-forced, KL and top-1
+   against the dense model) and on what the champion was trained for: suite validation
+   prompts of its families and the shadow examples it learnt (forgetting; its
+   in-distribution level).
+5. Gate: held-out mean KL at least `adapt.min_gain` (relative) below the champion's, and
+   forgetting at most `adapt.max_forget`. The absolute target (held-out KL within 1.1x the
+   champion's in-distribution KL) is recorded (`target_met`); while drift lasts and it is
+   not met, the controller keeps running early fine-tunes. A candidate that passes is
+   refitted on the training data plus the held-out samples (`adapt.refit`).
+6. Logs everything as one MLflow run (experiment `shadowgate-finetune`): params, metrics,
    the predictor folder (weights as safetensors, config, drift reference, training data),
-   eval.json and fidelity.png. A candidate whose held-out mean KL is at least `adapt.min_gain`
-   (relative) below the champion's, and that forgets at most `adapt.max_forget`, is
-   registered with tags and alias `candidate`; otherwise the run says why not.
+   eval.json and fidelity.png; registers the candidate with tags and alias `candidate`, or
+   says why not.
 
 A run is idempotent on its data window: a version already registered from the same samples
 (tag `data_window`) is not registered again.
@@ -26,7 +37,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -37,11 +47,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapter.evaluation import scoring as evaluate
-
 from adapter.embedded import suite as tasks
-
-from adapter.pipeline import traces
-
+from adapter.pipeline import targets, traces
 from adapter.pipeline import train as training
 from adapter.selection.methods import dense
 from adapter.pipeline.traces import TraceRecord
@@ -57,7 +64,9 @@ GROUP = "finetune"
 CONSUMER = "finetune"  # one name: a retried run re-reads exactly what the killed one held
 EXPERIMENT = "shadowgate-finetune"
 TRAINING_DIR = "training"
-TRAINING_KEEP = 600  # shadow examples a version keeps for later replay
+TRAINING_KEEP = 3000  # shadow examples a version keeps for later replay (one per prompt)
+LEARNT_EVAL = 60  # of the champion's learnt shadow examples, measured for forgetting
+TARGET_RATIO = 1.1  # the absolute target: held-out KL within this multiple of the in-distribution level
 CANDIDATE, APPROVED = "candidate", "approved"
 KL_FLOOR = 0.05
 
@@ -84,49 +93,74 @@ def available(reader: GroupReader) -> int:
 
 
 class Examples:
-    """Stacked predictor inputs and raw importance targets, with what replay needs."""
+    """Stacked predictor inputs and raw importance targets, with the target specs they were
+    scored from (token ids: what replay, evaluation and a later rescoring need)."""
 
-    def __init__(self, x, heads, neurons, prompts, conts, ids=None):
-        self.x, self.heads, self.neurons = x, heads, neurons
-        self.prompts, self.conts = prompts, conts
-        self.ids = ids or [None] * len(prompts)
+    def __init__(self, x, heads, neurons, specs: list[targets.Spec], ids=None):
+        self.x, self.heads, self.neurons, self.specs = x, heads, neurons, specs
+        self.ids = ids or [None] * len(specs)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
+    @property
+    def pairs(self) -> list[tuple[list[int], list[int]]]:
+        """(prompt, continuation targets): what replayed fidelity is measured on (under the
+        default policy, the answer span)."""
+        return [(s.prompt_ids, s.labels) for s in self.specs]
+
     def take(self, idx) -> "Examples":
         idx = list(idx)
-        return Examples(self.x[idx], self.heads[idx], self.neurons[idx], [self.prompts[i] for i in idx],
-                        [self.conts[i] for i in idx], [self.ids[i] for i in idx])
+        return Examples(self.x[idx], self.heads[idx], self.neurons[idx], [self.specs[i] for i in idx],
+                        [self.ids[i] for i in idx])
 
     @staticmethod
     def cat(parts: list["Examples"]) -> "Examples":
-        parts = [p for p in parts if len(p)]
+        parts = [p for p in parts if p is not None and len(p)]
         return Examples(torch.cat([p.x for p in parts]), torch.cat([p.heads for p in parts]),
-                        torch.cat([p.neurons for p in parts]), sum([p.prompts for p in parts], []),
-                        sum([p.conts for p in parts], []), sum([p.ids for p in parts], []))
+                        torch.cat([p.neurons for p in parts]), sum([p.specs for p in parts], []),
+                        sum([p.ids for p in parts], []))
 
-    def save(self, folder: Path) -> None:
+    @staticmethod
+    def from_records(records: list[TraceRecord], criterion: str, ids=None) -> "Examples":
+        return Examples(torch.stack([r.tensors["predictor_input"].float() for r in records]),
+                        torch.stack([r.tensors[f"heads.{criterion}"].float() for r in records]),
+                        torch.stack([r.tensors[f"neurons.{criterion}"].float() for r in records]),
+                        [targets.Spec.from_meta(r.meta) for r in records], ids)
+
+    def save(self, folder: Path, policy: targets.TargetPolicy) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         save_file({"predictor_input": self.x.contiguous(), "heads": self.heads.contiguous(),
                    "neurons": self.neurons.contiguous()}, str(folder / "shadow.safetensors"))
         with open(folder / "shadow.jsonl", "w") as fh:
-            for sid, p, c in zip(self.ids, self.prompts, self.conts):
-                fh.write(json.dumps({"sample_id": sid, "prompt_ids": p, "token_ids": c}) + "\n")
+            for sid, spec in zip(self.ids, self.specs):
+                fh.write(json.dumps({"sample_id": sid, **spec.meta()}) + "\n")
+        (folder / "policy.json").write_text(json.dumps(policy.model_dump()))
 
     @staticmethod
-    def load(folder: Path) -> "Examples | None":
-        if not (folder / "shadow.safetensors").exists():
+    def load(folder: Path, loaded, policy: targets.TargetPolicy, criterion: str) -> "Examples | None":
+        """A version's learnt examples; rescored from their token ids when they were scored
+        under another policy (or by a version that kept no specs)."""
+        if not (folder / "shadow.jsonl").exists():
             return None
-        t = load_file(str(folder / "shadow.safetensors"))
-        rows = [json.loads(x) for x in (folder / "shadow.jsonl").read_text().splitlines()]
-        return Examples(t["predictor_input"], t["heads"], t["neurons"], [r["prompt_ids"] for r in rows],
-                        [r["token_ids"] for r in rows], [r.get("sample_id") for r in rows])
+        rows = [json.loads(x) for x in (folder / "shadow.jsonl").read_text().splitlines() if x]
+        if not rows:
+            return None
+        stored = json.loads((folder / "policy.json").read_text()) if (folder / "policy.json").exists() else None
+        if stored == policy.model_dump() and all("label_ids" in r for r in rows):
+            t = load_file(str(folder / "shadow.safetensors"))
+            return Examples(t["predictor_input"], t["heads"], t["neurons"],
+                            [targets.Spec.from_meta(r) for r in rows], [r.get("sample_id") for r in rows])
+        rt, tok = loaded.runtime, loaded.tokenizer
+        specs = [targets.Spec.from_meta(r) if stored == policy.model_dump() and "label_ids" in r else
+                 targets.make_spec(rt.model, tok, r["prompt_ids"], r.get("pseudo_labels") or r.get("label_ids")
+                                   or r["token_ids"], r.get("stop") or [], policy) for r in rows]
+        return score_examples(loaded, specs, [r.get("sample_id") for r in rows], policy, criterion)
 
 
 def read_samples(reader: GroupReader, max_n: int) -> list:
     """What this consumer holds unacknowledged (a killed run's samples: exactly those),
-    else the new entries, up to max_n."""
+    else the new entries in arrival order, up to max_n."""
     held = reader.own_pending(max_n)
     if held:
         return held
@@ -139,38 +173,77 @@ def read_samples(reader: GroupReader, max_n: int) -> list:
     return out
 
 
-def parse_samples(entries, criterion: str) -> tuple[Examples | None, list[str]]:
-    """Examples of the entries that hold a valid record; ids of those that do not."""
-    xs, hs, ns, prompts, conts, ids, bad = [], [], [], [], [], [], []
+def sample_specs(entries, loaded, policy: targets.TargetPolicy) -> tuple[list[targets.Spec], list[str], list[str]]:
+    """Target specs of the entries that hold a valid shadow record (the replica's spec when
+    it used this policy, else made again from the stored token ids); ids of those that do
+    not."""
+    rt, tok = loaded.runtime, loaded.tokenizer
+    specs, ids, bad = [], [], []
     for e in entries:
         try:
             fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in e.fields.items()}
-            rec = TraceRecord.from_fields(fields)
-            xs.append(rec.tensors["predictor_input"].float())
-            hs.append(rec.tensors[f"heads.{criterion}"].float())
-            ns.append(rec.tensors[f"neurons.{criterion}"].float())
-            prompts.append(list(rec.meta["prompt_ids"]))
-            conts.append(list(rec.meta["token_ids"]))
+            meta = TraceRecord.from_fields(fields).meta
+            if meta.get("policy") == policy.model_dump() and "label_ids" in meta:
+                spec = targets.Spec.from_meta(meta)
+            else:
+                labels = meta.get("pseudo_labels") or list(meta["token_ids"])
+                spec = targets.make_spec(rt.model, tok, list(meta["prompt_ids"]), labels, meta.get("stop") or [],
+                                         policy)
+            if not spec.prompt_ids or not spec.labels:
+                raise ValueError("empty prompt or continuation")
+            specs.append(spec)
             ids.append(e.id)
         except (KeyError, ValueError, TypeError) as exc:
             log.warning("shadow sample %s skipped: %s", e.id, exc)
             bad.append(e.id)
-    if not xs:
-        return None, bad
-    return Examples(torch.stack(xs), torch.stack(hs), torch.stack(ns), prompts, conts, ids), bad
+    return specs, ids, bad
 
 
-def suite_examples(loaded, families: list[str], per_family: int, work: Path, criterion: str) -> Examples:
-    """The champion's suite training data, regenerated (same split seeds: the same instances)."""
+def dedupe(specs: list[targets.Spec], ids: list[str]) -> tuple[list[targets.Spec], list[str]]:
+    """One example per prompt (the newest sample of it): a client repeating a prompt must
+    not weigh it twice, nor put it on both sides of the hold-out split."""
+    newest = {s.key(): (s, i) for s, i in zip(specs, ids)}
+    kept = [v for v in newest.values()]
+    return [s for s, _ in kept], [i for _, i in kept]
+
+
+def in_holdout(spec: targets.Spec, share: float) -> bool:
+    """Held out by the prompt's hash: the same prompt is always on the same side, in every
+    run, whatever order the samples came in."""
+    return int(spec.key()[8:16], 16) / 16 ** 8 < share
+
+
+def score_examples(loaded, specs: list[targets.Spec], ids: list, policy: targets.TargetPolicy,
+                   criterion: str) -> Examples:
+    rt = loaded.runtime
+    records = targets.score(rt.model, loaded.tokenizer, rt.shape, specs, policy, [{} for _ in specs], {})
+    return Examples.from_records(records, criterion, list(ids))
+
+
+def suite_examples(loaded, families: list[str], per_family: int, work: Path, criterion: str,
+                   policy: targets.TargetPolicy) -> Examples:
+    """The champion's suite training data, regenerated under the policy (same split seeds:
+    the same instances)."""
     from adapter.pipeline.collect import collect
 
     folder = collect(loaded.runtime.model, loaded.tokenizer, work / "replay", {"train": per_family},
-                     families=families)
+                     families=families, policy=policy)
     ts = traces.load_split(folder, "train")
-    instances = [i for i in tasks.split("train", per_family) if i.family in families]
-    pairs = evaluate.encode_pairs(loaded.tokenizer, instances)
     return Examples(ts.tensors["predictor_input"].float(), ts.heads(criterion).float(),
-                    ts.neurons(criterion).float(), [p for p, _ in pairs], [a for _, a in pairs])
+                    ts.neurons(criterion).float(), [targets.Spec.from_meta(m) for m in ts.metas])
+
+
+def grow_replay(prior: Examples | None, learnt: Examples, keep: int) -> Examples:
+    """What a version keeps for its own fine-tunes to replay: what its parent kept plus what
+    it learnt, one example per prompt; over `keep`, a seeded uniform thinning of the whole
+    history (not only the newest), so an earlier drift is not forgotten by a later one."""
+    merged = Examples.cat([prior, learnt])
+    last = {s.key(): i for i, s in enumerate(merged.specs)}
+    idx = sorted(last.values())
+    if len(idx) > keep:
+        gen = torch.Generator().manual_seed(len(idx))
+        idx = sorted(idx[i] for i in torch.randperm(len(idx), generator=gen)[:keep].tolist())
+    return merged.take(idx)
 
 
 class Replayer:
@@ -227,11 +300,29 @@ def champion_version(settings, registry: PredictorRegistry, client: redis.Redis)
     return version
 
 
+def _fit(champ, train_all: Examples, cfg, epochs: int | None = None):
+    """Fine-tune a copy of the champion on train_all (1/8 of it, seeded, for early stopping);
+    `epochs`: a fixed count instead (the refit, which stops where the first fit peaked)."""
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(train_all), generator=gen).tolist()
+    n_val = max(2, len(perm) // 8)
+    val = train_all.take(perm[:n_val])
+    train = train_all if epochs is not None else train_all.take(perm[n_val:])
+    tcfg = training.TrainConfig(epochs=epochs or cfg.epochs, lr=cfg.lr,
+                                patience=(epochs or cfg.epochs) + 1 if epochs else cfg.patience,
+                                hidden=champ.config["sizes"]["hidden"],
+                                neuron_rank=champ.config["sizes"]["neuron_rank"])
+    module, metrics = training.finetune_shadowllm(champ.module, train.x, train.heads, train.neurons,
+                                                  val.x, val.heads, val.neurons, tcfg)
+    return module, metrics, tcfg, train
+
+
 def main(settings) -> dict:
     from jobs.rollout import RolloutStore
     from jobs.runner import JobRecords
 
     cfg = settings.adapt
+    policy = cfg.targets
     r = redis_client(settings.redis)
     registry = job_registry(settings)
     reader = sample_reader(r, settings.redis.prefix)
@@ -252,17 +343,18 @@ def main(settings) -> dict:
         return {"status": "skipped", "reason": f"champion {champion} is a {champ.kind} predictor; only "
                                                "shadowllm predictors are fine-tuned"}
     entries = read_samples(reader, cfg.max_samples)
-    new, bad = parse_samples(entries, champ.criterion)
+    all_specs, all_ids, bad = sample_specs(entries, loaded, policy)
     if bad:
         r.xack(reader.stream, GROUP, *bad)
-    if new is None or len(new) < cfg.min_samples:
-        return {"status": "skipped", "reason": f"{0 if new is None else len(new)} usable shadow samples, "
-                                               f"{cfg.min_samples} needed", "unusable": len(bad)}
-    ids = list(new.ids)
-    window = f"{ids[0]}..{ids[-1]}"
+    specs, ids = dedupe(all_specs, all_ids)
+    if len(specs) < cfg.min_samples:
+        return {"status": "skipped", "reason": f"{len(specs)} usable shadow samples of distinct prompts, "
+                                               f"{cfg.min_samples} needed", "unusable": len(bad),
+                "duplicates": len(all_specs) - len(specs)}
+    window = f"{all_ids[0]}..{all_ids[-1]}"
 
     def ack():
-        r.xack(reader.stream, GROUP, *ids)
+        r.xack(reader.stream, GROUP, *all_ids)
 
     done = registry.versions(tag="data_window", value=window)
     if done:  # a retry of a run that registered but was killed before it acknowledged
@@ -275,42 +367,35 @@ def main(settings) -> dict:
     sparsity = state.sparsity if state else settings.serve.defaults.sparsity
     mode = settings.runtime.mode
 
-    # newest samples held out; the rest plus replay is training data
-    order = list(range(len(new)))  # stream order is arrival order
-    n_hold = max(2, math.ceil(cfg.holdout * len(new)))
-    hold, fresh = new.take(order[-n_hold:]), new.take(order[:-n_hold])
+    # held out by prompt hash (at least 2 on each side); the rest plus replay is training data
+    records.phase("finetune", "scoring")
+    hold_idx = [i for i, s in enumerate(specs) if in_holdout(s, cfg.holdout)]
+    if len(hold_idx) < 2 or len(specs) - len(hold_idx) < 2:
+        hold_idx = sorted(range(len(specs)), key=lambda i: specs[i].key())[:max(2, round(cfg.holdout * len(specs)))]
+    held = set(hold_idx)
+    new = score_examples(loaded, specs, ids, policy, champ.criterion)
+    hold = new.take(sorted(held))
+    fresh = new.take([i for i in range(len(new)) if i not in held])
     with tempfile.TemporaryDirectory(prefix="shadowgate-finetune-") as tmp:
         work = Path(tmp)
-        parts = [fresh]
-        replay_rows = 0
+        replay = []
         if cfg.replay_per_family > 0:
-            suite = suite_examples(loaded, families, cfg.replay_per_family, work, champ.criterion)
-            parts.append(suite)
-            replay_rows += len(suite)
-        prior = Examples.load(champ_folder / TRAINING_DIR)
-        if prior is not None:
-            parts.append(prior)
-            replay_rows += len(prior)
-        train_all = Examples.cat(parts)
-        gen = torch.Generator().manual_seed(0)
-        perm = torch.randperm(len(train_all), generator=gen).tolist()
-        n_val = max(2, len(perm) // 8)
-        val, train = train_all.take(perm[:n_val]), train_all.take(perm[n_val:])
+            replay.append(suite_examples(loaded, families, cfg.replay_per_family, work, champ.criterion, policy))
+        prior = Examples.load(champ_folder / TRAINING_DIR, loaded, policy, champ.criterion)
+        replay.append(prior)
+        replay_rows = sum(len(x) for x in replay if x is not None)
 
-        tcfg = training.TrainConfig(epochs=cfg.epochs, lr=cfg.lr, patience=cfg.patience,
-                                    hidden=champ.config["sizes"]["hidden"],
-                                    neuron_rank=champ.config["sizes"]["neuron_rank"])
         records.phase("finetune", "training")
         t_train = time.time()
-        module, train_metrics = training.finetune_shadowllm(champ.module, train.x, train.heads, train.neurons,
-                                                            val.x, val.heads, val.neurons, tcfg)
+        module, train_metrics, tcfg, train = _fit(champ, Examples.cat([fresh, *replay]), cfg)
         train_s = time.time() - t_train
         cand = training.LoadedPredictor("shadowllm", champ.criterion, champ.config, module)
         records.phase("finetune", "evaluating")
 
         old_instances = [i for i in tasks.split("validation", cfg.replay_holdout_per_family) if i.family in families]
-        replay_new = Replayer(rt, list(zip(hold.prompts, hold.conts)))
-        replay_old = Replayer(rt, evaluate.encode_pairs(loaded.tokenizer, old_instances))
+        learnt = prior.pairs[:: max(1, len(prior) // LEARNT_EVAL)][:LEARNT_EVAL] if prior is not None else []
+        replay_new = Replayer(rt, hold.pairs)
+        replay_old = Replayer(rt, evaluate.encode_pairs(loaded.tokenizer, old_instances) + learnt)
         evaluation = {}
         for who, pred in (("champion", champ), ("candidate", cand)):
             method = pred.method(sparsity, mode, rt.shape)
@@ -322,6 +407,10 @@ def main(settings) -> dict:
         # relative, with KLs below KL_FLOOR counted as KL_FLOOR: a rise from 0.020 to 0.027 is
         # no forgetting worth refusing a candidate for
         forget = (c_old - k_old) / max(k_old, KL_FLOOR)
+        # the absolute target: on the held-out traffic, as close to the dense model as the
+        # champion is on what it was trained for (both on the answer span)
+        target_kl = TARGET_RATIO * k_old
+        target_met = c_kl <= target_kl
         reasons = []
         if gain < cfg.min_gain:
             reasons.append(f"held-out mean KL {c_kl:.4f} vs champion {k_kl:.4f}: gain {gain:.1%} < "
@@ -329,6 +418,13 @@ def main(settings) -> dict:
         if forget > cfg.max_forget:
             reasons.append(f"mean KL on the champion's families {c_old:.4f} vs {k_old:.4f}: rises "
                            f"{forget:.1%} > adapt.max_forget {cfg.max_forget:.1%}")
+        refit = None
+        if not reasons and cfg.refit:
+            # the gate passed on held-out data: the registered weights learn from it too
+            records.phase("finetune", "refit")
+            epochs = int(train_metrics.get("epoch", cfg.epochs - 1)) + 1
+            module, _, tcfg, train = _fit(champ, Examples.cat([fresh, hold, *replay]), cfg, epochs=epochs)
+            refit = {"epochs": epochs, "rows": len(train)}
 
         # the candidate's folder: weights + config, its drift reference (the prompts it was
         # trained on) and the shadow examples it learnt from (replayed by its own fine-tunes)
@@ -337,29 +433,33 @@ def main(settings) -> dict:
         ts = traces.TraceSet(manifest={"version": f"shadow:{window}"}, tensors={"predictor_input": train.x},
                              metas=[{}] * len(train))
         training.save_predictor(out, "shadowllm", champ.criterion, module, rt.shape, fingerprint, metrics, ts, tcfg)
-        kept = Examples.cat([p for p in (prior, new) if p is not None])
-        kept.take(range(max(0, len(kept) - TRAINING_KEEP), len(kept))).save(out / TRAINING_DIR)
-        ref_x = torch.cat([train_all.x, hold.x])
-        basis = drift.fit_basis(ref_x)
-        heads, neurons = drift.scores_for(cand, ref_x)
-        lens = [len(p) for p in train_all.prompts + hold.prompts]
-        rows = drift.feature_rows(basis, ref_x, lens, heads, neurons)
+        kept = grow_replay(prior, new, TRAINING_KEEP)
+        kept.save(out / TRAINING_DIR, policy)
+        ref = Examples.cat([fresh, hold, *replay])
+        final = training.LoadedPredictor("shadowllm", champ.criterion, champ.config, module)
+        basis = drift.fit_basis(ref.x)
+        heads, neurons = drift.scores_for(final, ref.x)
+        lens = [len(s.prompt_ids) for s in ref.specs]
+        rows = drift.feature_rows(basis, ref.x, lens, heads, neurons)
         drift.write_reference(out, basis, pd.DataFrame(rows, columns=drift.feature_columns(basis.k)))
-        (work / "eval.json").write_text(json.dumps(evaluation, indent=2))
+        (work / "eval.json").write_text(json.dumps({**evaluation, "target_kl": target_kl, "target_met": target_met,
+                                                    "refit": refit}, indent=2))
         plot(evaluation, work / "fidelity.png")
 
         records.phase("finetune", "logging")
         run_tags = {"shadowgate.kind": "finetune", "parent_version": champion, "data_window": window}
         run_id = registry.start_run(EXPERIMENT, tags=run_tags)
         client = registry.client
-        params = {"samples": len(new), "holdout": len(hold), "train_rows": len(train), "replay_rows": replay_rows,
-                  "families_replayed": ",".join(families), "epochs": cfg.epochs, "lr": cfg.lr,
-                  "sparsity": sparsity, "mode": mode, "criterion": champ.criterion, "parent_version": champion}
+        params = {"samples": len(all_specs), "distinct_prompts": len(specs), "holdout": len(hold),
+                  "train_rows": len(train), "replay_rows": replay_rows, "families_replayed": ",".join(families),
+                  "epochs": cfg.epochs, "lr": cfg.lr, "sparsity": sparsity, "mode": mode,
+                  "criterion": champ.criterion, "parent_version": champion, "target_policy": policy.name(),
+                  "refit_epochs": refit["epochs"] if refit else 0}
         for k, v in params.items():
             client.log_param(run_id, k, v)
         flat = {f"{who}.{s}.{m}": v for who, d in evaluation.items() for s, dd in d.items()
                 for m, v in dd.items() if isinstance(v, float)}
-        for k, v in {**flat, "gain": gain, "forget": forget, "train_s": train_s,
+        for k, v in {**flat, "gain": gain, "forget": forget, "train_s": train_s, "target_kl": target_kl,
                      "rho_heads_val": train_metrics["rho_heads"], "rho_neurons_val": train_metrics["rho_neurons"]}.items():
             client.log_metric(run_id, k, float(v))
         client.log_artifacts(run_id, str(out), artifact_path="predictor")
@@ -371,6 +471,8 @@ def main(settings) -> dict:
                      "model_fingerprint": fingerprint, "families": ",".join(families),
                      "holdout_kl_mean": f"{c_kl:.5f}", "champion_holdout_kl_mean": f"{k_kl:.5f}",
                      "holdout_top1": f"{evaluation['candidate']['holdout']['top1']:.4f}",
+                     "target_kl": f"{target_kl:.5f}", "target_met": str(target_met).lower(),
+                     "replay_samples": str(len(kept)), "target_policy": policy.name(),
                      "gain": f"{gain:.4f}", "forget": f"{forget:.4f}", "run_id": run_id}
             version = registry.register_run(run_id, vtags)
             registry.set_alias(CANDIDATE, version)
@@ -382,9 +484,11 @@ def main(settings) -> dict:
         client.set_terminated(run_id)
     ack()
     result = {"status": "registered" if version else "not_registered", "version": version,
-              "parent_version": champion, "data_window": window, "samples": len(new), "holdout": len(hold),
-              "replay_rows": replay_rows, "run_id": run_id, "gain": round(gain, 4), "forget": round(forget, 4),
+              "parent_version": champion, "data_window": window, "samples": len(all_specs),
+              "distinct_prompts": len(specs), "holdout": len(hold), "replay_rows": replay_rows,
+              "replay_kept": len(kept), "run_id": run_id, "gain": round(gain, 4), "forget": round(forget, 4),
               "candidate_holdout_kl": round(c_kl, 5), "champion_holdout_kl": round(k_kl, 5),
+              "target_kl": round(target_kl, 5), "target_met": target_met, "refit": refit,
               "reasons": reasons, "train_s": round(train_s, 2), "duration_s": round(time.time() - t0, 2)}
     RolloutStore(r, settings.redis.prefix).decide("candidate" if version else "not_registered", version,
                                                   result, by="finetune")

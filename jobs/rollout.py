@@ -18,12 +18,17 @@ champion/challenger/canary share (the monitor only pulls the fallback lever). On
    `rollback` alert); the champion serves on, untouched;
 4. the canary: the monitor's fidelity windows of both arms, counting only samples served
    since the canary began. A challenger that breaks the SLO is rolled back at once; after
-   `canary.min_samples` per arm (or `canary.timeout_s`) it is promoted when its top-1
-   agreement is at least the champion's minus `canary.margin` and it is within the SLO;
-   otherwise rolled back;
+   `canary.min_samples` per arm it is promoted once a confidence bound on its top-1
+   agreement clears the champion's minus `canary.margin` (under a fallback: the dense
+   outputs, against the SLO), rolled back once the bound shows it worse, and rolled back
+   when still undecided at `canary.timeout_s` (see Controller.judge);
 5. drift: while the champion's latest drift check says drift, the shadow rate is raised to
    `adapt.drift_shadow_rate` and the fine-tune job is run early once `adapt.min_samples` new
-   samples exist; the rate returns to its value after.
+   samples exist, again (at most every `adapt.early_retry_s`) while no candidate of the
+   episode met the fine-tune's absolute target; the rate returns to its value after. An
+   episode lasts while the champion drifts, and after that while the last promotion of the
+   episode did not meet the target (a promoted candidate that learnt only part of the new
+   traffic is fine-tuned further on it).
 
 Redis keys: P:rollout:state (the canary in progress and the rates to restore),
 P:rollout:decisions (capped list, newest first), P:rollout:commands, P:rollout:events.
@@ -33,7 +38,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from statistics import NormalDist
 
 import redis
 
@@ -97,9 +104,33 @@ class RolloutStore:
         return self._drain(self.events)
 
 
-def arm_stats(client: redis.Redis, prefix: str, version: str, arm: str, since_generation: int) -> dict:
+def arm_rows(client: redis.Redis, prefix: str, version: str, arm: str, since_generation: int) -> list[dict]:
     rows = [json.loads(x) for x in client.lrange(f"{prefix}:monitor:window:{version}:{arm}", 0, -1)]
-    return window_stats([x for x in rows if (x.get("generation") or 0) >= since_generation])
+    return [x for x in rows if (x.get("generation") or 0) >= since_generation]
+
+
+def arm_stats(client: redis.Redis, prefix: str, version: str, arm: str, since_generation: int) -> dict:
+    return window_stats(arm_rows(client, prefix, version, arm, since_generation))
+
+
+def _mean_var(values: list[float]) -> tuple[float, float]:
+    """Mean and the variance of the mean (sample variance / n; 0 for fewer than 2)."""
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, var / n
+
+
+def bound(a: list[float], b: list[float] | None, z: float) -> dict:
+    """Mean of a (minus the mean of b) with its two-sided normal bounds at z standard errors
+    (Welch: the arms' variances are not assumed equal). Per-sample values are independent
+    requests, so the central limit theorem holds once a few dozen are in."""
+    m, v = _mean_var(a)
+    if b:
+        mb, vb = _mean_var(b)
+        m, v = m - mb, v + vb
+    half = z * math.sqrt(v)
+    return {"estimate": round(m, 5), "lower": round(m - half, 5), "upper": round(m + half, 5)}
 
 
 class Controller:
@@ -239,11 +270,27 @@ class Controller:
 
     def evidence(self, canary: dict) -> dict:
         g = canary["generation"]
-        return {"challenger": arm_stats(self.r, self.p, canary["version"], "challenger", g),
-                "champion": arm_stats(self.r, self.p, canary["champion"], "champion", g),
-                "elapsed_s": round(time.time() - canary["started"], 1)}
+        ch = arm_rows(self.r, self.p, canary["version"], "challenger", g)
+        champ = arm_rows(self.r, self.p, canary["champion"], "champion", g)
+        z = NormalDist().inv_cdf(self.s.canary.confidence)
+        ev = {"challenger": window_stats(ch), "champion": window_stats(champ),
+              "elapsed_s": round(time.time() - canary["started"], 1), "confidence": self.s.canary.confidence}
+        if ch:
+            top1, kl = [x["top1"] for x in ch], [x["kl_mean"] for x in ch]
+            ev["challenger_top1"], ev["challenger_kl"] = bound(top1, None, z), bound(kl, None, z)
+            if champ:
+                ev["top1_difference"] = bound(top1, [x["top1"] for x in champ], z)
+        return ev
 
     def judge(self) -> list[dict]:
+        """Decide with a confidence bound (canary.confidence, one-sided) on the challenger's
+        per-sample top-1 agreement: against the champion's arm, promoted once the lower bound
+        of the difference is at least -canary.margin, rolled back once its upper bound is
+        below it. Under a fallback the champion serves dense, and the dense outputs the
+        challenger's samples are compared with are the reference: its agreement with them
+        must clear the SLO with the bound (lower bound of top-1 >= slo.top1_min, upper bound
+        of mean KL <= slo.kl_mean_max). A point estimate breaking the SLO is rolled back at
+        once; still undecided at canary.timeout_s is a rollback (no evidence of no harm)."""
         canary = self.store.state()["canary"]
         ev = self.evidence(canary)
         ch, champ = ev["challenger"], ev["champion"]
@@ -256,21 +303,55 @@ class Controller:
                 breach.append(f"top-1 agreement {ch['top1']:.3f} < {slo.top1_min}")
         if breach:
             return [self.rollback(canary, "the challenger broke the SLO: " + "; ".join(breach), ev)]
-        # under a fallback the champion serves dense and has no sparse window: the challenger
-        # is then judged against the SLO alone
         state = self.control.get()
         fallback = state is not None and state.fallback != "none"
-        enough = ch["count"] >= cs.min_samples and (champ["count"] >= cs.min_samples or fallback)
+        ev["against"] = "dense" if fallback else "champion"
         timed_out = ev["elapsed_s"] >= cs.timeout_s
-        if not (enough or timed_out):
-            return []
         if ch["count"] == 0:
-            return [self.rollback(canary, f"no challenger samples within canary.timeout_s {cs.timeout_s:.0f} s", ev)]
-        floor = (champ["top1"] if champ["count"] else slo.top1_min) - cs.margin
-        if ch["top1"] >= floor:
+            if timed_out:
+                return [self.rollback(canary, f"no challenger samples within canary.timeout_s {cs.timeout_s:.0f} s", ev)]
+            return []
+        if fallback:
+            verdict = self._against_dense(ev, slo, cs)
+        else:
+            verdict = self._against_champion(ev, cs)
+        if verdict == "promote":
             return [self.promote(canary, ev)]
-        return [self.rollback(canary, f"challenger top-1 agreement {ch['top1']:.3f} < champion's "
-                                      f"{champ['top1']:.3f} - canary.margin {cs.margin}", ev)]
+        if isinstance(verdict, str) and verdict.startswith("rollback:"):
+            return [self.rollback(canary, verdict[len("rollback: "):], ev)]
+        if timed_out:
+            return [self.rollback(canary, f"undecided after canary.timeout_s {cs.timeout_s:.0f} s: {verdict}", ev)]
+        return []
+
+    @staticmethod
+    def _against_champion(ev: dict, cs) -> str:
+        ch, champ = ev["challenger"], ev["champion"]
+        if min(ch["count"], champ["count"]) < cs.min_samples:
+            return f"{ch['count']} challenger and {champ['count']} champion samples, {cs.min_samples} needed"
+        d = ev["top1_difference"]
+        if d["lower"] >= -cs.margin:
+            return "promote"
+        if d["upper"] < -cs.margin:
+            return (f"rollback: challenger top-1 agreement {ch['top1']:.3f} vs champion's {champ['top1']:.3f}: "
+                    f"difference {d['estimate']:+.3f}, upper bound {d['upper']:+.3f} < -canary.margin {cs.margin} "
+                    f"at {cs.confidence:.0%}")
+        return (f"top-1 difference {d['estimate']:+.3f} in [{d['lower']:+.3f}, {d['upper']:+.3f}] "
+                f"straddles -canary.margin {cs.margin}")
+
+    @staticmethod
+    def _against_dense(ev: dict, slo, cs) -> str:
+        ch = ev["challenger"]
+        if ch["count"] < cs.min_samples:
+            return f"{ch['count']} challenger samples, {cs.min_samples} needed"
+        top1, kl = ev["challenger_top1"], ev["challenger_kl"]
+        if top1["lower"] >= slo.top1_min and kl["upper"] <= slo.kl_mean_max:
+            return "promote"
+        if top1["upper"] < slo.top1_min or kl["lower"] > slo.kl_mean_max:
+            return (f"rollback: against the dense outputs (fallback): top-1 agreement {ch['top1']:.3f} "
+                    f"(upper bound {top1['upper']:.3f}, SLO {slo.top1_min}), mean KL {ch['kl_mean']:.4f} "
+                    f"(lower bound {kl['lower']:.4f}, SLO {slo.kl_mean_max}) at {cs.confidence:.0%}")
+        return (f"against the dense outputs: top-1 in [{top1['lower']:.3f}, {top1['upper']:.3f}], "
+                f"mean KL in [{kl['lower']:.4f}, {kl['upper']:.4f}]: not yet clear of the SLO")
 
     def _end_canary(self, canary: dict, champion: str | None) -> None:
         change = {"challenger": "none", "canary_share": 0.0, **canary.get("restore", {})}
@@ -315,7 +396,11 @@ class Controller:
         return self.store.decide("rolled_back", v, {**ev, "reason": reason})
 
     def drift(self) -> list[dict]:
-        """Raise the shadow rate while the champion drifts; run the fine-tune early."""
+        """Raise the shadow rate while a drift episode lasts; run the fine-tune early.
+
+        An episode begins when the champion's drift check says drift, and lasts while it
+        does, and after that while the last promotion of the episode did not meet the
+        fine-tune's absolute target (its new champion has learnt only part of the traffic)."""
         a = self.s.adapt
         state = self.control.get()
         if state is None:
@@ -327,6 +412,8 @@ class Controller:
         st = self.store.state()
         out = []
         saved = st.get("drift")
+        episode = self._episode(saved["since"]) if saved else None
+        active = drifting or (episode is not None and bool(episode["promoted"]) and not episode["met"])
         if drifting and saved is None:
             st["drift"] = {"since": time.time(), "run_id": check.get("run_id"), "shadow_rate": state.shadow_rate}
             if a.drift_shadow_rate is not None and a.drift_shadow_rate > state.shadow_rate:
@@ -334,12 +421,13 @@ class Controller:
             out.append(self.store.decide("drift_shadow_rate", champion,
                                          {"shadow_rate": a.drift_shadow_rate, "was": state.shadow_rate,
                                           "drift_run": check.get("run_id")}))
-        elif not drifting and saved is not None:
+        elif not active and saved is not None:
             if a.drift_shadow_rate is not None:
                 self.control.update(ControlUpdate(shadow_rate=saved["shadow_rate"]), by=ACTOR)
             st.pop("drift")
-            out.append(self.store.decide("drift_ended", champion, {"shadow_rate": saved["shadow_rate"]}))
-        if drifting and self.run_soon is not None and not st.get("canary") and self._early_due(st["drift"]):
+            out.append(self.store.decide("drift_ended", champion, {"shadow_rate": saved["shadow_rate"],
+                                                                   "target_met": bool(episode and episode["met"])}))
+        if active and self.run_soon is not None and not st.get("canary") and self._early_due(st["drift"]):
             from jobs.finetune import available, sample_reader
 
             if available(sample_reader(self.r, self.p)) >= a.min_samples:
@@ -347,17 +435,33 @@ class Controller:
                 st["drift"]["early_runs"] = st["drift"].get("early_runs", 0) + 1
                 st["drift"]["last_early"] = time.time()
                 out.append(self.store.decide("finetune_early", champion, {"drift_run": check.get("run_id"),
-                                                                          "attempt": st["drift"]["early_runs"]}))
+                                                                          "attempt": st["drift"]["early_runs"],
+                                                                          "drifting": drifting}))
         self.store.save(st)
         return out
 
+    def _episode(self, since: float) -> dict:
+        """Candidates of a drift episode: those awaiting a decision, the promoted ones (newest
+        first) and whether the newest promoted one met the fine-tune's absolute target."""
+        recent = [d for d in self.store.recent(DECISIONS_LEN) if d["ts"] >= since]
+        candidates = {d["version"]: d["evidence"] for d in recent if d["decision"] == "candidate"}
+        decided = {d["version"] for d in recent if d["decision"] in ("promoted", "rolled_back", "refused")}
+        promoted = [d["version"] for d in recent if d["decision"] == "promoted"]
+        met = bool(promoted) and bool(candidates.get(promoted[0], {}).get("target_met"))
+        return {"pending": [v for v in candidates if v not in decided], "promoted": promoted, "met": met}
+
     def _early_due(self, drift: dict) -> bool:
-        """While drift lasts and no candidate came of it: a fine-tune as soon as enough
-        samples exist, again after one that registered nothing (once more samples are in),
-        never while one runs, and at most one per `adapt.early_retry_s`."""
+        """While the episode lasts: a fine-tune as soon as enough samples exist, again after
+        one that registered nothing or whose candidate was decided without meeting the
+        target (once more samples are in); never while one runs or a candidate of the
+        episode awaits approval or its canary, at most one per `adapt.early_retry_s` and
+        `adapt.early_max_runs` in all."""
         if self.r.hexists(f"{self.p}:jobs:running", "finetune"):
             return False
-        if any(d["decision"] == "candidate" and d["ts"] >= drift["since"] for d in self.store.recent(20)):
+        if drift.get("early_runs", 0) >= self.s.adapt.early_max_runs:
+            return False
+        episode = self._episode(drift["since"])
+        if episode["pending"] or episode["met"]:
             return False
         return time.time() - drift.get("last_early", 0) >= self.s.adapt.early_retry_s
 

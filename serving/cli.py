@@ -193,16 +193,28 @@ def predictor_collect(
                                       help="Average the targets over this many query answers (the label "
                                            "plus samples of the dense model)."),
     temperature: float = typer.Option(1.0, "--temperature", min=0.01, help="Sampling temperature of those answers."),
+    prompt_targets: str = typer.Option("none", "--prompt-targets", help="Prompt positions that are targets too: "
+                                       "none, predictable or all (the target policy's; DejaVu's per-token "
+                                       "predictors learn from every target position)."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
-    """Collect importance traces (every criterion) over the task suite."""
+    """Collect importance traces (every criterion) over the task suite, under the target
+    policy the shadow path uses (adapter.pipeline.targets)."""
+    from pydantic import ValidationError
+
     from adapter.pipeline.collect import collect
+    from adapter.pipeline.targets import TargetPolicy
     from adapter.embedded.recipe import default_trace_dir
 
+    try:
+        policy = TargetPolicy(prompt=prompt_targets)
+    except ValidationError:
+        fail(f"--prompt-targets must be none, predictable or all, not {prompt_targets!r}")
     name, loaded = _load_for_predictors(model, config)
     splits = {"train": per_family, "validation": max(10, per_family // 6), "test": max(10, per_family // 6)}
     folder = collect(loaded.runtime.model, loaded.tokenizer, out or default_trace_dir(name), splits,
-                     pseudo_labels=pseudo_labels, continuations=continuations, temperature=temperature)
+                     pseudo_labels=pseudo_labels, continuations=continuations, temperature=temperature,
+                     policy=policy)
     print(json.dumps({"dataset": str(folder), "splits": splits}))
 
 

@@ -143,6 +143,8 @@ def register(app) -> None:
         out_json: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON report here."),
         plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write the timeline plot (PNG) here."),
         per_family: int = typer.Option(100, "--per-family", min=10, help="Test prompts per family for accuracy."),
+        phase_budget: float = typer.Option(900, "--phase-budget", min=60, help="Seconds a traffic switch may take to "
+                                           "adapt (fine-tunes, canaries) before the scenario moves on."),
     ):
         """Drift, fine-tune, approval, canary, promotion and rollback, with a timeline."""
         import os
@@ -163,7 +165,8 @@ def register(app) -> None:
         def go(settings, base, api_key, admin_key):
             with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {api_key}"}, timeout=120) as c, \
                     httpx.Client(base_url=base, headers={"Authorization": f"Bearer {admin_key}"}, timeout=60) as a:
-                return scenario_adapt.run(Driver(c, a), settings, work, progress=err.print, per_family=per_family)
+                return scenario_adapt.run(Driver(c, a, max_tokens=8), settings, work, progress=err.print,
+                                          per_family=per_family, phase_budget_s=phase_budget)
 
         if private:
             from serving.stack import private_stack
@@ -173,7 +176,7 @@ def register(app) -> None:
                          "monitor": {"lease_ttl_s": 3, "claim_idle_s": 3,
                                      "drift": {"window": 60, "every_requests": 30, "min_rows": 30}},
                          "jobs": {"rollout_every_s": 1.0},
-                         "adapt": {"min_samples": 400, "drift_shadow_rate": 1.0, "lr": 1e-3, "epochs": 60,
+                         "adapt": {"min_samples": 150, "drift_shadow_rate": 1.0, "lr": 1e-3, "epochs": 60,
                                    "patience": 12},
                          "canary": {"share": 0.5, "min_samples": 20, "shadow_rate": 1.0},
                          "runtime": {"threads": 1}}
@@ -212,3 +215,6 @@ def register(app) -> None:
         out.print(table)
         out.print_json(json.dumps({k: report.get(k) for k in ("failed_requests", "requests", "fidelity",
                                                                "accuracy", "goals", "seconds")}))
+        for ph in report.get("phases", []):
+            out.print(f"{ph['phase']} {ph['families']}: promoted {ph['promoted']}, target met {ph['target_met']}, "
+                      f"accuracy {ph.get('accuracy', {}).get('new_before')} -> {ph.get('accuracy', {}).get('new_after')}")

@@ -80,6 +80,7 @@ class GenResult:
     elapsed_ms: float = 0.0
     prompt_text: str = ""  # filled for echo
     fallback_reason: str | None = None  # why a replica serves dense without being told to
+    stop: tuple[str, ...] = ()  # the request's stop strings (the shadow path's target policy cuts there)
     features: dict | None = None  # the request's drift feature row (monitor/drift.py), with "version"
     scores: "TokenScores | None" = None  # raw per-token scores when logprobs were asked for
     timing: dict = field(default_factory=dict)  # ms per phase: queue, prefill, decode, detokenize, finish
@@ -219,7 +220,8 @@ class Engine:
         plan = self.plan(req)
         res = GenResult(request_id=req.request_id, prompt_ids=ids, version=plan.version, arm=plan.arm,
                         sparsity=plan.sparsity, fallback=plan.fallback, generation=plan.generation,
-                        mode=self.settings.runtime.mode, fallback_reason=plan.fallback_reason)
+                        mode=self.settings.runtime.mode, fallback_reason=plan.fallback_reason,
+                        stop=tuple(req.stop))
         seq, logits = self.runtime.prefill(ids, plan.method, req.max_tokens, all_logits=req.echo, gather=alone)
         res.effective_sparsity = seq.effective_sparsity
         scores = None

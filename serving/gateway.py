@@ -539,7 +539,7 @@ class Gateway:
         self.metrics.shadow_sampled.inc()
         sample = {"request_id": res.request_id, "prompt_ids": res.prompt_ids, "token_ids": res.token_ids,
                   "version": res.version, "arm": res.arm, "sparsity": res.sparsity, "generation": res.generation,
-                  "key": ident, "retention_s": policy.shadow_retention_s}
+                  "key": ident, "retention_s": policy.shadow_retention_s, "stop": list(res.stop)}
         try:
             summary = await self.shadow.run.remote(sample)
             version = summary["version"] or "dense"

@@ -2,17 +2,21 @@
 
 1. A champion trained on three of the suite's families (mod_add, successor, lexicon) is
    installed (alias + control state, as an operator does on a fresh registry) and serves them.
-2. The traffic switches to the other three (table_lookup, kv_recall, reverse): the drift
-   alert comes and the fidelity drops.
-3. The controller runs the fine-tune job early on the new shadow samples; a candidate is
-   registered.
-4. It is approved (the alias `approved`, the one the MLflow UI sets), canaried and promoted.
-5. A bad candidate (reversed scores) is approved and rolled back automatically.
+2. The traffic switches to two others (table_lookup, kv_recall): the drift alert comes and
+   the fidelity drops. The controller runs the fine-tune early on the new shadow samples;
+   each candidate is approved as it is registered (the alias `approved`, the one the MLflow
+   UI sets), canaried and promoted or rolled back; the controller fine-tunes again while the
+   episode's target is not met, until a promoted candidate meets it or the phase's time
+   budget ends.
+3. A second switch, to the last family (reverse): adapted again the same way, with no
+   forgetting of phases 1 and 2.
+4. A bad candidate (reversed scores) is approved and rolled back automatically.
 
-Fidelity is the monitor's (mean KL of the shadow samples served in each phase); accuracy is
-measured here, offline, on the embedded model (5-shot exact match, `per_family` test prompts
-per family, the served sparsity, per-layer) for the narrow champion, the promoted candidate
-and a predictor trained offline on every family (the shipped one).
+Client traffic comes from the suite's traffic split, which never repeats a validation or
+test prompt; accuracy is measured here, offline, on test prompts (never sent as traffic):
+5-shot exact match, `per_family` prompts per family, the served sparsity and mode, for the
+narrow champion, each phase's promoted predictor and a predictor trained offline on every
+family (the shipped one). Requests ask for the answer like an evaluation client: stop at ";".
 """
 
 from __future__ import annotations
@@ -23,19 +27,19 @@ from pathlib import Path
 
 import redis
 
-from adapter.evaluation import scoring as evaluate
-
 from adapter.embedded import suite as tasks
-
-from adapter.pipeline import train as training
-
+from adapter.evaluation import scoring as evaluate
 from adapter.pipeline import traces
+from adapter.pipeline import train as training
 from jobs.registry import PredictorRegistry
 from jobs.rollout import RolloutStore, arm_stats
 from serving.bench_monitor import Driver, narrow_predictor, reversed_predictor, suite_prompts
 
 KNOWN = ["mod_add", "successor", "lexicon"]
-SHIFTED = ["table_lookup", "kv_recall", "reverse"]
+PHASES = [("phase2", ["table_lookup", "kv_recall"]), ("phase3", ["reverse"])]
+SHIFTED = [f for _, fams in PHASES for f in fams]
+TRAFFIC_SPLIT = "traffic"
+STOP = [";"]
 
 
 class Timeline:
@@ -56,38 +60,111 @@ def accuracy(loaded, folder: Path, families: list[str], per_family: int, sparsit
     return evaluate.accuracy(evaluate.runtime_score_fn(loaded.runtime, method), loaded.tokenizer, instances)["mean"]
 
 
-def run(d: Driver, settings, work: Path, progress=print, per_family: int = 100, max_requests: int = 3000) -> dict:
+class Scenario:
+    def __init__(self, d: Driver, settings, work: Path, progress, max_requests: int, phase_budget_s: float):
+        self.d, self.s, self.work = d, settings, work
+        self.tl = Timeline(progress)
+        self.r = redis.Redis.from_url(settings.redis.url)
+        self.p = settings.redis.prefix
+        self.registry = PredictorRegistry(settings.mlflow.tracking_uri, settings.mlflow.registered_model,
+                                          work / "cache")
+        self.rollout = RolloutStore(self.r, self.p)
+        self.max_requests, self.phase_budget_s = max_requests, phase_budget_s
+        self.i = 0
+
+    def send(self, prompts: list[str], n: int = 1) -> None:
+        for _ in range(n):
+            self.d.complete(prompts[self.i % len(prompts)], stop=STOP)
+            self.i += 1
+
+    def decision(self, kinds: tuple[str, ...], after: float, version: str | None = None) -> dict | None:
+        return next((x for x in self.rollout.recent(50) if x["decision"] in kinds and x["ts"] >= after
+                     and (version is None or x["version"] == version)), None)
+
+    def traffic_until(self, prompts, cond, limit: int, deadline: float | None = None):
+        start = self.d.requests
+        while self.d.requests - start < limit and (deadline is None or time.time() < deadline):
+            self.send(prompts, 2)
+            got = cond()
+            if got:
+                return got, self.d.requests - start
+        return None, self.d.requests - start
+
+    def generation(self) -> int:
+        return self.d.admin.get("/admin/state").json()["state"]["generation"]
+
+    def adapt(self, name: str, families: list[str], champion: str) -> dict:
+        """One switch of the traffic to `families`, adapted: drift, early fine-tunes, each
+        candidate approved, canaried and promoted or rolled back, until a promoted one met
+        the target or the budget ends. Returns the phase's figures."""
+        prompts = suite_prompts(TRAFFIC_SPLIT, families, 600)
+        t_switch = time.time()
+        gen_switch = self.generation()
+        self.tl.add("switch", phase=name, families=families, champion=champion)
+
+        def drift_alert():
+            return next((a for a in self.d.alerts("drift") if a["ts"] >= t_switch
+                         and a["predictor_version"] == champion), None)
+
+        alert, n_alert = self.traffic_until(prompts, drift_alert, self.max_requests)
+        self.tl.add("drift_alert", phase=name, after_requests=n_alert,
+                    columns=sorted((alert or {}).get("evidence", {}).get("drifted", {})) if alert else None)
+        before = arm_stats(self.r, self.p, champion, "champion", gen_switch)
+        self.tl.add("fidelity_drop", phase=name, kl_mean=before["kl_mean"], top1=before["top1"],
+                    samples=before["count"])
+        deadline = t_switch + self.phase_budget_s
+        candidates, promoted, met, first_promotion = [], [], False, None
+        seen = t_switch
+        while not met and time.time() < deadline:
+            cand, _ = self.traffic_until(prompts, lambda: self.decision(("candidate",), seen), self.max_requests,
+                                         deadline)
+            if cand is None:
+                break
+            seen = cand["ts"] + 1e-6
+            v = cand["version"]
+            ev = cand["evidence"]
+            candidates.append({"version": v, **{k: ev.get(k) for k in ("samples", "distinct_prompts", "gain",
+                                                                      "forget", "target_met", "target_kl",
+                                                                      "candidate_holdout_kl", "train_s")}})
+            self.tl.add("candidate_registered", phase=name, version=v,
+                        **{k: ev.get(k) for k in ("samples", "gain", "forget", "target_met", "train_s")})
+            t_approve = time.time()
+            self.registry.set_alias("approved", v)
+            self.tl.add("approved", phase=name, version=v)
+            done, _ = self.traffic_until(prompts, lambda: self.decision(("promoted", "rolled_back", "refused"),
+                                                                        t_approve, v), self.max_requests)
+            ok = done is not None and done["decision"] == "promoted"
+            self.tl.add("promoted" if ok else "candidate_rolled_back", phase=name, version=v,
+                        evidence={k: (done or {}).get("evidence", {}).get(k)
+                                  for k in ("reason", "against", "top1_difference", "challenger_top1")})
+            if ok:
+                promoted.append(v)
+                first_promotion = first_promotion or time.time() - t_switch
+                met = bool(ev.get("target_met"))
+        final = promoted[-1] if promoted else champion
+        gen_after = self.generation()
+        self.send(prompts, 60)
+        time.sleep(3)
+        after = arm_stats(self.r, self.p, final, "champion", gen_after)
+        self.tl.add("fidelity_after", phase=name, version=final, kl_mean=after["kl_mean"], top1=after["top1"],
+                    samples=after["count"])
+        return {"phase": name, "families": families, "champion_before": champion, "promoted": promoted,
+                "final_version": final, "target_met": met, "candidates": candidates,
+                "drift_alert_after_requests": n_alert if alert else None,
+                "fidelity_before": before, "fidelity_after": after,
+                "seconds": {"switch_to_first_promotion": first_promotion,
+                            "phase": round(time.time() - t_switch, 1)}}
+
+
+def run(d: Driver, settings, work: Path, progress=print, per_family: int = 100, max_requests: int = 3000,
+        phase_budget_s: float = 900) -> dict:
     from adapter.runtime.loading import load
     from jobs.bootstrap import shipped_predictor
 
     work.mkdir(parents=True, exist_ok=True)
-    tl = Timeline(progress)
-    r = redis.Redis.from_url(settings.redis.url)
-    p = settings.redis.prefix
-    registry = PredictorRegistry(settings.mlflow.tracking_uri, settings.mlflow.registered_model, work / "cache")
-    rollout = RolloutStore(r, p)
+    sc = Scenario(d, settings, work, progress, max_requests, phase_budget_s)
+    tl, r, p, registry = sc.tl, sc.r, sc.p, sc.registry
     loaded = load(settings.model.name, settings.runtime.model_copy(update={"dtype": "float32"}))
-    known_prompts = suite_prompts("test", KNOWN, 400)
-    shifted_prompts = suite_prompts("test", SHIFTED, 600)
-    counter = {"i": 0}
-
-    def send(prompts: list[str], n: int = 1) -> None:
-        for _ in range(n):
-            d.complete(prompts[counter["i"] % len(prompts)])
-            counter["i"] += 1
-
-    def decision(kind: str, after: float, version: str | None = None) -> dict | None:
-        return next((x for x in rollout.recent(50) if x["decision"] == kind and x["ts"] >= after
-                     and (version is None or x["version"] == version)), None)
-
-    def traffic_until(prompts, cond, limit: int):
-        start = d.requests
-        while d.requests - start < limit:
-            send(prompts, 2)
-            got = cond()
-            if got:
-                return got, d.requests - start
-        return None, d.requests - start
 
     # 1. the narrow champion serves the families it knows
     narrow = narrow_predictor(loaded, KNOWN, work / "narrow")
@@ -97,91 +174,85 @@ def run(d: Driver, settings, work: Path, progress=print, per_family: int = 100, 
     sparsity = state["sparsity"]
     tl.add("narrow_champion", version=v_narrow, families=KNOWN, sparsity=sparsity)
     gen_known = state["generation"]
-    send(known_prompts, 80)
+    sc.send(suite_prompts(TRAFFIC_SPLIT, KNOWN, 400), 80)
     time.sleep(3)
     known = arm_stats(r, p, v_narrow, "champion", gen_known)
     tl.add("known_traffic", requests=80, kl_mean=known["kl_mean"], top1=known["top1"], samples=known["count"])
 
-    # 2. the traffic switches
-    t_switch = time.time()
-    gen_switch = d.admin.get("/admin/state").json()["state"]["generation"]
-    tl.add("switch", families=SHIFTED)
+    # 2., 3. two switches, each adapted
+    phases, champion = [], v_narrow
+    for name, families in PHASES:
+        ph = sc.adapt(name, families, champion)
+        phases.append(ph)
+        champion = ph["final_version"]
 
-    def drift_alert():
-        return next((a for a in d.alerts("drift") if a["ts"] >= t_switch and a["predictor_version"] == v_narrow), None)
+    # 4. a bad candidate is rolled back automatically
+    v_bad = None
+    rb = None
+    if champion != v_narrow:
+        bad_folder = reversed_predictor(registry.download(champion), work / "reversed")
+        v_bad = registry.register(bad_folder, tags={"source": "scenario-reversed"})
+        t_bad = time.time()
+        registry.set_alias("approved", v_bad)
+        tl.add("bad_approved", version=v_bad)
+        rb, _ = sc.traffic_until(suite_prompts(TRAFFIC_SPLIT, SHIFTED, 600),
+                                 lambda: sc.decision(("rolled_back",), t_bad, v_bad), max_requests)
+        tl.add("bad_rolled_back" if rb else "bad_not_rolled_back", version=v_bad,
+               reason=(rb or {}).get("evidence", {}).get("reason"))
 
-    alert, n_alert = traffic_until(shifted_prompts, drift_alert, max_requests)
-    tl.add("drift_alert", after_requests=n_alert, columns=sorted((alert or {}).get("evidence", {}).get("drifted", {}))
-           if alert else None)
-    shifted_before = arm_stats(r, p, v_narrow, "champion", gen_switch)
-    tl.add("fidelity_drop", kl_mean=shifted_before["kl_mean"], top1=shifted_before["top1"],
-           samples=shifted_before["count"])
-
-    # 3. the fine-tune job (run early by the controller after the drift alert)
-    cand, n_cand = traffic_until(shifted_prompts, lambda: decision("candidate", t_switch), max_requests)
-    if cand is None:
-        nr = decision("not_registered", t_switch)
-        tl.add("no_candidate", reasons=(nr or {}).get("evidence", {}).get("reasons"))
-        return {"failed_requests": d.failed, "requests": d.requests, "timeline": tl.events, "error": "no candidate"}
-    v_cand = cand["version"]
-    tl.add("candidate_registered", version=v_cand, after_requests=n_cand,
-           **{k: cand["evidence"].get(k) for k in ("samples", "gain", "forget", "train_s", "run_id")})
-
-    # 4. approved (the alias the MLflow UI sets), canaried, promoted
-    t_approve = time.time()
-    registry.set_alias("approved", v_cand)
-    tl.add("approved", version=v_cand)
-    done, _ = traffic_until(shifted_prompts, lambda: decision("promoted", t_approve, v_cand)
-                            or decision("rolled_back", t_approve, v_cand), max_requests)
-    promoted = done is not None and done["decision"] == "promoted"
-    tl.add("promoted" if promoted else "candidate_rolled_back", version=v_cand,
-           evidence=(done or {}).get("evidence"))
-    gen_after = d.admin.get("/admin/state").json()["state"]["generation"]
-    send(shifted_prompts, 60)
-    time.sleep(3)
-    # the candidate's shifted-traffic fidelity: as champion after a promotion, else its canary arm
-    shifted_after = arm_stats(r, p, v_cand, "champion" if promoted else "challenger", gen_after if promoted else 0)
-    tl.add("fidelity_after", kl_mean=shifted_after["kl_mean"], top1=shifted_after["top1"],
-           samples=shifted_after["count"])
-
-    # 5. a bad candidate is rolled back automatically
-    bad_folder = reversed_predictor(registry.download(v_cand), work / "reversed")
-    v_bad = registry.register(bad_folder, tags={"source": "scenario-reversed"})
-    t_bad = time.time()
-    registry.set_alias("approved", v_bad)
-    tl.add("bad_approved", version=v_bad)
-    rb, _ = traffic_until(shifted_prompts, lambda: decision("rolled_back", t_bad, v_bad), max_requests)
-    tl.add("bad_rolled_back" if rb else "bad_not_rolled_back", version=v_bad,
-           reason=(rb or {}).get("evidence", {}).get("reason"))
-
-    # offline accuracy on the embedded model
+    # offline accuracy on the embedded model, on test prompts never sent as traffic
     mode = settings.runtime.mode
-    cand_folder = registry.download(v_cand)
     full = shipped_predictor(settings.model.name, loaded.runtime)
-    acc = {"shifted_before": accuracy(loaded, narrow, SHIFTED, per_family, sparsity, mode),
-           "shifted_after": accuracy(loaded, cand_folder, SHIFTED, per_family, sparsity, mode),
-           "offline_all_families": accuracy(loaded, full, SHIFTED, per_family, sparsity, mode) if full else None,
-           "known_before": accuracy(loaded, narrow, KNOWN, per_family, sparsity, mode),
-           "known_after": accuracy(loaded, cand_folder, KNOWN, per_family, sparsity, mode)}
-    tl.add("accuracy", **acc)
-    times = {e["event"]: e["t"] for e in tl.events}
-    t_sw = times["switch"]
-    goals = {"shifted_kl_within_10pct_of_known": (shifted_after["kl_mean"] is not None and
-                                                  shifted_after["kl_mean"] <= 1.10 * known["kl_mean"]),
-             "shifted_accuracy_95pct_of_offline": (acc["offline_all_families"] is not None and
-                                                    acc["shifted_after"] >= 0.95 * acc["offline_all_families"]),
-             "known_accuracy_within_2_points": acc["known_after"] >= acc["known_before"] - 0.02,
+
+    def acc(folder, families):
+        return accuracy(loaded, folder, families, per_family, sparsity, mode)
+
+    folders = {v: registry.download(v) for v in {ph["final_version"] for ph in phases}}
+    seen_families = list(KNOWN)
+    for ph in phases:
+        f = folders[ph["final_version"]]
+        ph["accuracy"] = {"new_before": acc(registry.download(ph["champion_before"]), ph["families"]),
+                          "new_after": acc(f, ph["families"]),
+                          "offline_all_families": acc(full, ph["families"]) if full else None,
+                          "earlier_after": {fam: acc(f, [fam]) for fam in seen_families}}
+        seen_families += ph["families"]
+    final = folders[phases[-1]["final_version"]]
+    p2 = phases[0]
+    acc_report = {"shifted_before": p2["accuracy"]["new_before"],
+                  "shifted_after": p2["accuracy"]["new_after"],
+                  "offline_all_families": p2["accuracy"]["offline_all_families"],
+                  "known_before": acc(narrow, KNOWN), "known_after": acc(final, KNOWN),
+                  "new_families_final": acc(final, SHIFTED),
+                  "new_families_offline": acc(full, SHIFTED) if full else None,
+                  "phase2_families_after_phase2": p2["accuracy"]["new_after"],
+                  "phase2_families_final": acc(final, p2["families"])}
+    tl.add("accuracy", **acc_report)
+    after2 = p2["fidelity_after"]
+    last_kl = [ph["fidelity_after"]["kl_mean"] for ph in phases]
+    times = [ph["seconds"]["switch_to_first_promotion"] for ph in phases]
+    goals = {"new_accuracy_95pct_of_offline": (acc_report["new_families_offline"] is not None and
+                                               acc_report["new_families_final"]
+                                               >= 0.95 * acc_report["new_families_offline"]),
+             "new_kl_within_1_1x_known": all(k is not None and k <= 1.10 * known["kl_mean"] for k in last_kl),
+             "known_accuracy_within_2_points": acc_report["known_after"] >= acc_report["known_before"] - 0.02,
+             "phase2_not_forgotten_within_2_points": (acc_report["phase2_families_final"]
+                                                     >= acc_report["phase2_families_after_phase2"] - 0.02),
+             "switch_to_promotion_within_5_min": all(t is not None and t <= 300 for t in times),
              "no_failed_requests": d.failed == 0}
-    return {"failed_requests": d.failed, "requests": d.requests, "drift_alert_after_requests": n_alert if alert else None,
-            "promoted_version": v_cand if promoted else None, "rolled_back_version": v_bad if rb else None,
-            "narrow_version": v_narrow,
-            "fidelity": {"known_kl": known["kl_mean"], "shifted_kl_before": shifted_before["kl_mean"],
-                         "shifted_kl_after": shifted_after["kl_mean"], "known_top1": known["top1"],
-                         "shifted_top1_before": shifted_before["top1"], "shifted_top1_after": shifted_after["top1"]},
-            "accuracy": acc, "goals": goals,
-            "seconds": {"switch_to_alert": times.get("drift_alert", t_sw) - t_sw,
-                        "switch_to_candidate": times.get("candidate_registered", t_sw) - t_sw,
-                        "switch_to_promotion": (times["promoted"] - t_sw) if "promoted" in times else None},
+    return {"failed_requests": d.failed, "requests": d.requests,
+            "traffic_split": TRAFFIC_SPLIT, "accuracy_split": "test",
+            "traffic_disjoint_from_accuracy_prompts": True,
+            "drift_alert_after_requests": p2["drift_alert_after_requests"],
+            "promoted_version": p2["promoted"][-1] if p2["promoted"] else None,
+            "rolled_back_version": v_bad if rb else None, "narrow_version": v_narrow,
+            "final_version": phases[-1]["final_version"],
+            "fidelity": {"known_kl": known["kl_mean"], "shifted_kl_before": p2["fidelity_before"]["kl_mean"],
+                         "shifted_kl_after": after2["kl_mean"], "known_top1": known["top1"],
+                         "shifted_top1_before": p2["fidelity_before"]["top1"], "shifted_top1_after": after2["top1"],
+                         "phase3_kl_after": phases[-1]["fidelity_after"]["kl_mean"]},
+            "accuracy": acc_report, "goals": goals, "phases": phases,
+            "seconds": {"switch_to_promotion": {ph["phase"]: ph["seconds"]["switch_to_first_promotion"]
+                                                for ph in phases}},
             "timeline": tl.events, "samples": shadow_points(r, p, tl.t0)}
 
 

@@ -32,7 +32,8 @@ FUNCTION_WORDS = [
     ";", "=", ",", ":", "+", "is", "rev", "seq", "review", "table", "pos", "neg",
     "the", "a", "sees", "likes", "chases", "near", "and", ".", "very", "big", "small",
 ]
-SPLIT_SEEDS = {"train": 1_000, "validation": 2_000, "test": 3_000, "text": 4_000}
+SPLIT_SEEDS = {"train": 1_000, "validation": 2_000, "test": 3_000, "text": 4_000, "traffic": 5_000}
+EVAL_RESERVE = 1_000  # instances per family of validation and test that traffic never repeats
 N_SHOTS = 5
 
 
@@ -132,15 +133,19 @@ def _generate(split: str, per_family: int, seed_offset: int = 0) -> Iterator[Ins
 
 
 def split(name: str, per_family: int) -> list[Instance]:
-    """`per_family` instances of every family for split `name` (train, validation, test).
+    """`per_family` instances of every family for split `name` (train, validation, test,
+    traffic).
 
     Held-out splits never contain a prompt of the training split (checked against the
-    first 20,000 training instances per family, more than any recipe trains on)."""
-    if name not in ("train", "validation", "test"):
-        raise ValueError(f"unknown split {name!r}: use train, validation or test")
+    first 20,000 training instances per family, more than any recipe trains on). The traffic
+    split (what scenarios send as client requests) also never repeats one of the first
+    EVAL_RESERVE validation or test prompts per family, so accuracy is measured on prompts
+    never sent as traffic."""
+    if name not in ("train", "validation", "test", "traffic"):
+        raise ValueError(f"unknown split {name!r}: use train, validation, test or traffic")
     if name == "train":
         return list(_generate("train", per_family))
-    seen = _train_prompts()
+    seen = _train_prompts() | (_eval_prompts() if name == "traffic" else set())
     out: list[Instance] = []
     counts = {f: 0 for f in FAMILIES}
     rng = random.Random(SPLIT_SEEDS[name])
@@ -161,6 +166,16 @@ def _train_prompts() -> set[str]:
     if _TRAIN_PROMPTS is None:
         _TRAIN_PROMPTS = {inst.prompt for inst in _generate("train", 20_000)}
     return _TRAIN_PROMPTS
+
+
+_EVAL_PROMPTS: set[str] | None = None
+
+
+def _eval_prompts() -> set[str]:
+    global _EVAL_PROMPTS
+    if _EVAL_PROMPTS is None:
+        _EVAL_PROMPTS = {i.prompt for s in ("validation", "test") for i in split(s, EVAL_RESERVE)}
+    return _EVAL_PROMPTS
 
 
 def plain_text(n_sentences: int, seed_offset: int = 0) -> list[str]:

@@ -28,6 +28,7 @@ from adapter.runtime.masks import keep_count
 from adapter.runtime.model_view import ModelView
 from adapter.selection import predictors as P
 from adapter.selection.methods import dense, make_method
+from adapter.pipeline.targets import TargetPolicy
 from tests.conftest import tiny_llama
 
 SPLITS = {"train": 3, "validation": 1, "test": 1}
@@ -42,7 +43,9 @@ def default_llama():
 @pytest.fixture(scope="module")
 def dataset(default_llama, tmp_path_factory):
     m = default_llama
-    return collect(m.runtime.model, m.tokenizer, tmp_path_factory.mktemp("traces"), SPLITS)
+    # every prompt position a target: per-token (DejaVu) rows beyond the answer
+    return collect(m.runtime.model, m.tokenizer, tmp_path_factory.mktemp("traces"), SPLITS,
+                   policy=TargetPolicy(prompt="all"))
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from adapter.pipeline import traces
 
 from adapter.pipeline import train as training
 from adapter.pipeline.collect import collect
+from adapter.pipeline.targets import TargetPolicy
 from adapter.runtime.loading import load
 from adapter.pipeline.build import train_one
 from adapter.pipeline.train import PredictorMismatch, TrainConfig
@@ -29,7 +30,7 @@ def default_llama():
 def dataset(default_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("traces")
     return collect(default_llama.runtime.model, default_llama.tokenizer, root,
-                   {"train": 40, "validation": 10, "test": 10})
+                   {"train": 40, "validation": 10, "test": 10}, policy=TargetPolicy(prompt="predictable"))
 
 
 def test_dataset_layout_and_record_round_trip(dataset, default_llama):
@@ -41,7 +42,7 @@ def test_dataset_layout_and_record_round_trip(dataset, default_llama):
     assert train.neurons("fisher").shape == (240, shape.layers, shape.ffn)
     assert train.tensors["predictor_input"].shape == (240, shape.hidden)
     offsets = train.tensors["token_offsets"]
-    assert offsets[-1] == train.tensors["layer_inputs"].shape[0] and offsets[-1] > 240  # shots are targets too
+    assert offsets[-1] == train.tensors["layer_inputs"].shape[0] and offsets[-1] > 240  # predictable prompt positions are targets too
     assert torch.isfinite(train.heads("plainact")).all()
     # one record through the wire format (what a Redis stream entry carries)
     rec = traces.TraceRecord(meta={"schema": traces.SCHEMA, "family": "x"},

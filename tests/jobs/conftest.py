@@ -1,5 +1,6 @@
 """Fixtures of the jobs tests: a private redis-server, a real MLflow server on a free port,
-the embedded model, and shadow samples made the way ShadowDense makes them."""
+the embedded model, and shadow samples made by the real shadow path (served by the engine,
+recorded by serving.shadow.shadow_run)."""
 
 from __future__ import annotations
 
@@ -57,33 +58,46 @@ def loaded():
     return load("default", RuntimeConfig(dtype="float32"))
 
 
-def shadow_records(loaded, families: list[str], n_per_family: int, split: str = "test", offset: int = 0):
-    """Trace records of suite prompts of `families`, with the served prompt and continuation
-    (the answer) in their meta, as a shadow run writes them."""
-    from adapter.pipeline import criteria
-    from adapter.evaluation import scoring as evaluate
-    from adapter.embedded import suite as tasks
-    from adapter.pipeline import traces
+@pytest.fixture(scope="session")
+def engine():
+    """A serving engine on the embedded model (float32), as a GatedLLM/ShadowDense replica holds."""
+    from monitor.state import ControlState
+    from serving.engine import Engine
+    from serving.settings import Settings
 
-    rt, tok = loaded.runtime, loaded.tokenizer
+    eng = Engine(Settings(runtime={"dtype": "float32"}), None)
+    eng.apply(ControlState())  # no registry: it serves dense (the dense model's own continuations)
+    return eng
+
+
+def served(engine, prompts: list[str], max_tokens: int = 8, stop: tuple[str, ...] = (";",)) -> list:
+    """Each prompt served dense through the engine, as a client asking for a few-shot answer does."""
+    from serving.engine import GenRequest
+
+    return [engine.complete(GenRequest(request_id=f"req-{k}", prompt=p, max_tokens=max_tokens, temperature=0.0,
+                                       stop=stop)) for k, p in enumerate(prompts)]
+
+
+def shadow_records(engine, families: list[str], n_per_family: int, split: str = "traffic", offset: int = 0,
+                   policy=None, stop: tuple[str, ...] = (";",)):
+    """Shadow records of suite prompts of `families` made by the real shadow path: each prompt
+    served by the engine, then serving.shadow.shadow_run (what ShadowDense writes)."""
+    from adapter.embedded import suite as tasks
+    from adapter.pipeline.targets import TargetPolicy
+    from serving.shadow import shadow_run
+
     instances = [i for i in tasks.split(split, n_per_family + offset) if i.family in families]
     by_family: dict[str, list] = {}
     for inst in instances:
         by_family.setdefault(inst.family, []).append(inst)
     chosen = [i for f in families for i in by_family[f][offset:offset + n_per_family]]
-    pairs = evaluate.encode_pairs(tok, chosen)
-    fp = traces.model_fingerprint(rt.model)
     out = []
-    for start in range(0, len(pairs), 32):
-        chunk = pairs[start:start + 32]
-        batch = criteria.make_batch([p for p, _ in chunk], [a for _, a in chunk], tok.pad_token_id or 0)
-        scores = criteria.compute(rt.model, batch, rt.shape.heads, rt.shape.head_dim)
-        metas = [{"family": None, "prompt_len": len(p), "request_id": f"req-{start + j}", "predictor_version": "1",
-                  "arm": "champion", "sparsity": 0.5, "generation": 1, "key": "test", "prompt_ids": p,
-                  "token_ids": a} for j, (p, a) in enumerate(chunk)]
-        common = {"model_fingerprint": fp, "source": "shadow", "targets": "pseudo_labels",
-                  "criteria": list(criteria.CRITERIA)}
-        out += traces.records_from_scores(scores, common, metas)
+    for res in served(engine, [i.prompt for i in chosen], stop=stop):
+        sample = {"request_id": res.request_id, "prompt_ids": res.prompt_ids, "token_ids": res.token_ids,
+                  "version": None, "arm": "champion", "sparsity": 0.5, "generation": 1, "key": "test",
+                  "stop": list(res.stop)}
+        record, _ = shadow_run(engine, sample, policy or TargetPolicy())
+        out.append(record)
     return out
 
 

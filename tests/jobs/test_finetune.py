@@ -8,7 +8,8 @@ import json
 import pytest
 import redis
 
-from jobs.finetune import GROUP, available, sample_reader
+from adapter.pipeline.targets import Spec
+from jobs.finetune import GROUP, available, in_holdout, sample_reader
 from jobs.registry import PredictorRegistry
 from jobs.runner import JobRecords, run_job
 from serving.bench_monitor import narrow_predictor
@@ -23,7 +24,7 @@ KNOWN, SHIFTED = ["mod_add", "successor", "lexicon"], ["table_lookup", "kv_recal
 def setup(redis_url, mlflow_uri, loaded, tmp_path_factory):
     settings = load_settings(None, redis={"url": redis_url, "prefix": "ft"},
                              mlflow={"tracking_uri": mlflow_uri, "registered_model": "ft-predictor"},
-                             adapt={"min_samples": 40, "replay_per_family": 30, "replay_holdout_per_family": 8,
+                             adapt={"min_samples": 40, "replay_per_family": 60, "replay_holdout_per_family": 15,
                                     "epochs": 60, "patience": 12, "lr": 1e-3, "holdout": 0.25})
     registry = PredictorRegistry(mlflow_uri, "ft-predictor")
     folder = narrow_predictor(loaded, KNOWN, tmp_path_factory.mktemp("narrow"), per_family=120, epochs=25)
@@ -32,31 +33,42 @@ def setup(redis_url, mlflow_uri, loaded, tmp_path_factory):
     return settings, registry, champion
 
 
-def test_too_few_samples_is_a_skipped_run_that_keeps_them(setup, loaded):
+def test_too_few_samples_is_a_skipped_run_that_keeps_them(setup, engine):
     settings, registry, _ = setup
     r = redis.Redis.from_url(settings.redis.url)
-    write_samples(r, "ft", shadow_records(loaded, SHIFTED, 3))
+    write_samples(r, "ft", shadow_records(engine, SHIFTED, 3))
     rec = run_job(settings, "finetune")
     assert rec["status"] == "ok" and rec["result"]["status"] == "skipped"
     assert "9 new shadow samples, 40 needed" in rec["result"]["reason"]
     assert available(sample_reader(r, "ft")) == 9  # nothing consumed
 
 
-def test_candidate_from_shadow_samples_beats_the_champion_and_is_registered(setup, loaded):
+def test_candidate_from_shadow_samples_beats_the_champion_and_is_registered(setup, engine):
     settings, registry, champion = setup
     r = redis.Redis.from_url(settings.redis.url)
-    write_samples(r, "ft", shadow_records(loaded, SHIFTED, 47, offset=3))  # 9 + 141 = 150 samples
+    records = shadow_records(engine, SHIFTED, 44, offset=3)
+    repeats = shadow_records(engine, SHIFTED, 3, offset=3)  # a client sending prompts again
+    write_samples(r, "ft", records + repeats)  # 9 + 132 + 9 = 150 samples of 141 prompts
     rec = run_job(settings, "finetune")
     res = rec["result"]
     assert rec["status"] == "ok" and res["status"] == "registered", json.dumps(res)
-    assert res["samples"] == 150 and res["holdout"] == 38 and res["replay_rows"] == 90
+    assert res["samples"] == 150 and res["distinct_prompts"] == 141 and res["replay_rows"] == 180
+    # held out by prompt hash: exactly the prompts whose hash falls in the share
+    earlier = shadow_records(engine, SHIFTED, 3)  # the 9 the first test left unconsumed
+    specs = {Spec.from_meta(x.meta).key(): Spec.from_meta(x.meta) for x in earlier + records}
+    assert len(specs) == 141 and res["holdout"] == sum(in_holdout(s, 0.25) for s in specs.values())
     assert res["candidate_holdout_kl"] < res["champion_holdout_kl"] * (1 - settings.adapt.min_gain)
     assert res["forget"] <= settings.adapt.max_forget
+    # the absolute target is the champion's in-distribution KL times 1.1, and recorded
+    assert res["target_met"] == (res["candidate_holdout_kl"] <= res["target_kl"])
+    assert res["refit"]["rows"] == 141 + 180 and res["refit"]["epochs"] >= 1
+    assert res["replay_kept"] == 141
     v = res["version"]
     assert registry.aliases()["candidate"] == v and registry.aliases()["champion"] == champion
     tags = registry.version(v).tags
     assert tags["parent_version"] == champion and tags["data_window"] == res["data_window"]
     assert tags["families"] == ",".join(KNOWN) and tags["model_fingerprint"]
+    assert tags["target_met"] == str(res["target_met"]).lower() and tags["replay_samples"] == "141"
     # the run: params, metrics, weights + reference + training data, eval and plot
     client = registry.client
     run = client.get_run(res["run_id"])
@@ -70,6 +82,10 @@ def test_candidate_from_shadow_samples_beats_the_champion_and_is_registered(setu
     folder = registry.download(v)
     assert (folder / "reference" / "features.parquet").exists()
     assert json.loads((folder / "predictor.json").read_text())["kind"] == "shadowllm"
+    # what it learnt is kept as token ids (rescorable) with its policy, one row per prompt
+    rows = [json.loads(x) for x in (folder / "training" / "shadow.jsonl").read_text().splitlines()]
+    assert len(rows) == 141 and {Spec.from_meta(x).key() for x in rows} == set(specs)
+    assert json.loads((folder / "training" / "policy.json").read_text()) == settings.adapt.targets.model_dump()
     # everything read is acknowledged; a second run has nothing new
     assert r.xpending("ft:shadow:samples", GROUP)["pending"] == 0
     again = run_job(settings, "finetune")["result"]
@@ -78,7 +94,7 @@ def test_candidate_from_shadow_samples_beats_the_champion_and_is_registered(setu
 
 
 def test_scheduler_sigkilled_mid_finetune_runs_it_again_once_and_registers_once(redis_url, mlflow_uri, loaded,
-                                                                                 tmp_path):
+                                                                                 engine, tmp_path):
     """The scheduler lives in the active monitor process: `shadowgate monitor run`."""
     import os
     import signal
@@ -95,7 +111,7 @@ def test_scheduler_sigkilled_mid_finetune_runs_it_again_once_and_registers_once(
     folder = narrow_predictor(loaded, KNOWN, tmp_path / "narrow", per_family=60, epochs=10)
     registry.set_alias("champion", registry.register(folder, tags={"families": ",".join(KNOWN)}))
     r = redis.Redis.from_url(redis_url)
-    write_samples(r, "kill", shadow_records(loaded, SHIFTED, 20))
+    write_samples(r, "kill", shadow_records(engine, SHIFTED, 20))
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({
         "redis": {"url": redis_url, "prefix": "kill"},

@@ -264,3 +264,112 @@ def test_registry_calls_retry_with_backoff_then_fail(mlflow_uri, caplog):
     with pytest.raises(RegistryUnavailable, match="failed 3 times"):
         dead.client.get_registered_model("ro-predictor")
     assert 0.3 <= time.monotonic() - t0 < 5  # 0.1 + 0.2 s of backoff, bounded
+
+
+def _approve_and_start(ctl, registry, r, folder, source):
+    v = registry.register(folder, tags={"source": source})
+    registry.set_alias("approved", v)
+    assert [d["decision"] for d in ctl.tick()["decisions"]] == ["canary_started"]
+    canary = RolloutStore(r, "ro").state()["canary"]
+    return v, canary["champion"], canary["generation"]
+
+
+def _noisy(r, version, arm, n, top1_values, generation, kl=0.05):
+    key = f"ro:monitor:window:{version}:{arm}"
+    for i in range(n):
+        r.rpush(key, json.dumps({"sample_id": f"{version}-{arm}-{generation}-n{i}", "kl_mean": kl,
+                                 "top1": top1_values[i % len(top1_values)], "exact_match": False,
+                                 "generation": generation}))
+
+
+def test_the_canary_waits_for_a_confident_difference_then_rolls_a_worse_challenger_back(env):
+    """Champion 0.95 top-1, challenger 0.85 on noisy samples: after 10 samples the 95% bound
+    of the difference still reaches above -margin (undecided), after 40 it does not."""
+    settings, registry, versions, r, folder = env
+    ctl = Controller(settings, r, registry)
+    v, champion, gen = _approve_and_start(ctl, registry, r, folder, "test-noisy-worse")
+    _noisy(r, champion, "champion", 30, [1.0, 0.9], gen)
+    _noisy(r, v, "challenger", 10, [1.0, 0.7], gen)
+    assert ctl.tick()["decisions"] == []  # -0.10 +- 0.11: could still be within the margin
+    ev = ctl.evidence(RolloutStore(r, "ro").state()["canary"])
+    d = ev["top1_difference"]
+    assert d["estimate"] == pytest.approx(-0.10) and d["lower"] < -0.02 < d["upper"]
+    _noisy(r, v, "challenger", 30, [1.0, 0.7], gen)
+    out = ctl.tick()["decisions"]
+    assert [x["decision"] for x in out] == ["rolled_back"], out
+    assert "upper bound" in out[0]["evidence"]["reason"] and out[0]["evidence"]["top1_difference"]["upper"] < -0.02
+    assert ControlStore(r, "ro").get().challenger is None and registry.aliases()["champion"] == champion
+
+
+def test_a_noisy_equal_challenger_is_promoted_once_the_bound_clears_the_margin(env):
+    settings, registry, versions, r, folder = env
+    ctl = Controller(settings, r, registry)
+    v, champion, gen = _approve_and_start(ctl, registry, r, folder, "test-noisy-equal")
+    _noisy(r, champion, "champion", 12, [1.0, 0.8], gen)
+    _noisy(r, v, "challenger", 12, [0.8, 1.0], gen)
+    assert ctl.tick()["decisions"] == []  # 0 +- 0.07: not yet shown within 0.02
+    _noisy(r, champion, "champion", 400, [1.0, 0.8], gen)
+    _noisy(r, v, "challenger", 400, [0.8, 1.0], gen)
+    out = ctl.tick()["decisions"]
+    assert [x["decision"] for x in out] == ["promoted"]
+    assert out[0]["evidence"]["top1_difference"]["lower"] >= -0.02
+    assert registry.aliases()["champion"] == v
+
+
+def test_under_a_fallback_the_challenger_must_clear_the_slo_against_dense_with_the_bound(env):
+    """Against the dense outputs: top-1 0.82 on noisy samples is above the SLO's 0.8, but
+    after 10 samples its lower bound is not; after 410 it is, and it is promoted."""
+    settings, registry, versions, r, folder = env
+    ctl = Controller(settings, r, registry)
+    ControlStore(r, "ro").update(ControlUpdate(fallback="dense"), by="monitor")
+    v, champion, gen = _approve_and_start(ctl, registry, r, folder, "test-fallback-bound")
+    _noisy(r, v, "challenger", 10, [1.0, 0.64], gen)
+    assert ctl.tick()["decisions"] == []
+    ev = ctl.evidence(RolloutStore(r, "ro").state()["canary"])
+    assert ev["challenger_top1"]["estimate"] == pytest.approx(0.82) and ev["challenger_top1"]["lower"] < 0.8
+    _noisy(r, v, "challenger", 400, [1.0, 0.64], gen)
+    out = ctl.tick()["decisions"]
+    assert [x["decision"] for x in out] == ["promoted"] and out[0]["evidence"]["against"] == "dense"
+    assert out[0]["evidence"]["challenger_top1"]["lower"] >= 0.8
+    assert ControlStore(r, "ro").get().fallback == "none"
+
+
+class _Soon:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, name):
+        self.calls.append(name)
+
+
+def test_early_finetunes_continue_while_the_drift_episode_has_not_met_the_target(env):
+    settings, registry, versions, r, folder = env
+    soon = _Soon()
+    fast = settings.model_copy(update={"adapt": settings.adapt.model_copy(update={"min_samples": 4,
+                                                                                   "early_retry_s": 0.01})})
+    ctl = Controller(fast, r, registry, run_soon=soon)
+    store = RolloutStore(r, "ro")
+    champion = ControlStore(r, "ro").get().champion
+    r.delete("ro:shadow:samples")
+    for _ in range(6):
+        r.xadd("ro:shadow:samples", {"meta": "{}", "tensors": b""})
+    r.hset("ro:monitor:drift", champion, json.dumps({"drift": True, "run_id": "d1"}))
+    names = [d["decision"] for d in ctl.drift()]
+    assert names == ["drift_shadow_rate", "finetune_early"] and soon.calls == ["finetune"]
+    # a candidate short of the target awaits approval: no second run meanwhile
+    store.decide("candidate", "c1", {"target_met": False}, by="finetune")
+    assert ctl.drift() == [] and soon.calls == ["finetune"]
+    # promoted, the drift check of the new champion is clear, but the target was not met:
+    # the episode goes on and the job runs again
+    store.decide("promoted", "c1", {})
+    r.hset("ro:monitor:drift", champion, json.dumps({"drift": False}))
+    time.sleep(0.02)
+    assert [d["decision"] for d in ctl.drift()] == ["finetune_early"] and soon.calls == ["finetune"] * 2
+    assert store.recent(1)[0]["evidence"]["drifting"] is False
+    # a candidate that met it, promoted: the episode ends and the shadow rate is restored
+    store.decide("candidate", "c2", {"target_met": True}, by="finetune")
+    store.decide("promoted", "c2", {})
+    out = ctl.drift()
+    assert [d["decision"] for d in out] == ["drift_ended"] and out[0]["evidence"]["target_met"] is True
+    assert soon.calls == ["finetune"] * 2 and "drift" not in store.state()
+    r.hdel("ro:monitor:drift", champion)

@@ -77,7 +77,7 @@ def test_a_mismatched_champion_artifact_is_refused_at_load_and_dense_is_served(s
 
 def test_predictable_positions_are_the_prompt_tokens_the_dense_model_predicts():
     from adapter.runtime.loading import load
-    from serving.shadow import predictable_positions
+    from adapter.pipeline.targets import predictable_positions
 
     loaded = load("default")
     model, tok = loaded.runtime.model, loaded.tokenizer
