@@ -13,9 +13,10 @@ criterion, another policy) without the replica that served it:
 
 Policy (general for live traffic; nothing here knows the task suite):
 
-  continuation "stop"   the continuation up to the request's first stop string or EOS
-                        (what the client asked for: for a few-shot prompt, the answer span),
-                        at most `max_tokens` tokens
+  continuation "stop"   the continuation up to the request's first stop string or EOS,
+                        the token that ends it included (what the client asked for: for a
+                        few-shot prompt, the answer span and its terminator), at most
+                        `max_tokens` tokens
                "tokens" the first `max_tokens` continuation tokens, whatever follows
   prompt       "none" | "predictable" (positions the dense model predicts top-1 from what
                         precedes them) | "all" (every position after the first)
@@ -79,18 +80,16 @@ def prompt_key(prompt_ids: Sequence[int]) -> str:
 
 
 def cut_continuation(tokenizer, tokens: Sequence[int], stops: Sequence[str], policy: TargetPolicy) -> list[int]:
-    """The continuation targets of `tokens` under the policy (may be empty: a first token
-    that ends the continuation)."""
+    """The continuation targets of `tokens` under the policy."""
     tokens = list(tokens)
     if policy.continuation == "stop":
         eos = tokenizer.eos_token_id
         end = len(tokens)
         for t, tok in enumerate(tokens):
-            if tok == eos:
-                end = t
-                break
-            if stops and any(s in tokenizer.decode(tokens[: t + 1]) for s in stops):
-                end = t  # the token that completes a stop string is not a target
+            # the token that ends the continuation (EOS, or the one completing a stop string) is
+            # a target too: a sparse model that misses it does not stop where the dense one does
+            if tok == eos or (stops and any(s in tokenizer.decode(tokens[: t + 1]) for s in stops)):
+                end = t + 1
                 break
         tokens = tokens[:end]
     return tokens[: policy.max_tokens]
@@ -114,8 +113,6 @@ def make_spec(model, tokenizer, prompt_ids: Sequence[int], pseudo_labels: Sequen
     continuation's positions (its greedy continuation, or its argmax teacher-forced on what
     was served)."""
     labels = cut_continuation(tokenizer, pseudo_labels, stops, policy)
-    if not labels:  # the continuation ended at once: its first token is the one target
-        labels = list(pseudo_labels[:1])
     if policy.prompt == "predictable":
         positions = predictable_positions(model, prompt_ids)
     elif policy.prompt == "all":

@@ -42,21 +42,22 @@ def test_the_shadow_path_writes_what_collect_writes(engine, tmp_path, policy):
 
 
 def test_stop_policy_targets_the_answer_span(engine):
-    """Under the default policy a few-shot answer's targets are the answer: the served
-    continuation up to the request's stop string, whatever the replica generated after."""
+    """Under the default policy a few-shot answer's targets are the answer and the token that
+    ends it: the served continuation up to the request's stop string, whatever the replica
+    generated after."""
     rt, tok = engine.runtime, engine.tokenizer
     inst = [i for i in tasks.split("test", 3) if i.family == "reverse"][0]
     answer = tok.encode(inst.answer, add_special_tokens=False)
     semi = tok.encode(";", add_special_tokens=False)
     served = answer + semi + answer
     prompt = tok.encode(f"<bos> {inst.prompt}", add_special_tokens=False)
-    assert make_spec(rt.model, tok, prompt, served, [";"], TargetPolicy()).labels == answer
+    assert make_spec(rt.model, tok, prompt, served, [";"], TargetPolicy()).labels == answer + semi
     # no stop string: up to EOS; the 'tokens' policy: the first max_tokens, stop or not
     eos = tok.eos_token_id
-    assert cut_continuation(tok, answer + [eos] + answer, [], TargetPolicy()) == answer
+    assert cut_continuation(tok, answer + [eos] + answer, [], TargetPolicy()) == answer + [eos]
     assert cut_continuation(tok, served, [";"], TargetPolicy(continuation="tokens", max_tokens=4)) == served[:4]
     assert cut_continuation(tok, served, [";"], TargetPolicy(max_tokens=2)) == answer[:2]
-    # a continuation that stops at once keeps its first token as the one target
+    # a continuation that stops at once: its terminator is the one target
     assert make_spec(rt.model, tok, prompt, semi + answer, [";"], TargetPolicy()).labels == semi
     # prompt targets: none, all positions after the first, or those the dense model predicts
     assert make_spec(rt.model, tok, prompt, served, [";"], TargetPolicy()).positions == []  # the default: none
