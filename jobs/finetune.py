@@ -46,10 +46,10 @@ import redis
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapter.evaluation import scoring as evaluate
 from adapter.embedded import suite as tasks
 from adapter.pipeline import targets, traces
 from adapter.pipeline import train as training
+from adapter.pipeline.collect import suite_specs
 from adapter.selection.methods import dense
 from adapter.pipeline.traces import TraceRecord
 from jobs.registry import CHAMPION, PredictorRegistry, job_registry
@@ -300,9 +300,11 @@ def champion_version(settings, registry: PredictorRegistry, client: redis.Redis)
     return version
 
 
-def _fit(champ, train_all: Examples, cfg, epochs: int | None = None):
+def _fit(champ, train_all: Examples, cfg, epochs: int | None = None, select_with=None):
     """Fine-tune a copy of the champion on train_all (1/8 of it, seeded, for early stopping);
-    `epochs`: a fixed count instead (the refit, which stops where the first fit peaked)."""
+    `epochs`: a fixed count instead (the refit, which stops where the first fit peaked).
+    `select_with` = (runtime, sparsity, mode): the epoch kept is the one whose masks give the
+    lowest replayed KL on the validation examples (what the gate measures), not the best rho."""
     gen = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(train_all), generator=gen).tolist()
     n_val = max(2, len(perm) // 8)
@@ -312,8 +314,17 @@ def _fit(champ, train_all: Examples, cfg, epochs: int | None = None):
                                 patience=(epochs or cfg.epochs) + 1 if epochs else cfg.patience,
                                 hidden=champ.config["sizes"]["hidden"],
                                 neuron_rank=champ.config["sizes"]["neuron_rank"])
+    select = None
+    if select_with is not None and epochs is None:
+        rt, sparsity, mode = select_with
+        replay = Replayer(rt, val.pairs)
+
+        def select(module):
+            pred = training.LoadedPredictor("shadowllm", champ.criterion, champ.config, module)
+            return -replay.fidelity(pred.method(sparsity, mode, rt.shape))["kl_mean"]
+
     module, metrics = training.finetune_shadowllm(champ.module, train.x, train.heads, train.neurons,
-                                                  val.x, val.heads, val.neurons, tcfg)
+                                                  val.x, val.heads, val.neurons, tcfg, select=select)
     return module, metrics, tcfg, train
 
 
@@ -387,7 +398,8 @@ def main(settings) -> dict:
 
         records.phase("finetune", "training")
         t_train = time.time()
-        module, train_metrics, tcfg, train = _fit(champ, Examples.cat([fresh, *replay]), cfg)
+        module, train_metrics, tcfg, train = _fit(champ, Examples.cat([fresh, *replay]), cfg,
+                                                  select_with=(rt, sparsity, mode))
         train_s = time.time() - t_train
         cand = training.LoadedPredictor("shadowllm", champ.criterion, champ.config, module)
         records.phase("finetune", "evaluating")
@@ -395,7 +407,9 @@ def main(settings) -> dict:
         old_instances = [i for i in tasks.split("validation", cfg.replay_holdout_per_family) if i.family in families]
         learnt = prior.pairs[:: max(1, len(prior) // LEARNT_EVAL)][:LEARNT_EVAL] if prior is not None else []
         replay_new = Replayer(rt, hold.pairs)
-        replay_old = Replayer(rt, evaluate.encode_pairs(loaded.tokenizer, old_instances) + learnt)
+        old_pairs = [(x.prompt_ids, x.labels) for x in suite_specs(rt.model, loaded.tokenizer, old_instances, False,
+                                                                   policy)]
+        replay_old = Replayer(rt, old_pairs + learnt)
         evaluation = {}
         for who, pred in (("champion", champ), ("candidate", cand)):
             method = pred.method(sparsity, mode, rt.shape)

@@ -42,14 +42,15 @@ SUITE_STOPS = (";",)  # a suite shot ends with " ;": what an evaluation client s
 def suite_specs(model, tokenizer, instances, pseudo_labels: bool, policy: TargetPolicy,
                 stops=SUITE_STOPS) -> list[targets.Spec]:
     """The target specs of suite instances under `policy`, as the shadow path makes them of
-    the same prompts served: the continuation is the label (the answer) or, with
-    pseudo_labels, the dense model's greedy continuation of policy.max_tokens tokens, cut by
-    the policy at the stop string."""
+    the same prompts served: the continuation is the label (the answer, then the stop string
+    a shot ends with) or, with pseudo_labels, the dense model's greedy continuation of
+    policy.max_tokens tokens; either cut by the policy."""
     prompts = [tokenizer.encode(f"<bos> {inst.prompt}", add_special_tokens=False) for inst in instances]
     if pseudo_labels:
         conts = criteria.pseudo_continuations(model, prompts, policy.max_tokens, tokenizer.eos_token_id)
     else:
-        conts = [tokenizer.encode(inst.answer, add_special_tokens=False) for inst in instances]
+        end = tokenizer.encode(f" {stops[0]}", add_special_tokens=False) if stops else []
+        conts = [tokenizer.encode(inst.answer, add_special_tokens=False) + end for inst in instances]
     return [targets.make_spec(model, tokenizer, p, c, stops, policy) for p, c in zip(prompts, conts)]
 
 

@@ -60,8 +60,14 @@ def _modules(model):
         model.model.embed_tokens
 
 
-def compute(model, batch: Batch, heads: int, head_dim: int) -> Scores:
-    """All criteria for a batch. The model's parameters need not require grad."""
+def compute(model, batch: Batch, heads: int, head_dim: int, equalize: bool = False) -> Scores:
+    """All criteria for a batch. The model's parameters need not require grad.
+
+    equalize: each target token's NLL is divided by (1 - p), p the model's probability of
+    it (no gradient through the weight). The gradient at the logits of a target is
+    (softmax - onehot), of size about (1 - p): a token the model is sure of (a few-shot
+    answer's terminator, a template token) would otherwise add almost nothing to the
+    gradient criteria, and the units that predict it would look unimportant."""
     layers, o_projs, downs, embed = _modules(model)
     acts: dict[tuple[str, int], torch.Tensor] = {}
     grads: dict[tuple[str, int], torch.Tensor] = {}
@@ -93,8 +99,11 @@ def compute(model, batch: Batch, heads: int, head_dim: int) -> Scores:
             logits = model(input_ids=batch.ids, attention_mask=batch.attention).logits
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             nll = -logp.gather(-1, batch.ids[:, 1:, None])[..., 0]  # (B, T-1): predicts token t+1
+            weight = batch.targets[:, 1:].float()
+            if equalize:
+                weight = weight / (1 - (-nll.detach()).exp()).clamp_min(1e-3)
             loss = (nll * batch.targets[:, 1:]).sum(-1)  # (B,)
-            loss.sum().backward()
+            (nll * weight).sum().backward()
     finally:
         for h in handles:
             h.remove()

@@ -24,6 +24,10 @@ Policy (general for live traffic; nothing here knows the task suite):
                         the labels plus continuations-1 sampled from the dense model at
                         `temperature`, seeded by the prompt (the same spec gives the same
                         targets in any batch, in any process)
+  equalize              every target token weighs the same in the gradient criteria (its NLL
+                        divided by 1 - p): without it a confidently predicted terminator adds
+                        nothing, its units look unimportant, and the sparse model does not
+                        stop where the dense one does
 """
 
 from __future__ import annotations
@@ -47,11 +51,13 @@ class TargetPolicy(BaseModel):
     prompt: Literal["none", "predictable", "all"] = Field(
         "none", description="prompt positions that are targets too")
     continuations: int = Field(1, ge=1, le=16, description="continuations the importance is averaged over")
+    equalize: bool = Field(True, description="every target token weighs the same in the gradient criteria "
+                           "(its NLL divided by 1 - p): a confidently predicted token still counts")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the extra continuations")
 
     def name(self) -> str:
         cont = "stop" if self.continuation == "stop" else f"{self.max_tokens}tok"
-        return f"{cont}/{self.prompt}/k{self.continuations}"
+        return f"{cont}/{self.prompt}/k{self.continuations}" + ("/eq" if self.equalize else "")
 
 
 @dataclass(frozen=True)
@@ -149,10 +155,10 @@ def score(model, tokenizer, shape, specs: list[Spec], policy: TargetPolicy, meta
         ffn_inputs = None
         if ffn_capture is not None:
             with ffn_capture() as captured:
-                first = criteria.compute(model, batch, shape.heads, shape.head_dim)
+                first = criteria.compute(model, batch, shape.heads, shape.head_dim, policy.equalize)
             ffn_inputs = _per_token(captured, batch, first.token_positions)
         else:
-            first = criteria.compute(model, batch, shape.heads, shape.head_dim)
+            first = criteria.compute(model, batch, shape.heads, shape.head_dim, policy.equalize)
         if policy.continuations > 1:
             extra = [_sampled(model, s, policy.continuations - 1, policy.temperature) for s in chunk]
             heads = {c: v.clone() for c, v in first.heads.items()}
@@ -160,7 +166,7 @@ def score(model, tokenizer, shape, specs: list[Spec], policy: TargetPolicy, meta
             for k in range(policy.continuations - 1):
                 b = criteria.make_batch([s.prompt_ids for s in chunk], [e[k] for e in extra], pad,
                                         [s.positions for s in chunk])
-                s = criteria.compute(model, b, shape.heads, shape.head_dim)
+                s = criteria.compute(model, b, shape.heads, shape.head_dim, policy.equalize)
                 for c in heads:
                     heads[c] += s.heads[c]
                     neurons[c] += s.neurons[c]

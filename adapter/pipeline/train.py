@@ -91,7 +91,7 @@ def _fit(model: torch.nn.Module, inputs: torch.Tensor, targets: tuple[torch.Tens
         model.eval()
         with torch.no_grad():
             metrics = evaluate()
-        score = sum(metrics.values()) / len(metrics)
+        score = metrics["select"] if "select" in metrics else sum(metrics.values()) / len(metrics)
         bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
         if score > best:
             best, best_state, best_metrics, stale = score, copy.deepcopy(model.state_dict()), metrics, 0
@@ -127,16 +127,20 @@ def unified_targets(heads: torch.Tensor, neurons: torch.Tensor) -> tuple[torch.T
 
 
 def finetune_shadowllm(module: "P.UnifiedPredictor", x: torch.Tensor, heads: torch.Tensor, neurons: torch.Tensor,
-                       vx: torch.Tensor, vheads: torch.Tensor, vneurons: torch.Tensor, cfg: TrainConfig):
+                       vx: torch.Tensor, vheads: torch.Tensor, vneurons: torch.Tensor, cfg: TrainConfig,
+                       select=None):
     """Continue training a copy of `module` (a champion's weights, not a fresh start) on raw
-    importance targets; early stopping on the validation rho. Returns (module, metrics)."""
+    importance targets; early stopping on the validation rho, or on `select(model)` -> a
+    score (higher is better) when given: what the weights are for (the fidelity of the masks
+    they choose) rather than how well they rank every unit. Returns (module, metrics)."""
     model = copy.deepcopy(module).train().requires_grad_(True)
     yh, yn = unified_targets(heads, neurons)
     vh, vn = unified_targets(vheads, vneurons)
 
     def evaluate():
         ph, pn = model(vx)
-        return {"rho_heads": float(spearman(ph, vh).mean()), "rho_neurons": float(spearman(pn, vn).mean())}
+        out = {"rho_heads": float(spearman(ph, vh).mean()), "rho_neurons": float(spearman(pn, vn).mean())}
+        return out if select is None else {**out, "select": float(select(model))}
 
     return _fit(model, x, (yh, yn), model, evaluate, cfg, "fine-tune shadowllm")
 

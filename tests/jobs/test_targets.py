@@ -60,7 +60,7 @@ def test_stop_policy_targets_the_answer_span(engine):
     # a continuation that stops at once: its terminator is the one target
     assert make_spec(rt.model, tok, prompt, semi + answer, [";"], TargetPolicy()).labels == semi
     # prompt targets: none, all positions after the first, or those the dense model predicts
-    assert make_spec(rt.model, tok, prompt, served, [";"], TargetPolicy()).positions == []  # the default: none
+    assert make_spec(rt.model, tok, prompt, served, [";"], TargetPolicy(prompt="none")).positions == []
     every = make_spec(rt.model, tok, prompt, served, [";"], TargetPolicy(prompt="all")).positions
     assert every == list(range(1, len(prompt)))
     some = make_spec(rt.model, tok, prompt, served, [";"], TargetPolicy(prompt="predictable")).positions
