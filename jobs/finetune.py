@@ -300,12 +300,12 @@ def champion_version(settings, registry: PredictorRegistry, client: redis.Redis)
     return version
 
 
-def _fit(champ, train_all: Examples, cfg, epochs: int | None = None, select_with=None):
+def _fit(champ, train_all: Examples, cfg, epochs: int | None = None, select_with=None, seed: int = 0):
     """Fine-tune a copy of the champion on train_all (1/8 of it, seeded, for early stopping);
     `epochs`: a fixed count instead (the refit, which stops where the first fit peaked).
     `select_with` = (runtime, sparsity, mode): the epoch kept is the one whose masks give the
     lowest replayed KL on the validation examples (what the gate measures), not the best rho."""
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(train_all), generator=gen).tolist()
     n_val = max(2, len(perm) // 8)
     val = train_all.take(perm[:n_val])
@@ -313,7 +313,7 @@ def _fit(champ, train_all: Examples, cfg, epochs: int | None = None, select_with
     tcfg = training.TrainConfig(epochs=epochs or cfg.epochs, lr=cfg.lr,
                                 patience=(epochs or cfg.epochs) + 1 if epochs else cfg.patience,
                                 hidden=champ.config["sizes"]["hidden"],
-                                neuron_rank=champ.config["sizes"]["neuron_rank"])
+                                neuron_rank=champ.config["sizes"]["neuron_rank"], seed=seed)
     select = None
     if select_with is not None and epochs is None:
         rt, sparsity, mode = select_with
