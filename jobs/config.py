@@ -45,6 +45,8 @@ class AdaptSettings(BaseModel):
                         "data plus the held-out samples (as many epochs as the first fit peaked at)")
     early_retry_s: float = Field(60, gt=0, description="while drift lasts, another early fine-tune at most "
                                  "this often when the last one registered nothing")
+    drift_lookback_s: float = Field(60, ge=0, description="during a drift episode the fine-tune skips samples "
+                                    "older than the episode's start less this (the traffic that raised it)")
     early_max_runs: int = Field(8, ge=1, description="early fine-tunes of one drift episode at most")
     auto_approve: bool = False  # development only: a registered candidate is approved at once
     drift_shadow_rate: float | None = Field(0.5, ge=0, le=1, description="shadow rate while drift is "

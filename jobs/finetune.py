@@ -158,6 +158,36 @@ class Examples:
         return score_examples(loaded, specs, [r.get("sample_id") for r in rows], policy, criterion)
 
 
+def skip_before(reader: GroupReader, since_s: float) -> int:
+    """Acknowledge, unread, what this group holds or has not read yet of the samples older
+    than `since_s`: an early fine-tune of a drift episode learns from the traffic of the
+    episode, not from a backlog of what the champion already serves well (a backlog of
+    `adapt.max_samples` would otherwise fill the run). Returns how many were skipped."""
+    r, stream, group = reader.r, reader.stream, reader.group
+    reader.ensure_group()
+    since_ms = int(since_s * 1000)
+    skipped = 0
+    held = r.xpending_range(stream, group, min="-", max=f"{since_ms}-0", count=100_000, consumername=reader.consumer)
+    ids = [h["message_id"] for h in held]
+    if ids:
+        skipped += r.xack(stream, group, *ids)
+    last = next((g["last-delivered-id"] for g in r.xinfo_groups(stream)
+                 if (g["name"].decode() if isinstance(g["name"], bytes) else g["name"]) == group), None)
+    last = last.decode() if isinstance(last, bytes) else last
+    older = r.xrevrange(stream, max=f"{since_ms}-0", count=1)
+    if last is not None and older:
+        newest_old = older[0][0].decode() if isinstance(older[0][0], bytes) else older[0][0]
+        if _id_key(newest_old) > _id_key(last):
+            skipped += len(r.xrange(stream, min=f"({last}", max=newest_old))
+            r.xgroup_setid(stream, group, newest_old)
+    return skipped
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
+
+
 def read_samples(reader: GroupReader, max_n: int) -> list:
     """What this consumer holds unacknowledged (a killed run's samples: exactly those),
     else the new entries in arrival order, up to max_n."""
@@ -329,7 +359,6 @@ def _fit(champ, train_all: Examples, cfg, epochs: int | None = None, select_with
 
 
 def main(settings) -> dict:
-    from jobs.rollout import RolloutStore
     from jobs.runner import JobRecords
 
     cfg = settings.adapt
@@ -337,9 +366,14 @@ def main(settings) -> dict:
     r = redis_client(settings.redis)
     registry = job_registry(settings)
     reader = sample_reader(r, settings.redis.prefix)
+    from jobs.rollout import RolloutStore
+
+    episode = RolloutStore(r, settings.redis.prefix).state().get("drift")
+    skipped = skip_before(reader, episode["since"] - cfg.drift_lookback_s) if episode else 0
     n = available(reader)
     if n < cfg.min_samples:
-        return {"status": "skipped", "reason": f"{n} new shadow samples, {cfg.min_samples} needed"}
+        return {"status": "skipped", "reason": f"{n} new shadow samples, {cfg.min_samples} needed",
+                "skipped_before_drift": skipped}
 
     t0 = time.time()
     records = JobRecords(r, settings.redis.prefix)
@@ -499,7 +533,8 @@ def main(settings) -> dict:
     ack()
     result = {"status": "registered" if version else "not_registered", "version": version,
               "parent_version": champion, "data_window": window, "samples": len(all_specs),
-              "distinct_prompts": len(specs), "holdout": len(hold), "replay_rows": replay_rows,
+              "distinct_prompts": len(specs), "skipped_before_drift": skipped, "holdout": len(hold),
+              "replay_rows": replay_rows,
               "replay_kept": len(kept), "run_id": run_id, "gain": round(gain, 4), "forget": round(forget, 4),
               "candidate_holdout_kl": round(c_kl, 5), "champion_holdout_kl": round(k_kl, 5),
               "target_kl": round(target_kl, 5), "target_met": target_met, "refit": refit,

@@ -131,7 +131,10 @@ class GroupReader:
         for g in self.r.xinfo_groups(self.stream):
             g = {_s(k): v for k, v in g.items()}
             if _s(g["name"]) == self.group:
-                return {"pending": int(g.get("pending") or 0), "lag": int(g.get("lag") or 0)}
+                lag = g.get("lag")
+                if lag is None:  # Redis cannot tell after XGROUP SETID to an arbitrary id: count
+                    lag = len(self.r.xrange(self.stream, min=f"({_s(g['last-delivered-id'])}", max="+"))
+                return {"pending": int(g.get("pending") or 0), "lag": int(lag)}
         return {"pending": 0, "lag": 0}
 
 

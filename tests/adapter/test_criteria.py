@@ -115,3 +115,22 @@ def test_batched_scores_equal_single_example_scores(make):
             torch.testing.assert_close(together.neurons[c][i], alone.neurons[c][0], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(together.token_neurons_l2[i], alone.token_neurons_l2[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(together.predictor_input[i], alone.predictor_input[0], rtol=1e-5, atol=1e-6)
+
+
+def test_equalize_divides_each_targets_gradient_by_one_minus_its_probability():
+    """One target token of probability p: the equalized gradient criteria are the plain ones
+    divided by (1 - p), the magnitude criteria do not change, nor does the reported loss."""
+    model = tiny_llama()
+    cfg = model.config
+    heads, head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    batch = criteria.make_batch([[1, 5, 7, 9, 4]], [[6]], 0)
+    plain = criteria.compute(model, batch, heads, head_dim)
+    eq = criteria.compute(model, batch, heads, head_dim, equalize=True)
+    p = float((-plain.loss).exp())
+    assert 0 < p < 1
+    for c in ("plainact", "grad_norm"):
+        torch.testing.assert_close(eq.heads[c], plain.heads[c] / (1 - p), rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(eq.neurons[c], plain.neurons[c] / (1 - p), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(eq.heads["fisher"], plain.heads["fisher"] / (1 - p) ** 2, rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(eq.heads["l2norm"], plain.heads["l2norm"])
+    torch.testing.assert_close(eq.loss, plain.loss)

@@ -93,6 +93,27 @@ def test_candidate_from_shadow_samples_beats_the_champion_and_is_registered(setu
     assert [h["name"] for h in JobRecords(r, "ft").recent()] == ["finetune"] * 3
 
 
+def test_during_a_drift_episode_the_job_learns_from_the_episodes_traffic_not_a_backlog(setup, engine):
+    import time
+
+    from jobs.rollout import RolloutStore
+
+    settings, registry, champion = setup
+    r = redis.Redis.from_url(settings.redis.url)
+    write_samples(r, "ft", shadow_records(engine, KNOWN, 3, offset=60))  # served before the drift
+    time.sleep(0.05)
+    store = RolloutStore(r, "ft")
+    store.save({"drift": {"since": time.time() + settings.adapt.drift_lookback_s, "shadow_rate": 0.05}})
+    time.sleep(0.05)
+    try:
+        write_samples(r, "ft", shadow_records(engine, SHIFTED, 14, offset=60))
+        res = run_job(settings, "finetune")["result"]
+    finally:
+        store.save({})
+    assert res["skipped_before_drift"] == 9 and res["samples"] == 42, json.dumps(res)
+    assert r.xpending("ft:shadow:samples", GROUP)["pending"] == 0 and available(sample_reader(r, "ft")) == 0
+
+
 def test_scheduler_sigkilled_mid_finetune_runs_it_again_once_and_registers_once(redis_url, mlflow_uri, loaded,
                                                                                  engine, tmp_path):
     """The scheduler lives in the active monitor process: `shadowgate monitor run`."""

@@ -75,3 +75,21 @@ def test_dedupe_keeps_the_newest_sample_of_a_prompt_and_holdout_follows_the_prom
     assert in_holdout(a, 0.3) == in_holdout(a2, 0.3)
     share = sum(in_holdout(Spec([2, i, i + 1], [3]), 0.25) for i in range(2000)) / 2000
     assert 0.22 < share < 0.28
+
+
+def test_the_replay_set_grows_with_what_versions_learnt_and_thins_the_whole_history():
+    from jobs.finetune import Examples, grow_replay
+
+    def ex(prompts):
+        n = len(prompts)
+        return Examples(torch.arange(n, dtype=torch.float32)[:, None], torch.zeros(n, 2, 2), torch.zeros(n, 2, 3),
+                        [Spec([2, p], [5]) for p in prompts], [f"{p}-0" for p in prompts])
+
+    parent, learnt = ex(range(0, 60)), ex(range(50, 100))  # 10 prompts seen again
+    kept = grow_replay(parent, learnt, keep=1000)
+    assert len(kept) == 100 and len({s.key() for s in kept.specs}) == 100
+    assert kept.ids[-1] == "99-0" and "55-0" in kept.ids  # a repeated prompt once, the newer sample
+    thin = grow_replay(parent, learnt, keep=40)
+    firsts = [s.prompt_ids[1] for s in thin.specs]
+    assert len(thin) == 40 and min(firsts) < 30 and max(firsts) >= 70  # old drift and new both kept
+    assert grow_replay(None, learnt, keep=1000).ids == learnt.ids
