@@ -66,6 +66,7 @@ EXPERIMENT = "shadowgate-finetune"
 TRAINING_DIR = "training"
 TRAINING_KEEP = 3000  # shadow examples a version keeps for later replay (one per prompt)
 LEARNT_EVAL = 60  # of the champion's learnt shadow examples, measured for forgetting
+SELECT_PAIRS = 96  # validation examples the epoch is selected on (scored every epoch: keep it cheap)
 TARGET_RATIO = 1.1  # the absolute target: held-out KL within this multiple of the in-distribution level
 CANDIDATE, APPROVED = "candidate", "approved"
 KL_FLOOR = 0.05
@@ -347,7 +348,7 @@ def _fit(champ, train_all: Examples, cfg, epochs: int | None = None, select_with
     select = None
     if select_with is not None and epochs is None:
         rt, sparsity, mode = select_with
-        replay = Replayer(rt, val.pairs)
+        replay = Replayer(rt, val.pairs[:SELECT_PAIRS])  # val is a seeded shuffle: a fair subset
 
         def select(module):
             pred = training.LoadedPredictor("shadowllm", champ.criterion, champ.config, module)

@@ -116,8 +116,7 @@ class Scenario:
         candidates, promoted, met, first_promotion = [], [], False, None
         seen = t_switch
         while not met and time.time() < deadline:
-            cand, _ = self.traffic_until(prompts, lambda: self.decision(("candidate",), seen), self.max_requests,
-                                         deadline)
+            cand, _ = self.traffic_until(prompts, lambda: self.decision(("candidate",), seen), 10 ** 9, deadline)
             if cand is None:
                 break
             seen = cand["ts"] + 1e-6

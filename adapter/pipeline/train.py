@@ -112,6 +112,7 @@ def train_shadowllm(train: TraceSet, val: TraceSet, shape: Shape, criterion: str
     x, yh, yn = train.tensors["predictor_input"], *_unified_targets(train, criterion)
     vx, vh, vn = val.tensors["predictor_input"], *_unified_targets(val, criterion)
     rank = cfg.neuron_rank if (shape.layers - 1) * shape.ffn > 4 * cfg.hidden else 0
+    torch.manual_seed(cfg.seed)  # the initial weights too: the same data and config train the same predictor
     model = P.UnifiedPredictor(shape, cfg.hidden, rank)
 
     def evaluate():
@@ -170,6 +171,7 @@ def train_dejavu(train: TraceSet, val: TraceSet, shape: Shape, cfg: TrainConfig)
     """Magnitude (l2norm) targets per token, one predictor per layer, trained jointly. The
     neuron branch reads cfg.dejavu_neuron_input: the layer's input, or its FFN input (the
     traces must carry ffn_inputs)."""
+    torch.manual_seed(cfg.seed)
     model = P.DejaVuPredictors(shape, cfg.dejavu_rank, cfg.dejavu_neuron_input)
     x, yh, yn = _token_targets(train, model.neuron_input)
     vx, vh, vn = _token_targets(val, model.neuron_input)

@@ -221,6 +221,8 @@ def wait_for(fn, timeout=30.0):
 
 
 def test_shadowed_request_leaves_a_sample_and_audit(service):
+    from adapter.pipeline.targets import Spec, TargetPolicy
+    from jobs.finetune import score_examples
     from monitor.samples import SampleStore
 
     put_state(service, shadow_rate=1.0)
@@ -240,16 +242,18 @@ def test_shadowed_request_leaves_a_sample_and_audit(service):
         _, rec, fid = samples[0]
         shape = service["loaded"].runtime.shape
         assert rec.meta["source"] == "shadow" and rec.meta["targets"] == "pseudo_labels"
-        assert rec.meta["prompt_targets"] == "predictable"
-        # the served prompt and continuation travel with the sample (a job can rescore it)
+        assert rec.meta["policy"] == TargetPolicy().model_dump()
+        # the sample is token ids (the job scores and can rescore it); the replica ran no backward
         tok = service["loaded"].tokenizer
         assert rec.meta["prompt_ids"] == tok.encode(PROMPT) and len(rec.meta["token_ids"]) == 4
-        assert rec.meta["arm"] == "champion"
-        assert rec.tensors["heads.plainact"].shape == (shape.layers, shape.heads)
-        assert rec.tensors["neurons.plainact"].shape == (shape.layers, shape.ffn)
-        assert rec.tensors["predictor_input"].shape == (shape.hidden,)
+        assert rec.meta["pseudo_labels"] == fid["pseudo_labels"] and rec.meta["stop"] == []
+        assert rec.meta["label_ids"] == fid["pseudo_labels"][:len(rec.meta["label_ids"])]
+        assert rec.meta["arm"] == "champion" and rec.tensors == {}
+        # the fine-tune job's scoring of it: every criterion, the model's shape
+        ex = score_examples(service["loaded"], [Spec.from_meta(rec.meta)], [None], TargetPolicy(), "plainact")
+        assert ex.heads.shape == (1, shape.layers, shape.heads) and ex.neurons.shape == (1, shape.layers, shape.ffn)
+        assert ex.x.shape == (1, shape.hidden) and torch.isfinite(ex.heads).all()
         assert len(fid["kl"]) == 4 and all(math.isfinite(k) for k in fid["kl"])
-        assert torch.isfinite(rec.tensors["heads.plainact"]).all()
         # another key cannot read this record; the opted-out key is never shadowed
         assert service["http"].get(f"/v1/requests/{rid}", headers=auth(NOSHADOW)).status_code == 404
         assert complete(service, key=NOSHADOW).json()["shadowgate"]["shadowed"] is False
