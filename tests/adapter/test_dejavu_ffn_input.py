@@ -123,6 +123,7 @@ def test_traced_ffn_input_is_the_models_own_post_attention_state(default_llama, 
     instances = tasks.split("train", SPLITS["train"])
     for j in (0, len(instances) - 1):  # the first and the last record of the batch (padding)
         prompt, answer = scoring.encode_pairs(m.tokenizer, [instances[j]])[0]
+        answer = ts.metas[j]["label_ids"]  # the answer and its terminator, as the policy targets them
         seen, mlp_in, mlp_out = {}, {}, {}
         handles = []
         for i, layer in enumerate(model.model.layers):
