@@ -152,10 +152,7 @@ class Examples:
             t = load_file(str(folder / "shadow.safetensors"))
             return Examples(t["predictor_input"], t["heads"], t["neurons"],
                             [targets.Spec.from_meta(r) for r in rows], [r.get("sample_id") for r in rows])
-        rt, tok = loaded.runtime, loaded.tokenizer
-        specs = [targets.Spec.from_meta(r) if stored == policy.model_dump() and "label_ids" in r else
-                 targets.make_spec(rt.model, tok, r["prompt_ids"], r.get("pseudo_labels") or r.get("label_ids")
-                                   or r["token_ids"], r.get("stop") or [], policy) for r in rows]
+        specs = [spec_of(r, stored, loaded, policy) for r in rows]
         return score_examples(loaded, specs, [r.get("sample_id") for r in rows], policy, criterion)
 
 
@@ -204,22 +201,26 @@ def read_samples(reader: GroupReader, max_n: int) -> list:
     return out
 
 
+def spec_of(meta: dict, made_under: dict | None, loaded, policy: targets.TargetPolicy) -> targets.Spec:
+    """The spec of a stored example under `policy`: as stored when it was made under the same
+    policy, else made again from its token ids (the dense tokens, else the served ones)."""
+    if made_under == policy.model_dump() and "label_ids" in meta:
+        return targets.Spec.from_meta(meta)
+    labels = meta.get("pseudo_labels") or meta.get("label_ids") or list(meta["token_ids"])
+    return targets.make_spec(loaded.runtime.model, loaded.tokenizer, list(meta["prompt_ids"]), labels,
+                             meta.get("stop") or [], policy)
+
+
 def sample_specs(entries, loaded, policy: targets.TargetPolicy) -> tuple[list[targets.Spec], list[str], list[str]]:
     """Target specs of the entries that hold a valid shadow record (the replica's spec when
     it used this policy, else made again from the stored token ids); ids of those that do
     not."""
-    rt, tok = loaded.runtime, loaded.tokenizer
     specs, ids, bad = [], [], []
     for e in entries:
         try:
             fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in e.fields.items()}
             meta = TraceRecord.from_fields(fields).meta
-            if meta.get("policy") == policy.model_dump() and "label_ids" in meta:
-                spec = targets.Spec.from_meta(meta)
-            else:
-                labels = meta.get("pseudo_labels") or list(meta["token_ids"])
-                spec = targets.make_spec(rt.model, tok, list(meta["prompt_ids"]), labels, meta.get("stop") or [],
-                                         policy)
+            spec = spec_of(meta, meta.get("policy"), loaded, policy)
             if not spec.prompt_ids or not spec.labels:
                 raise ValueError("empty prompt or continuation")
             specs.append(spec)

@@ -427,7 +427,8 @@ class Controller:
             st.pop("drift")
             out.append(self.store.decide("drift_ended", champion, {"shadow_rate": saved["shadow_rate"],
                                                                    "target_met": bool(episode and episode["met"])}))
-        if active and self.run_soon is not None and not st.get("canary") and self._early_due(st["drift"]):
+        if active and self.run_soon is not None and not st.get("canary") \
+                and self._early_due(st["drift"], episode or self._episode(st["drift"]["since"])):
             from jobs.finetune import available, sample_reader
 
             if available(sample_reader(self.r, self.p)) >= a.min_samples:
@@ -450,7 +451,7 @@ class Controller:
         met = bool(promoted) and bool(candidates.get(promoted[0], {}).get("target_met"))
         return {"pending": [v for v in candidates if v not in decided], "promoted": promoted, "met": met}
 
-    def _early_due(self, drift: dict) -> bool:
+    def _early_due(self, drift: dict, episode: dict) -> bool:
         """While the episode lasts: a fine-tune as soon as enough samples exist, again after
         one that registered nothing or whose candidate was decided without meeting the
         target (once more samples are in); never while one runs or a candidate of the
@@ -460,7 +461,6 @@ class Controller:
             return False
         if drift.get("early_runs", 0) >= self.s.adapt.early_max_runs:
             return False
-        episode = self._episode(drift["since"])
         if episode["pending"] or episode["met"]:
             return False
         return time.time() - drift.get("last_early", 0) >= self.s.adapt.early_retry_s
