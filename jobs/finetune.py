@@ -399,6 +399,9 @@ def main(settings) -> dict:
                                                f"{cfg.min_samples} needed", "unusable": len(bad),
                 "duplicates": len(all_specs) - len(specs)}
     window = f"{all_ids[0]}..{all_ids[-1]}"
+    # the mixture read: how many of the samples arrived during the drift episode (after its
+    # start less the lookback, the rest are older traffic)
+    in_episode = (sum(_id_key(i)[0] >= int(episode["since"] * 1000) for i in all_ids) if episode else None)
 
     def ack():
         r.xack(reader.stream, GROUP, *all_ids)
@@ -470,11 +473,22 @@ def main(settings) -> dict:
                            f"{forget:.1%} > adapt.max_forget {cfg.max_forget:.1%}")
         refit = None
         if not reasons and cfg.refit:
-            # the gate passed on held-out data: the registered weights learn from it too
+            # the gate passed on held-out data: the registered weights learn from it too, if
+            # the refit keeps what the gate measured (it has seen the held-out samples, so it
+            # must do at least as well on them, and forget no more than the gate allows)
             records.phase("finetune", "refit")
             epochs = int(train_metrics.get("epoch", cfg.epochs - 1)) + 1
-            module, _, tcfg, train = _fit(champ, Examples.cat([fresh, hold, *replay]), cfg, epochs=epochs)
-            refit = {"epochs": epochs, "rows": len(train)}
+            r_module, _, r_tcfg, r_train = _fit(champ, Examples.cat([fresh, hold, *replay]), cfg, epochs=epochs)
+            r_method = training.LoadedPredictor("shadowllm", champ.criterion, champ.config,
+                                                r_module).method(sparsity, mode, rt.shape)
+            r_kl, r_old = replay_new.fidelity(r_method)["kl_mean"], replay_old.fidelity(r_method)["kl_mean"]
+            refit = {"epochs": epochs, "rows": len(r_train), "holdout_kl": round(r_kl, 5), "old_kl": round(r_old, 5),
+                     "kept": r_kl <= c_kl and (r_old - k_old) / max(k_old, KL_FLOOR) <= cfg.max_forget}
+            if refit["kept"]:
+                module, tcfg, train = r_module, r_tcfg, r_train
+            else:
+                log.warning("fine-tune: the refit is not registered (held-out KL %.4f vs %.4f before it, old KL "
+                            "%.4f vs champion %.4f); the gated weights are", r_kl, c_kl, r_old, k_old)
 
         # the candidate's folder: weights + config, its drift reference (the prompts it was
         # trained on) and the shadow examples it learnt from (replayed by its own fine-tunes)
@@ -504,7 +518,8 @@ def main(settings) -> dict:
                   "train_rows": len(train), "replay_rows": replay_rows, "families_replayed": ",".join(families),
                   "epochs": cfg.epochs, "lr": cfg.lr, "sparsity": sparsity, "mode": mode,
                   "criterion": champ.criterion, "parent_version": champion, "target_policy": policy.name(),
-                  "refit_epochs": refit["epochs"] if refit else 0}
+                  "refit_epochs": refit["epochs"] if refit else 0, "refit_kept": bool(refit and refit["kept"]),
+                  "episode_samples": in_episode if in_episode is not None else -1}
         for k, v in params.items():
             client.log_param(run_id, k, v)
         flat = {f"{who}.{s}.{m}": v for who, d in evaluation.items() for s, dd in d.items()
@@ -535,7 +550,8 @@ def main(settings) -> dict:
     ack()
     result = {"status": "registered" if version else "not_registered", "version": version,
               "parent_version": champion, "data_window": window, "samples": len(all_specs),
-              "distinct_prompts": len(specs), "skipped_before_drift": skipped, "holdout": len(hold),
+              "distinct_prompts": len(specs), "skipped_before_drift": skipped, "episode_samples": in_episode,
+              "episode": episode.get("episode") if episode else None, "holdout": len(hold),
               "replay_rows": replay_rows,
               "replay_kept": len(kept), "run_id": run_id, "gain": round(gain, 4), "forget": round(forget, 4),
               "candidate_holdout_kl": round(c_kl, 5), "champion_holdout_kl": round(k_kl, 5),

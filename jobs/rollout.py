@@ -400,7 +400,10 @@ class Controller:
 
         An episode begins when the champion's drift check says drift, and lasts while it
         does, and after that while the last promotion of the episode did not meet the
-        fine-tune's absolute target (its new champion has learnt only part of the traffic)."""
+        fine-tune's absolute target (its new champion has learnt only part of the traffic).
+        When a champion promoted within the episode drifts itself, a new episode begins: the
+        traffic has moved on from what the episode's fine-tunes learnt (a second switch), so
+        the next fine-tune reads from now on, with a fresh count of early runs."""
         a = self.s.adapt
         state = self.control.get()
         if state is None:
@@ -414,8 +417,18 @@ class Controller:
         saved = st.get("drift")
         episode = self._episode(saved["since"]) if saved else None
         active = drifting or (episode is not None and bool(episode["promoted"]) and not episode["met"])
+        renewed = (drifting and saved is not None and champion is not None
+                   and saved.get("champion") not in (None, champion) and champion in episode["promoted"])
+        if renewed:
+            st["drift"] = {**saved, "since": time.time(), "run_id": check.get("run_id"), "champion": champion,
+                           "early_runs": 0, "last_early": 0, "episode": saved.get("episode", 1) + 1}
+            out.append(self.store.decide("drift_episode", champion,
+                                         {"drift_run": check.get("run_id"), "after": saved.get("champion"),
+                                          "episode": st["drift"]["episode"]}))
+            episode = self._episode(st["drift"]["since"])
         if drifting and saved is None:
-            st["drift"] = {"since": time.time(), "run_id": check.get("run_id"), "shadow_rate": state.shadow_rate}
+            st["drift"] = {"since": time.time(), "run_id": check.get("run_id"), "shadow_rate": state.shadow_rate,
+                           "champion": champion, "episode": 1}
             if a.drift_shadow_rate is not None and a.drift_shadow_rate > state.shadow_rate:
                 self.control.update(ControlUpdate(shadow_rate=a.drift_shadow_rate), by=ACTOR)
             out.append(self.store.decide("drift_shadow_rate", champion,

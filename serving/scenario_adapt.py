@@ -124,7 +124,10 @@ class Scenario:
             ev = cand["evidence"]
             candidates.append({"version": v, **{k: ev.get(k) for k in ("samples", "distinct_prompts", "gain",
                                                                       "forget", "target_met", "target_kl",
-                                                                      "candidate_holdout_kl", "train_s")}})
+                                                                      "candidate_holdout_kl", "champion_holdout_kl",
+                                                                      "episode", "episode_samples",
+                                                                      "skipped_before_drift", "train_s")},
+                               "refit_kept": (ev.get("refit") or {}).get("kept")})
             self.tl.add("candidate_registered", phase=name, version=v,
                         **{k: ev.get(k) for k in ("samples", "gain", "forget", "target_met", "train_s")})
             t_approve = time.time()

@@ -24,7 +24,7 @@ KNOWN, SHIFTED = ["mod_add", "successor", "lexicon"], ["table_lookup", "kv_recal
 def setup(redis_url, mlflow_uri, loaded, tmp_path_factory):
     settings = load_settings(None, redis={"url": redis_url, "prefix": "ft"},
                              mlflow={"tracking_uri": mlflow_uri, "registered_model": "ft-predictor"},
-                             adapt={"min_samples": 40, "replay_per_family": 60, "replay_holdout_per_family": 15,
+                             adapt={"min_samples": 40, "replay_per_family": 100, "replay_holdout_per_family": 15,
                                     "epochs": 60, "patience": 12, "lr": 1e-3, "holdout": 0.25})
     registry = PredictorRegistry(mlflow_uri, "ft-predictor")
     folder = narrow_predictor(loaded, KNOWN, tmp_path_factory.mktemp("narrow"), per_family=120, epochs=25)
@@ -52,7 +52,7 @@ def test_candidate_from_shadow_samples_beats_the_champion_and_is_registered(setu
     rec = run_job(settings, "finetune")
     res = rec["result"]
     assert rec["status"] == "ok" and res["status"] == "registered", json.dumps(res)
-    assert res["samples"] == 150 and res["distinct_prompts"] == 141 and res["replay_rows"] == 180
+    assert res["samples"] == 150 and res["distinct_prompts"] == 141 and res["replay_rows"] == 300
     # held out by prompt hash: exactly the prompts whose hash falls in the share
     earlier = shadow_records(engine, SHIFTED, 3)  # the 9 the first test left unconsumed
     specs = {Spec.from_meta(x.meta).key(): Spec.from_meta(x.meta) for x in earlier + records}
@@ -61,7 +61,9 @@ def test_candidate_from_shadow_samples_beats_the_champion_and_is_registered(setu
     assert res["forget"] <= settings.adapt.max_forget
     # the absolute target is the champion's in-distribution KL times 1.1, and recorded
     assert res["target_met"] == (res["candidate_holdout_kl"] <= res["target_kl"])
-    assert res["refit"]["rows"] == 141 + 180 and res["refit"]["epochs"] >= 1
+    assert res["refit"]["rows"] == 141 + 300 and res["refit"]["epochs"] >= 1
+    # the refit is registered only if it keeps what the gate measured
+    assert res["refit"]["kept"] == (res["refit"]["holdout_kl"] <= res["candidate_holdout_kl"])
     assert res["replay_kept"] == 141
     v = res["version"]
     assert registry.aliases()["candidate"] == v and registry.aliases()["champion"] == champion
@@ -111,6 +113,8 @@ def test_during_a_drift_episode_the_job_learns_from_the_episodes_traffic_not_a_b
     finally:
         store.save({})
     assert res["skipped_before_drift"] == 9 and res["samples"] == 42, json.dumps(res)
+    # the mixture is recorded: all 42 came within the lookback, none after the episode's start
+    assert res["episode_samples"] == 0
     assert r.xpending("ft:shadow:samples", GROUP)["pending"] == 0 and available(sample_reader(r, "ft")) == 0
 
 
@@ -181,3 +185,36 @@ def test_scheduler_sigkilled_mid_finetune_runs_it_again_once_and_registers_once(
     assert sum(1 for h in hist if (h.get("result") or {}).get("status") == "registered") == 1
     assert len(registry.versions(tag="source", value="finetune")) == 1
     assert r.xpending("kill:shadow:samples", GROUP)["pending"] == 0
+
+
+def test_a_refit_that_does_worse_than_the_gated_weights_is_not_registered(setup, engine, monkeypatch):
+    """The refit (train + held-out data, the first fit's epoch count) is measured too: one
+    that does worse on the held-out samples than the weights the gate passed is dropped, and
+    the gated weights are registered."""
+    import torch
+    from safetensors.torch import load_file
+
+    import jobs.finetune as finetune
+
+    settings, registry, champion = setup
+    r = redis.Redis.from_url(settings.redis.url)
+    real, broken = finetune._fit, {}
+
+    def fit(champ, train_all, cfg, epochs=None, select_with=None, seed=0):
+        module, metrics, tcfg, train = real(champ, train_all, cfg, epochs=epochs, select_with=select_with, seed=seed)
+        if epochs is not None:  # the refit: weights that rank units at random
+            gen = torch.Generator().manual_seed(5)
+            with torch.no_grad():
+                for prm in module.parameters():
+                    prm.copy_(torch.randn(prm.shape, generator=gen))
+            broken.update({k: v.clone() for k, v in module.state_dict().items()})
+        return module, metrics, tcfg, train
+
+    monkeypatch.setattr(finetune, "_fit", fit)
+    write_samples(r, "ft", shadow_records(engine, SHIFTED, 44, offset=90))
+    res = run_job(settings, "finetune")["result"]
+    assert res["status"] == "registered", json.dumps(res)
+    assert res["refit"]["kept"] is False and res["refit"]["holdout_kl"] > res["candidate_holdout_kl"]
+    weights = load_file(str(registry.download(res["version"]) / "predictor.safetensors"))
+    assert broken and not all(torch.equal(weights[k], v) for k, v in broken.items() if k in weights)
+    assert registry.client.get_run(res["run_id"]).data.params["refit_kept"] == "False"

@@ -349,7 +349,8 @@ def test_early_finetunes_continue_while_the_drift_episode_has_not_met_the_target
                                                                                    "early_retry_s": 0.01})})
     ctl = Controller(fast, r, registry, run_soon=soon)
     store = RolloutStore(r, "ro")
-    champion = ControlStore(r, "ro").get().champion
+    champion = ControlStore(r, "ro").get().champion or registry.aliases()["champion"]
+    ControlStore(r, "ro").update(ControlUpdate(champion=champion), by="test")
     r.delete("ro:shadow:samples")
     for _ in range(6):
         r.xadd("ro:shadow:samples", {"meta": "{}", "tensors": b""})
@@ -373,3 +374,48 @@ def test_early_finetunes_continue_while_the_drift_episode_has_not_met_the_target
     assert [d["decision"] for d in out] == ["drift_ended"] and out[0]["evidence"]["target_met"] is True
     assert soon.calls == ["finetune"] * 2 and "drift" not in store.state()
     r.hdel("ro:monitor:drift", champion)
+
+
+def test_a_champion_promoted_in_a_drift_episode_that_drifts_itself_begins_a_new_episode(env):
+    """A second switch of the traffic: the episode's own promoted champion reports drift. The
+    next fine-tune must read the new traffic (a new `since`), with its own early runs."""
+    settings, registry, versions, r, folder = env
+    soon = _Soon()
+    fast = settings.model_copy(update={"adapt": settings.adapt.model_copy(update={"min_samples": 4,
+                                                                                   "early_retry_s": 0.01,
+                                                                                   "early_max_runs": 1})})
+    ctl = Controller(fast, r, registry, run_soon=soon)
+    store = RolloutStore(r, "ro")
+    champion = ControlStore(r, "ro").get().champion or registry.aliases()["champion"]
+    new = next(v for v in versions if v != champion)
+    ControlStore(r, "ro").update(ControlUpdate(champion=champion), by="test")
+    r.delete("ro:shadow:samples")
+    for _ in range(6):
+        r.xadd("ro:shadow:samples", {"meta": "{}", "tensors": b""})
+    r.hset("ro:monitor:drift", champion, json.dumps({"drift": True, "run_id": "d1"}))
+    try:
+        assert [d["decision"] for d in ctl.drift()] == ["drift_shadow_rate", "finetune_early"]
+        first = store.state()["drift"]
+        assert first["episode"] == 1 and first["champion"] == champion
+        # its candidate is promoted short of the target; the new champion is not drifting yet:
+        # the episode goes on, its one early run spent
+        store.decide("candidate", new, {"target_met": False}, by="finetune")
+        store.decide("promoted", new, {})
+        ControlStore(r, "ro").update(ControlUpdate(champion=new), by="test")
+        time.sleep(0.02)
+        assert ctl.drift() == [] and soon.calls == ["finetune"]
+        # the traffic moves again: c1's own drift check says drift -> episode 2, run again
+        r.hset("ro:monitor:drift", new, json.dumps({"drift": True, "run_id": "d2"}))
+        out = ctl.drift()
+        assert [d["decision"] for d in out] == ["drift_episode", "finetune_early"], out
+        second = store.state()["drift"]
+        assert second["episode"] == 2 and second["champion"] == new and second["since"] > first["since"]
+        assert second["early_runs"] == 1 and second["shadow_rate"] == first["shadow_rate"]
+        assert soon.calls == ["finetune"] * 2
+        # the same champion drifting on is the same episode
+        time.sleep(0.02)
+        assert ctl.drift() == [] and store.state()["drift"]["episode"] == 2
+    finally:
+        ControlStore(r, "ro").update(ControlUpdate(champion=champion), by="test")
+        r.hdel("ro:monitor:drift", champion, new)
+        store.save({})
