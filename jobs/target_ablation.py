@@ -46,7 +46,7 @@ from jobs.config import AdaptSettings
 from jobs.finetune import Examples, _fit
 from monitor.fidelity import compare
 
-KNOWN = ["mod_add", "successor", "lexicon"]  # serving/scenario_adapt.py: the champion's families
+KNOWN = ["mod_add", "successor", "lexicon"]  # serving/bench/adapt.py: the champion's families
 NEW = ["table_lookup", "kv_recall", "reverse"]  # ... and the families the traffic shifts to
 CRITERION = "plainact"  # the served predictor's criterion (jobs/bootstrap.py SERVED)
 
@@ -65,10 +65,10 @@ class Setup:
     replay_per_family: int = 100  # adapt.replay_per_family
     replay_pseudo_labels: bool = False  # the job replays suite instances with their labels
     test_per_family: int = 100
-    epochs: int = 60  # the scenario's adapt settings (serving/cli_rollout.py private stack)
+    epochs: int = 60  # the scenario's adapt settings (serving/cli/rollout.py private stack)
     lr: float = 1e-3
     patience: int = 12
-    champion_per_family: int = 150  # serving.bench_monitor.narrow_predictor
+    champion_per_family: int = 150  # serving.bench.monitor.narrow_predictor
     champion_epochs: int = 30
     champion_seed: int = 0  # TrainConfig's default, as narrow_predictor trains it
     champion_policy: TargetPolicy = TargetPolicy()  # the default at start, as narrow_predictor's collect
@@ -119,7 +119,7 @@ def rows_of(loaded, instances: list[tasks.Instance], policy: TargetPolicy, pseud
 
 
 def train_champion(loaded, work: Path, setup: Setup) -> training.LoadedPredictor:
-    """The narrow champion: serving.bench_monitor.narrow_predictor's steps, less the drift
+    """The narrow champion: serving.bench.monitor.narrow_predictor's steps, less the drift
     reference this ablation does not use; its policy pinned in the setup (the default may
     change between runs)."""
     from adapter.pipeline.build import train_one
@@ -305,7 +305,7 @@ def run(setup: Setup, work: Path) -> dict:
             "champion": {"sizes": champ.config["sizes"], "metrics": champ.config["metrics"],
                          "families": KNOWN, "per_family": setup.champion_per_family, "epochs": setup.champion_epochs,
                          "policy": setup.champion_policy.model_dump(), "targets": "labels",
-                         "how": "serving.bench_monitor.narrow_predictor's collect + train_one (no drift reference)"},
+                         "how": "serving.bench.monitor.narrow_predictor's collect + train_one (no drift reference)"},
             "rows": rows, "winner": {"name": winner["name"], "new": winner["new"], "paired": comparisons},
             "notes": notes(setup) + changed(sources), "wall_s": round(time.time() - t0, 1)}
 

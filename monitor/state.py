@@ -5,7 +5,7 @@ sparsity, shadow rate, fallback) lives in one document with a generation number.
 (the admin API, the monitor pulling the fallback lever, a rollout controller) replaces it
 atomically with generation + 1, appends the new document to a capped history stream
 (`<prefix>:control:history`, so a reader that polls sees every transition, not only the
-last) and publishes the new generation; replicas follow it (serving/control.py). It lives
+last) and publishes the new generation; replicas follow it (serving/replica/control.py). It lives
 here, below serving/, because the monitor writes it too.
 
 A document also carries an `epoch`: a random token written when a document is created (the

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from serving.gateway import Gateway
-from serving.llm import GatedLLM
-from serving.monitoring import Monitor
+from serving.api.gateway import Gateway
+from serving.replica.llm import GatedLLM
+from serving.replica.monitor import Monitor
 from serving.settings import Settings
-from serving.shadow import ShadowDense
+from serving.replica.shadow import ShadowDense
 
 APP_NAME = "shadowgate"
 

@@ -63,7 +63,7 @@ class ApiKey(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     key: SecretStr | None = None
-    key_hash: str | None = None  # "scrypt$<id>$<n>$<r>$<p>$<salt hex>$<hash hex>" (serving/keys.py)
+    key_hash: str | None = None  # "scrypt$<id>$<n>$<r>$<p>$<salt hex>$<hash hex>" (serving/api/auth.py)
     name: str | None = None  # shown in audit records and metrics instead of the secret
     role: Literal["client", "admin"] = "client"  # admin: the /admin API and every state change
     policy: KeyPolicy | None = None  # None: the default policy

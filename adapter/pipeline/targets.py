@@ -1,6 +1,6 @@
 """The target policy: which tokens of one (prompt, continuation) the importance criteria
 are computed on. One policy, one code path for the offline collector
-(adapter.pipeline.collect) and the shadow path (serving.shadow -> jobs.finetune), so a
+(adapter.pipeline.collect) and the shadow path (serving.replica.shadow -> jobs.finetune), so a
 predictor fine-tuned on live traffic learns what offline training learns.
 
 A target spec is pure token ids, so a stored sample can be rescored later (another

@@ -58,7 +58,7 @@ def test_fingerprint_does_not_depend_on_the_serving_dtype(bf16_llama):
 def test_generate_cli_in_bfloat16_uses_the_shipped_predictor():
     """The command of the issue, as a user runs it."""
     env = {**os.environ, "SHADOWGATE_RUNTIME__DTYPE": "bfloat16"}
-    run = subprocess.run([sys.executable, "-m", "serving.cli", "generate", "--model", "default",
+    run = subprocess.run([sys.executable, "-m", "serving.cli.main", "generate", "--model", "default",
                           "--method", "shadowllm", "--prompt", PROMPT, "--max-tokens", "4", "--json"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

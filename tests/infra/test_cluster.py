@@ -31,7 +31,7 @@ import psutil
 import pytest
 import yaml
 
-from serving.stack import free_port
+from serving.ops.stack import free_port
 from tests.jobs.conftest import start_mlflow_server
 from tests.serving.conftest import redis_url, save_tiny_model  # noqa: F401
 
@@ -223,7 +223,7 @@ def cluster(redis_url, tmp_path_factory):  # noqa: F811
         "serve": {"llm_replicas": 2, "defaults": {"shadow_rate": 0.0}},
     }))
     try:
-        from serving.launcher import bootstrap_registry
+        from serving.ops.launcher import bootstrap_registry
         from serving.settings import load_settings
 
         champion = bootstrap_registry(load_settings(settings_file))

@@ -1,6 +1,6 @@
 """Fixtures of the jobs tests: a private redis-server, a real MLflow server on a free port,
 the embedded model, and shadow samples made by the real shadow path (served by the engine,
-recorded by serving.shadow.shadow_run)."""
+recorded by serving.replica.shadow.shadow_run)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def loaded():
 def engine():
     """A serving engine on the embedded model (float32), as a GatedLLM/ShadowDense replica holds."""
     from monitor.state import ControlState
-    from serving.engine import Engine
+    from serving.replica.engine import Engine
     from serving.settings import Settings
 
     eng = Engine(Settings(runtime={"dtype": "float32"}), None)
@@ -72,7 +72,7 @@ def engine():
 
 def served(engine, prompts: list[str], max_tokens: int = 8, stop: tuple[str, ...] = (";",)) -> list:
     """Each prompt served dense through the engine, as a client asking for a few-shot answer does."""
-    from serving.engine import GenRequest
+    from serving.replica.engine import GenRequest
 
     return [engine.complete(GenRequest(request_id=f"req-{k}", prompt=p, max_tokens=max_tokens, temperature=0.0,
                                        stop=stop)) for k, p in enumerate(prompts)]
@@ -81,10 +81,10 @@ def served(engine, prompts: list[str], max_tokens: int = 8, stop: tuple[str, ...
 def shadow_records(engine, families: list[str], n_per_family: int, split: str = "traffic", offset: int = 0,
                    policy=None, stop: tuple[str, ...] = (";",)):
     """Shadow records of suite prompts of `families` made by the real shadow path: each prompt
-    served by the engine, then serving.shadow.shadow_run (what ShadowDense writes)."""
+    served by the engine, then serving.replica.shadow.shadow_run (what ShadowDense writes)."""
     from adapter.embedded import suite as tasks
     from adapter.pipeline.targets import TargetPolicy
-    from serving.shadow import shadow_run
+    from serving.replica.shadow import shadow_run
 
     instances = [i for i in tasks.split(split, n_per_family + offset) if i.family in families]
     by_family: dict[str, list] = {}

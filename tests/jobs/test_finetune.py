@@ -12,7 +12,7 @@ from adapter.pipeline.targets import Spec
 from jobs.finetune import GROUP, available, in_holdout, sample_reader
 from jobs.registry import PredictorRegistry
 from jobs.runner import JobRecords, run_job
-from serving.bench_monitor import narrow_predictor
+from serving.bench.monitor import narrow_predictor
 from serving.settings import load_settings
 from tests.jobs.conftest import shadow_records, write_samples
 
@@ -130,7 +130,7 @@ def test_scheduler_sigkilled_mid_finetune_runs_it_again_once_and_registers_once(
 
     import yaml
 
-    from serving.bench_monitor import wait_until
+    from serving.bench.monitor import wait_until
 
     registry = PredictorRegistry(mlflow_uri, "kill-predictor")
     folder = narrow_predictor(loaded, KNOWN, tmp_path / "narrow", per_family=60, epochs=10)

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.stack import free_port
+from serving.ops.stack import free_port
 
 pytestmark = pytest.mark.service
 psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2-binary is a test dependency (pyproject)")

@@ -14,7 +14,7 @@ import pytest
 
 from jobs.registry import PredictorRegistry, RegistryError, Retry
 from serving.settings import load_settings
-from serving.stack import free_port
+from serving.ops.stack import free_port
 
 USER, PASSWORD = "jobs", "mlflow-Pa55-for-tests"
 

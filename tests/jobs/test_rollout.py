@@ -18,7 +18,7 @@ from jobs.runner import JobRecords, run_job
 from jobs.scheduler import Scheduler
 from monitor.alerts import AlertStore
 from monitor.state import ControlDefaults, ControlStore, ControlUpdate
-from serving.bench_monitor import wait_until
+from serving.bench.monitor import wait_until
 from serving.settings import load_settings
 
 pytestmark = pytest.mark.service
@@ -222,7 +222,7 @@ def test_registry_calls_retry_with_backoff_then_fail(mlflow_uri, caplog):
     import httpx
 
     from jobs.registry import Retry, RegistryUnavailable
-    from serving.stack import free_port
+    from serving.ops.stack import free_port
 
     failures = {"left": 2, "seen": 0}
 

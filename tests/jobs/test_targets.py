@@ -1,7 +1,7 @@
 """The target policy: one code path for the offline collector and the shadow path.
 
 Parity: suite prompts served by the engine and recorded by the real shadow path
-(serving.shadow.shadow_run), scored by the fine-tune job, give the record collect() writes
+(serving.replica.shadow.shadow_run), scored by the fine-tune job, give the record collect() writes
 for the same prompts under the same policy: the same target spec, the same importance."""
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from monitor.config import MonitorSettings
 from monitor.samples import SampleStore
 from monitor.service import Monitor, MonitorContext
 from monitor.state import ControlDefaults, ControlStore, ControlUpdate
-from serving.bench_monitor import wait_until as wait_for
+from serving.bench.monitor import wait_until as wait_for
 
 pytestmark = pytest.mark.service
 BIN = Path(sys.executable).parent / "shadowgate"

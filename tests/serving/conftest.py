@@ -14,7 +14,7 @@ import redis
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from serving.stack import free_port  # noqa: F401  (tests import it from here)
+from serving.ops.stack import free_port  # noqa: F401  (tests import it from here)
 
 
 def save_tiny_model(folder: Path) -> Path:

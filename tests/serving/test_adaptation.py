@@ -16,8 +16,8 @@ import pytest
 import redis
 
 from jobs.mlflow_ui import set_alias_in_ui
-from serving.bench_monitor import Driver, reversed_predictor, suite_prompts, wait_until
-from serving.stack import private_stack
+from serving.bench.monitor import Driver, reversed_predictor, suite_prompts, wait_until
+from serving.ops.stack import private_stack
 
 pytestmark = pytest.mark.service
 BIN = Path(sys.executable).parent / "shadowgate"

@@ -1,4 +1,4 @@
-"""The replica's decode loop (serving/batcher.py) on a real engine: every request kind runs
+"""The replica's decode loop (serving/replica/batcher.py) on a real engine: every request kind runs
 in one continuously batched loop with the same outputs as alone; a request that arrives
 while another decodes joins the running batch; a cancelled request stops taking steps.
 Last, over real HTTP through Ray Serve: a streamed request whose client disconnects stops
@@ -15,9 +15,9 @@ import pytest
 from adapter.pipeline.train import LoadedPredictor
 from adapter.selection import predictors as P
 from monitor.state import ControlState
-from serving.batcher import Batcher
-from serving.engine import Engine, GenRequest
-from serving.openai_format import format_result
+from serving.replica.batcher import Batcher
+from serving.replica.engine import Engine, GenRequest
+from serving.api.openai_format import format_result
 from serving.settings import load_settings
 from tests.serving.conftest import free_port
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from adapter.embedded.suite import split
-from serving.bench_serve import ReplicaTiming, ratios, suite_prompts
+from serving.bench.serve import ReplicaTiming, ratios, suite_prompts
 
 
 def test_prompts_are_distinct_and_from_the_test_split():

@@ -13,7 +13,7 @@ import torch
 from adapter.pipeline.traces import SCHEMA, TraceRecord
 from monitor.fidelity import compare
 from monitor.samples import SampleStore
-from serving.control import ControlStore, ControlUpdate, StateFollower, canary_arm, shadow_sampled
+from serving.replica.control import ControlStore, ControlUpdate, StateFollower, canary_arm, shadow_sampled
 from serving.settings import ConfigError, ControlDefaults, load_settings
 
 

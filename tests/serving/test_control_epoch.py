@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from monitor.state import ControlDefaults, ControlState, ControlStore, ControlUpdate, supersedes
-from serving.control import StateFollower
-from serving.stack import free_port
+from serving.replica.control import StateFollower
+from serving.ops.stack import free_port
 
 
 class RedisProc:

@@ -12,7 +12,7 @@ from adapter.selection import predictors as P
 from adapter.runtime.gated import SamplingParams
 from jobs.registry import PredictorRegistry
 from monitor.state import ControlState
-from serving.engine import Engine, GenRequest
+from serving.replica.engine import Engine, GenRequest
 from serving.settings import load_settings
 from tests.serving.conftest import free_port
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving import bench_faults as bench
+from serving.bench import faults as bench
 
 # about 5.5 min on 2 cores (a private stack, a replica replaced, MLflow restarted): run with -m slow
 pytestmark = [pytest.mark.service, pytest.mark.slow]
@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.service, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from serving.stack import private_stack
+    from serving.ops.stack import private_stack
 
     work = tmp_path_factory.mktemp("faults")
     with private_stack(work / "stack", **bench.stack_overrides()) as stack:

@@ -19,8 +19,8 @@ import httpx
 import pytest
 import redis
 
-from serving.control import canary_arm
-from serving.keys import add_key
+from serving.replica.control import canary_arm
+from serving.api.auth import add_key
 from serving.settings import KeyPolicy
 from tests.serving.conftest import free_port
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from serving.keys import (KeyRing, add_key, check_key, client_keys, hash_key, list_keys, parse_hash, remove_key,
+from serving.api.auth import (KeyRing, add_key, check_key, client_keys, hash_key, list_keys, parse_hash, remove_key,
                           with_keys)
-from serving.protocol import REQUEST_ID, CompletionRequest, correlation_id, new_request_id
+from serving.api.protocol import REQUEST_ID, CompletionRequest, correlation_id, new_request_id
 from serving.settings import KeyPolicy, load_settings
 
 BIN = Path(sys.executable).parent / "shadowgate"
@@ -138,7 +138,7 @@ def test_guard_turns_an_unexpected_exception_into_a_json_500_naming_the_request(
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from serving.gateway import _Guard
+    from serving.api.gateway import _Guard
 
     def boom(request):
         raise RuntimeError("detail that must not leave the server: sk-secret")

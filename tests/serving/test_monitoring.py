@@ -21,10 +21,10 @@ import redis
 
 from adapter.embedded import suite as tasks
 from monitor.alerts import verify
-from serving.bench_monitor import (Driver, Receiver, dense_texts, drift_scenario, fallback_scenario,
+from serving.bench.monitor import (Driver, Receiver, dense_texts, drift_scenario, fallback_scenario,
                                    mlflow_down_scenario, restart_scenario, reversed_predictor, suite_prompts,
                                    wait_until)
-from serving.stack import private_stack
+from serving.ops.stack import private_stack
 
 pytestmark = pytest.mark.service
 SECRET = "test-webhook-secret"

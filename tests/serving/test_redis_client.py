@@ -14,10 +14,10 @@ import redis
 
 from monitor.redis_client import describe, redis_client
 from monitor.state import ControlDefaults, ControlStore, ControlUpdate
-from serving.control import StateFollower
-from serving.launcher import LaunchError, _spawn_redis, _stop_group, own_redis, redis_answers, redis_persists
+from serving.replica.control import StateFollower
+from serving.ops.launcher import LaunchError, _spawn_redis, _stop_group, own_redis, redis_answers, redis_persists
 from serving.settings import load_settings
-from serving.stack import free_port
+from serving.ops.stack import free_port
 
 SECRET = "s3cret-Pa55-for-tests"
 

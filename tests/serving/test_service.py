@@ -15,7 +15,7 @@ import pytest
 import redis
 import torch
 
-from serving.control import canary_arm
+from serving.replica.control import canary_arm
 from tests.serving.conftest import free_port
 
 pytestmark = pytest.mark.service

@@ -1,12 +1,12 @@
 """OpenAI completions formatting of a served request: the `logprobs` object (tokens as
 strings, their log-probabilities, top-k alternatives keyed by token string, text offsets)
 and the echoed prompt text. The engine hands out token ids and numbers only
-(serving/engine.py TokenScores); strings are made here, once per request.
+(serving/replica/engine.py TokenScores); strings are made here, once per request.
 """
 
 from __future__ import annotations
 
-from serving.engine import GenResult, TokenScores
+from serving.replica.engine import GenResult, TokenScores
 
 
 def token_strings(tokenizer, ids: list[int]) -> list[str]:

@@ -27,8 +27,8 @@ out = Console()
 
 
 def admin_client(config: Optional[Path], url: Optional[str]) -> httpx.Client:
-    from serving.cli import fail, settings_or_exit
-    from serving.keys import client_keys
+    from serving.cli.main import fail, settings_or_exit
+    from serving.api.auth import client_keys
 
     settings = settings_or_exit(config)
     _, admin = client_keys(settings)
@@ -39,7 +39,7 @@ def admin_client(config: Optional[Path], url: Optional[str]) -> httpx.Client:
 
 
 def call(client: httpx.Client, method: str, path: str, **kw) -> dict:
-    from serving.cli import fail
+    from serving.cli.main import fail
 
     try:
         r = client.request(method, path, **kw)
@@ -103,8 +103,8 @@ def register(app) -> None:
     @monitor_app.command("run")
     def monitor_run(config: Optional[Path] = ConfigOpt):
         """Run a monitor in this process (outside Ray); waits for the lease while another is active."""
-        from serving.cli import settings_or_exit
-        from serving.monitoring import build_monitor
+        from serving.cli.main import settings_or_exit
+        from serving.replica.monitor import build_monitor
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         loop = build_monitor(settings_or_exit(config))
@@ -125,7 +125,7 @@ def register(app) -> None:
     def fallback_set(mode: str = typer.Argument(..., help="dense | lower"), url: Optional[str] = UrlOpt,
                      config: Optional[Path] = ConfigOpt):
         """Pull the lever by hand."""
-        from serving.cli import fail
+        from serving.cli.main import fail
 
         if mode not in ("dense", "lower"):
             fail(f"fallback must be dense or lower, not {mode!r}")

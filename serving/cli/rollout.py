@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from serving.cli_monitor import ConfigOpt, JsonOpt, UrlOpt, _fmt, _ts, admin_client, call
+from serving.cli.monitor import ConfigOpt, JsonOpt, UrlOpt, _fmt, _ts, admin_client, call
 
 out = Console()
 
@@ -32,7 +32,7 @@ def register(app) -> None:
 
         from jobs.runner import JobRecords
         from monitor.redis_client import redis_client
-        from serving.cli import fail, settings_or_exit
+        from serving.cli.main import fail, settings_or_exit
 
         settings = settings_or_exit(config)
         try:
@@ -58,7 +58,7 @@ def register(app) -> None:
                  config: Optional[Path] = ConfigOpt):
         """Run one job now, in this process (refused while it runs elsewhere)."""
         from jobs.runner import JOBS, JobBusy, run_job
-        from serving.cli import fail, settings_or_exit
+        from serving.cli.main import fail, settings_or_exit
 
         if name not in JOBS:
             fail(f"no job {name!r}: the jobs are {', '.join(JOBS)}")
@@ -110,7 +110,7 @@ def register(app) -> None:
     def approve_cmd(version: str = typer.Argument(..., help="the registry version to roll out"),
                     url: Optional[str] = UrlOpt, config: Optional[Path] = ConfigOpt):
         """Approve a version (sets the alias `approved`, as a person does in the MLflow UI)."""
-        from serving.cli import fail
+        from serving.cli.main import fail
 
         if not version.isdigit():
             fail(f"a version is a number, not {version!r}")
@@ -153,10 +153,10 @@ def register(app) -> None:
 
         import httpx
 
-        from serving import scenario_adapt
-        from serving.bench_monitor import Driver
-        from serving.cli import settings_or_exit
-        from serving.keys import client_keys
+        from serving.bench import adapt as scenario_adapt
+        from serving.bench.monitor import Driver
+        from serving.cli.main import settings_or_exit
+        from serving.api.auth import client_keys
 
         logging.basicConfig(level=logging.WARNING)
         err = Console(stderr=True)
@@ -169,7 +169,7 @@ def register(app) -> None:
                                           per_family=per_family, phase_budget_s=phase_budget)
 
         if private:
-            from serving.stack import private_stack
+            from serving.ops.stack import private_stack
 
             overrides = {"serve": {"defaults": {"shadow_rate": 0.5}, "shadow_max_inflight": 2, "replica_cpus": 0.1,
                                    "reconcile_s": 1.0},
@@ -187,7 +187,7 @@ def register(app) -> None:
             settings = settings_or_exit(config)
             api_key, admin = client_keys(settings)
             if api_key is None or admin is None:
-                from serving.cli import fail
+                from serving.cli.main import fail
 
                 fail("the scenario needs an API key and the admin key (settings or the key files `up` writes)")
             report = go(settings, url or f"http://{settings.host}:{settings.port}", api_key, admin)

@@ -1,4 +1,4 @@
-"""`shadowgate keys add | list | remove`: the key file of salted hashes (serving/keys.py).
+"""`shadowgate keys add | list | remove`: the key file of salted hashes (serving/api/auth.py).
 
 `add` prints the new key once, on stdout, and stores only its salted hash; a running
 gateway picks the change up within seconds (it re-reads the file when it changes).
@@ -22,8 +22,8 @@ def register(app) -> None:
     app.add_typer(keys_app, name="keys")
 
     def key_path(config):
-        from serving.cli import settings_or_exit
-        from serving.keys import default_key_file
+        from serving.cli.main import settings_or_exit
+        from serving.api.auth import default_key_file
 
         return default_key_file(settings_or_exit(config))
 
@@ -42,8 +42,8 @@ def register(app) -> None:
         """Make a key, store its salted hash, print the key once."""
         from pydantic import ValidationError
 
-        from serving.cli import fail
-        from serving.keys import KeyFileError, add_key
+        from serving.cli.main import fail
+        from serving.api.auth import KeyFileError, add_key
         from serving.settings import KeyPolicy
 
         fields = {"rate_limit_per_min": rate, "tokens_per_min": tokens_per_min, "max_prompts": max_prompts,
@@ -64,7 +64,7 @@ def register(app) -> None:
     @keys_app.command("list")
     def list_cmd(as_json: bool = typer.Option(False, "--json"), config: Optional[Path] = ConfigOpt) -> None:
         """Names, ids, roles and policies (never keys, never hashes)."""
-        from serving.keys import list_keys
+        from serving.api.auth import list_keys
 
         rows = list_keys(key_path(config))
         if as_json:
@@ -80,8 +80,8 @@ def register(app) -> None:
     @keys_app.command("remove")
     def remove(name: str = typer.Argument(...), config: Optional[Path] = ConfigOpt) -> None:
         """Remove a key: a running gateway refuses it within seconds."""
-        from serving.cli import fail
-        from serving.keys import remove_key
+        from serving.cli.main import fail
+        from serving.api.auth import remove_key
 
         if not remove_key(key_path(config), name):
             fail(f"no key named {name!r} in {key_path(config)}", 1)

@@ -33,11 +33,11 @@ from jobs.rollout import APPROVED, Controller, RolloutStore
 from monitor.alerts import KINDS as ALERT_KINDS
 from monitor.alerts import AlertStore
 from monitor.redis_client import async_redis_client, redis_client
-from serving.control import ControlState, ControlStore, ControlUpdate, StateFollower, shadow_sampled
-from serving.engine import GenRequest, GenResult
-from serving.keys import Identity, KeyRing
-from serving.metrics import Metrics
-from serving.protocol import (REQUEST_ID, CompletionRequest, completion_body, completion_schema, correlation_id,
+from serving.replica.control import ControlState, ControlStore, ControlUpdate, StateFollower, shadow_sampled
+from serving.replica.engine import GenRequest, GenResult
+from serving.api.auth import Identity, KeyRing
+from serving.api.metrics import Metrics
+from serving.api.protocol import (REQUEST_ID, CompletionRequest, completion_body, completion_schema, correlation_id,
                               error_body, new_request_id)
 from serving.settings import KeyPolicy, Settings
 

@@ -25,7 +25,7 @@ import httpx
 import redis
 
 from monitor.redis_client import describe, redis_client
-from serving.keys import key_file, with_keys
+from serving.api.auth import key_file, with_keys
 from serving.settings import Settings
 
 log = logging.getLogger("shadowgate.up")

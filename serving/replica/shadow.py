@@ -27,7 +27,7 @@ from jobs.registry import PredictorRegistry
 from monitor.fidelity import compare
 from monitor.redis_client import redis_client
 from monitor.samples import SampleStore
-from serving.engine import Engine
+from serving.replica.engine import Engine
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ failures, the effective sparsity the responses report, and the shadow path's sam
 dropped counts from /metrics.
 
 Where the time goes, per request: the GatedLLM replicas publish their decode loop's counters
-to Redis every second (serving/llm.py); the difference over a level, divided by its
+to Redis every second (serving/replica/llm.py); the difference over a level, divided by its
 requests, gives the mean ms a request spent queued for admission, in prefill, in decode
 steps (a shared step's time split among its sequences), detokenizing, and finishing (mask
 record and drift features), plus the replica's handler time; the client's mean latency
@@ -25,7 +25,7 @@ import time
 import httpx
 import numpy as np
 
-from serving.batcher import PHASES
+from serving.replica.batcher import PHASES
 
 
 def suite_prompts(n: int) -> list[str]:

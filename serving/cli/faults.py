@@ -1,4 +1,4 @@
-"""`shadowgate bench faults`: registered on the bench app (the scenarios are serving/bench_faults.py)."""
+"""`shadowgate bench faults`: registered on the bench app (the scenarios are serving/bench/faults.py)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def register(bench_app) -> None:
         import platform
         import time
 
-        from serving import bench_faults as bench
+        from serving.bench import faults as bench
 
         faults = tuple(only) if only else bench.FAULTS
         unknown = [f for f in faults if f not in bench.FAULTS]

@@ -2,8 +2,8 @@
 versions the control state names, the choice of method per request, and the step
 primitives of the decode loop (start = plan + prefill, accept = pick tokens and follow stop
 strings, decode = one batched step, finish = the result). The loop that schedules them is
-serving/batcher.py; OpenAI formatting (logprobs objects, text offsets) is
-serving/openai_format.py.
+serving/replica/batcher.py; OpenAI formatting (logprobs objects, text offsets) is
+serving/api/openai_format.py.
 
 Per-request state is a value (the runtime's Sequence, this module's Plan); the engine holds
 only what every request shares: the model and the loaded predictor versions.
@@ -25,7 +25,7 @@ from adapter.pipeline.traces import model_fingerprint
 from adapter.pipeline.train import LoadedPredictor, load_predictor
 from jobs.registry import PredictorRegistry
 from monitor import drift
-from serving.control import ControlState, canary_arm
+from serving.replica.control import ControlState, canary_arm
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class Engine:
     def text(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    # ---- step primitives (the decode loop in serving/batcher.py drives these) -------------
+    # ---- step primitives (the decode loop in serving/replica/batcher.py drives these) -------------
     def start(self, req: GenRequest, stream: bool = False, alone: bool = True) -> tuple[Active, torch.Tensor]:
         """Plan and prefill one request; returns its state and the logits (1, V) that pick its
         first token. With echo the prompt's own scores are taken from the same prefill (all

@@ -273,7 +273,7 @@ def run(work: Path, quick: bool = False, progress=print) -> dict:
 
     from adapter.config import RuntimeConfig
     from adapter.runtime.loading import load
-    from serving.stack import private_stack
+    from serving.ops.stack import private_stack
 
     shutil.rmtree(work, ignore_errors=True)  # each run starts from nothing
     work.mkdir(parents=True)

@@ -33,7 +33,7 @@ from adapter.pipeline import traces
 from adapter.pipeline import train as training
 from jobs.registry import PredictorRegistry
 from jobs.rollout import RolloutStore, arm_stats
-from serving.bench_monitor import Driver, narrow_predictor, reversed_predictor, suite_prompts
+from serving.bench.monitor import Driver, narrow_predictor, reversed_predictor, suite_prompts
 
 KNOWN = ["mod_add", "successor", "lexicon"]
 PHASES = [("phase2", ["table_lookup", "kv_recall"]), ("phase3", ["reverse"])]

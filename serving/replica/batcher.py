@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from adapter.runtime.gated import RequestError
-from serving.engine import Active, Engine, GenRequest
+from serving.replica.engine import Active, Engine, GenRequest
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ def register(app, bench_app) -> None:
     @app.command("up")
     def up_cmd(config: Optional[Path] = ConfigOpt) -> None:
         """Start the service for one machine in the foreground (Redis, MLflow, Ray, Serve app)."""
-        from serving.cli import fail, settings_or_exit
-        from serving.launcher import LaunchError, up
+        from serving.cli.main import fail, settings_or_exit
+        from serving.ops.launcher import LaunchError, up
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         settings = settings_or_exit(config)
@@ -34,8 +34,8 @@ def register(app, bench_app) -> None:
     @app.command("down")
     def down_cmd(config: Optional[Path] = ConfigOpt) -> None:
         """Stop exactly what `shadowgate up` started."""
-        from serving.cli import settings_or_exit
-        from serving.launcher import down
+        from serving.cli.main import settings_or_exit
+        from serving.ops.launcher import down
 
         down(settings_or_exit(config))
 
@@ -51,7 +51,7 @@ def register(app, bench_app) -> None:
         import platform
         import time as _time
 
-        from serving import bench_monitor
+        from serving.bench import monitor as bench_monitor
 
         logging.basicConfig(level=logging.WARNING)
         console = Console(stderr=True)
@@ -106,9 +106,9 @@ def register(app, bench_app) -> None:
 
         import httpx
 
-        from serving import bench_serve as bench
-        from serving.cli import fail, settings_or_exit
-        from serving.keys import client_keys
+        from serving.bench import serve as bench
+        from serving.cli.main import fail, settings_or_exit
+        from serving.api.auth import client_keys
 
         settings = settings_or_exit(config)
         sparsities = tuple(sparsity) or (0.0, 0.5)
@@ -133,7 +133,7 @@ def register(app, bench_app) -> None:
         console = Console(stderr=True)
         t0 = _time.time()
         if model is not None:
-            from serving.stack import private_stack
+            from serving.ops.stack import private_stack
 
             logging.basicConfig(level=logging.WARNING)
             stack_cm = private_stack(work, model={"name": model},
@@ -198,8 +198,8 @@ def register(app, bench_app) -> None:
     ) -> None:
         """Save the decode-speed bench's model shape (random weights, about 309 M parameters) as a
         checkpoint to serve with `bench serve --model PATH` (weight reads dominate its decode)."""
-        from serving import bench_serve as bench
-        from serving.cli import fail
+        from serving.bench import serve as bench
+        from serving.cli.main import fail
 
         try:
             info = bench.save_bench_checkpoint(out, arch)

@@ -316,16 +316,16 @@ def eval_cmd(
     Console().print(f"spearman: {json.dumps(report['spearman'])}\nplot: {report['plot']}")
 
 
-from serving import cli_service  # noqa: E402  (service commands live beside the core ones)
+from serving.cli import service as cli_service  # noqa: E402  (service commands live beside the core ones)
 
 cli_service.register(app, bench_app)
-from serving import cli_monitor  # noqa: E402
+from serving.cli import monitor as cli_monitor  # noqa: E402
 
 cli_monitor.register(app)
-from serving import cli_rollout  # noqa: E402
+from serving.cli import rollout as cli_rollout  # noqa: E402
 
 cli_rollout.register(app)
-from serving import cli_keys  # noqa: E402
+from serving.cli import keys as cli_keys  # noqa: E402
 
 cli_keys.register(app)
 
@@ -337,10 +337,10 @@ def main() -> None:  # pragma: no cover
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
 
-from serving import cli_faults  # noqa: E402
+from serving.cli import faults as cli_faults  # noqa: E402
 
 cli_faults.register(bench_app)
 
-from serving import cli_device  # noqa: E402
+from serving.cli import device as cli_device  # noqa: E402
 
 cli_device.register(bench_app)

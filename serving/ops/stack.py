@@ -45,12 +45,12 @@ class Stack:
         return PredictorRegistry(s.tracking_uri, s.registered_model)
 
     def restart_mlflow(self) -> None:
-        from serving.launcher import start_mlflow
+        from serving.ops.launcher import start_mlflow
 
         self.procs["mlflow"] = start_mlflow(self.settings)
 
     def stop(self, name: str) -> None:
-        from serving.launcher import _stop_group
+        from serving.ops.launcher import _stop_group
 
         proc = self.procs.pop(name)
         _stop_group(proc.pid)
@@ -58,7 +58,7 @@ class Stack:
 
     def kill(self, name: str) -> None:
         """SIGKILL one of the stack's processes (a crash, not a shutdown)."""
-        from serving.launcher import _stop_group
+        from serving.ops.launcher import _stop_group
 
         proc = self.procs.pop(name)
         _stop_group(proc.pid, signal.SIGKILL)
@@ -66,7 +66,7 @@ class Stack:
 
     def restart_redis(self) -> None:
         """The same redis-server again: same port, same folder, its AOF replayed."""
-        from serving.launcher import start_redis
+        from serving.ops.launcher import start_redis
 
         self.procs["redis"] = start_redis(self.settings)
 
@@ -82,7 +82,7 @@ def private_stack(work: Path, **overrides) -> Iterator[Stack]:
     import ray
 
     from serving.app import deploy
-    from serving.launcher import _ready, _teardown, _wait, bootstrap_registry, start_mlflow, start_redis
+    from serving.ops.launcher import _ready, _teardown, _wait, bootstrap_registry, start_mlflow, start_redis
 
     api_key, admin_key = "sg-" + secrets.token_urlsafe(16), "sg-admin-" + secrets.token_urlsafe(16)
     base_overrides = {"state_dir": work / "state", "port": free_port(),

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from serving.bench_monitor import suite_prompts, wait_until
+from serving.bench.monitor import suite_prompts, wait_until
 
 MAX_TOKENS = 16
 
@@ -361,7 +361,7 @@ def stack_overrides(llm_replicas: int = 2) -> dict:
 def run(work: Path, clients: int = 4, mlflow_down_s: float = 60.0, redis_down_s: float = 5.0,
         faults: tuple[str, ...] = FAULTS, progress=print) -> dict:
     """Every fault in turn on one private stack; returns the JSON report."""
-    from serving.stack import private_stack
+    from serving.ops.stack import private_stack
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -2,7 +2,7 @@
 
 Each replica holds the champion predictor and, during a canary, the challenger, chooses per
 request (deterministically from the request id), and follows the control state in place.
-One decode loop per replica (serving/batcher.py) owns the model in its own thread and
+One decode loop per replica (serving/replica/batcher.py) owns the model in its own thread and
 batches every request kind continuously; the replica's event loop keeps following the
 control state, and hands each request's tokens back through its own asyncio queue. A caller
 that goes away (Ray Serve cancels the call when the client disconnects) takes its sequence
@@ -27,10 +27,10 @@ import redis
 from jobs.registry import PredictorRegistry
 from monitor.alerts import AlertStore
 from monitor.redis_client import redis_client
-from serving.control import ControlState, StateFollower
-from serving.batcher import Batcher
-from serving.engine import Engine, GenRequest, GenResult
-from serving.openai_format import format_result
+from serving.replica.control import ControlState, StateFollower
+from serving.replica.batcher import Batcher
+from serving.replica.engine import Engine, GenRequest, GenResult
+from serving.api.openai_format import format_result
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
