@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= 3 + 4 = 7 ; 2 + 5 = 7 ; 9 + 9 = 8 ; 1 + 0 = 1 ; 6 + 2 = 8 ; 4 + 4 =
 
-.PHONY: run test venv bench clean redis browser
+.PHONY: run test test-extended ci venv bench clean redis browser postgres
 
 venv: $(STAMP)
 
@@ -24,11 +24,23 @@ redis:
 browser:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium) || (sudo apt-get update && sudo apt-get install -y --no-install-recommends chromium)
 
+# the PostgreSQL registry test uses the server on 127.0.0.1:5432 when one answers, else it
+# starts its own with initdb + pg_ctl: the server binaries must be installed
+postgres:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || (apt-get update && apt-get install -y --no-install-recommends postgresql) || (sudo apt-get update && sudo apt-get install -y --no-install-recommends postgresql)
+
 run: $(STAMP) redis
 	$(BIN)/shadowgate up
 
-test: $(STAMP) redis browser
+test: $(STAMP) redis browser postgres
 	$(BIN)/python -m pytest
+
+# what the default run leaves out: the slow tests (fault injection among them: marker
+# `faults`) and the two-node Ray cluster
+test-extended: $(STAMP) redis browser postgres
+	$(BIN)/python -m pytest -m 'slow or cluster'
+
+ci: test test-extended
 
 bench: $(STAMP)
 	$(BIN)/shadowgate bench speed

@@ -22,6 +22,8 @@ import time
 
 import redis
 
+from monitor.keys import Keys
+
 log = logging.getLogger(__name__)
 WEBHOOK_NAME = "shadowgate-approvals"
 EVENTS = ["model_version_alias.created", "model_version_tag.set"]
@@ -31,7 +33,7 @@ MAX_AGE_S = 300
 def webhook_secret(settings, client: redis.Redis) -> str:
     if settings.adapt.webhook_secret is not None:
         return settings.adapt.webhook_secret.get_secret_value()
-    key = f"{settings.redis.prefix}:rollout:webhook_secret"
+    key = Keys(settings.redis.prefix).rollout_webhook_secret
     client.set(key, secrets.token_urlsafe(32), nx=True)
     raw = client.get(key)
     return raw.decode() if isinstance(raw, bytes) else raw

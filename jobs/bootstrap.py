@@ -17,7 +17,8 @@ from adapter.pipeline import traces
 from adapter.pipeline.collect import collect
 from adapter.embedded.recipe import default_predictor_dir
 from adapter.pipeline.build import train_one
-from adapter.pipeline.train import PredictorMismatch, TrainConfig, load_predictor
+from adapter.pipeline.train import TrainConfig
+from adapter.selection.artifact import PredictorMismatch, load_predictor
 from jobs.registry import CHAMPION, PredictorRegistry
 from monitor import drift
 

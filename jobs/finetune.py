@@ -50,9 +50,13 @@ from adapter.embedded import suite as tasks
 from adapter.pipeline import targets, traces
 from adapter.pipeline import train as training
 from adapter.pipeline.collect import suite_specs
+from adapter.selection import artifact
 from adapter.selection.methods import dense
 from adapter.pipeline.traces import TraceRecord
 from jobs.registry import CHAMPION, PredictorRegistry, job_registry
+from jobs.rollout_store import RolloutStore
+from jobs.runner import JobRecords
+from jobs.shadow_reader import GROUP, available, sample_reader
 from monitor import drift
 from monitor.fidelity import compare
 from monitor.redis_client import redis_client
@@ -60,8 +64,6 @@ from monitor.state import ControlStore
 from monitor.streams import GroupReader
 
 log = logging.getLogger(__name__)
-GROUP = "finetune"
-CONSUMER = "finetune"  # one name: a retried run re-reads exactly what the killed one held
 EXPERIMENT = "shadowgate-finetune"
 TRAINING_DIR = "training"
 TRAINING_KEEP = 3000  # shadow examples a version keeps for later replay (one per prompt)
@@ -82,15 +84,6 @@ def load_model(settings):
         _loaded[settings.model.name] = load(settings.model.name,
                                             settings.runtime.model_copy(update={"dtype": "float32"}))
     return _loaded[settings.model.name]
-
-
-def sample_reader(client: redis.Redis, prefix: str) -> GroupReader:
-    return GroupReader(client, f"{prefix}:shadow:samples", GROUP, CONSUMER, claim_idle_ms=60_000)
-
-
-def available(reader: GroupReader) -> int:
-    lag = reader.lag()
-    return lag["pending"] + lag["lag"]
 
 
 class Examples:
@@ -334,7 +327,9 @@ def champion_version(settings, registry: PredictorRegistry, client: redis.Redis)
 
 def _fit(champ, train_all: Examples, cfg, epochs: int | None = None, select_with=None, seed: int = 0):
     """Fine-tune a copy of the champion on train_all (1/8 of it, seeded, for early stopping);
-    `epochs`: a fixed count instead (the refit, which stops where the first fit peaked).
+    `epochs`: the refit instead: all of train_all, on the first fit's learning-rate schedule
+    (cosine over `adapt.epochs`), stopped after the epoch the first fit kept, whose weights it
+    keeps (not the epoch that ranks an in-sample split best: the refit has no held-out data).
     `select_with` = (runtime, sparsity, mode): the epoch kept is the one whose masks give the
     lowest replayed KL on the validation examples (what the gate measures), not the best rho."""
     gen = torch.Generator().manual_seed(seed)
@@ -342,17 +337,22 @@ def _fit(champ, train_all: Examples, cfg, epochs: int | None = None, select_with
     n_val = max(2, len(perm) // 8)
     val = train_all.take(perm[:n_val])
     train = train_all if epochs is not None else train_all.take(perm[n_val:])
-    tcfg = training.TrainConfig(epochs=epochs or cfg.epochs, lr=cfg.lr,
-                                patience=(epochs or cfg.epochs) + 1 if epochs else cfg.patience,
+    tcfg = training.TrainConfig(epochs=cfg.epochs, lr=cfg.lr, patience=1 if epochs else cfg.patience,
                                 hidden=champ.config["sizes"]["hidden"],
                                 neuron_rank=champ.config["sizes"]["neuron_rank"], seed=seed)
     select = None
-    if select_with is not None and epochs is None:
+    if epochs is not None:
+        done = iter(range(cfg.epochs + 1))
+
+        def select(module):  # every epoch up to `epochs` beats the one before; the next ends the fit
+            n = next(done)
+            return float(n) if n < epochs else float("-inf")
+    elif select_with is not None:
         rt, sparsity, mode = select_with
         replay = Replayer(rt, val.pairs[:SELECT_PAIRS])  # val is a seeded shuffle: a fair subset
 
         def select(module):
-            pred = training.LoadedPredictor("shadowllm", champ.criterion, champ.config, module)
+            pred = artifact.LoadedPredictor("shadowllm", champ.criterion, champ.config, module)
             return -replay.fidelity(pred.method(sparsity, mode, rt.shape))["kl_mean"]
 
     module, metrics = training.finetune_shadowllm(champ.module, train.x, train.heads, train.neurons,
@@ -361,15 +361,11 @@ def _fit(champ, train_all: Examples, cfg, epochs: int | None = None, select_with
 
 
 def main(settings) -> dict:
-    from jobs.runner import JobRecords
-
     cfg = settings.adapt
     policy = cfg.targets
     r = redis_client(settings.redis)
     registry = job_registry(settings)
     reader = sample_reader(r, settings.redis.prefix)
-    from jobs.rollout import RolloutStore
-
     episode = RolloutStore(r, settings.redis.prefix).state().get("drift")
     skipped = skip_before(reader, episode["since"] - cfg.drift_lookback_s) if episode else 0
     n = available(reader)
@@ -385,7 +381,7 @@ def main(settings) -> dict:
     rt = loaded.runtime
     fingerprint = traces.model_fingerprint(rt.model)
     champ_folder = registry.download(champion)
-    champ = training.load_predictor(champ_folder, rt.shape, fingerprint)
+    champ = artifact.load_predictor(champ_folder, rt.shape, fingerprint)
     if champ.kind != "shadowllm":
         return {"status": "skipped", "reason": f"champion {champion} is a {champ.kind} predictor; only "
                                                "shadowllm predictors are fine-tuned"}
@@ -440,7 +436,7 @@ def main(settings) -> dict:
         module, train_metrics, tcfg, train = _fit(champ, Examples.cat([fresh, *replay]), cfg,
                                                   select_with=(rt, sparsity, mode))
         train_s = time.time() - t_train
-        cand = training.LoadedPredictor("shadowllm", champ.criterion, champ.config, module)
+        cand = artifact.LoadedPredictor("shadowllm", champ.criterion, champ.config, module)
         records.phase("finetune", "evaluating")
 
         old_instances = [i for i in tasks.split("validation", cfg.replay_holdout_per_family) if i.family in families]
@@ -479,7 +475,7 @@ def main(settings) -> dict:
             records.phase("finetune", "refit")
             epochs = int(train_metrics.get("epoch", cfg.epochs - 1)) + 1
             r_module, _, r_tcfg, r_train = _fit(champ, Examples.cat([fresh, hold, *replay]), cfg, epochs=epochs)
-            r_method = training.LoadedPredictor("shadowllm", champ.criterion, champ.config,
+            r_method = artifact.LoadedPredictor("shadowllm", champ.criterion, champ.config,
                                                 r_module).method(sparsity, mode, rt.shape)
             r_kl, r_old = replay_new.fidelity(r_method)["kl_mean"], replay_old.fidelity(r_method)["kl_mean"]
             refit = {"epochs": epochs, "rows": len(r_train), "holdout_kl": round(r_kl, 5), "old_kl": round(r_old, 5),
@@ -496,11 +492,11 @@ def main(settings) -> dict:
         metrics = {**train_metrics, "gain": gain, "forget": forget}
         ts = traces.TraceSet(manifest={"version": f"shadow:{window}"}, tensors={"predictor_input": train.x},
                              metas=[{}] * len(train))
-        training.save_predictor(out, "shadowllm", champ.criterion, module, rt.shape, fingerprint, metrics, ts, tcfg)
+        artifact.save_predictor(out, "shadowllm", champ.criterion, module, rt.shape, fingerprint, metrics, ts, tcfg)
         kept = grow_replay(prior, new, TRAINING_KEEP)
         kept.save(out / TRAINING_DIR, policy)
         ref = Examples.cat([fresh, hold, *replay])
-        final = training.LoadedPredictor("shadowllm", champ.criterion, champ.config, module)
+        final = artifact.LoadedPredictor("shadowllm", champ.criterion, champ.config, module)
         basis = drift.fit_basis(ref.x)
         heads, neurons = drift.scores_for(final, ref.x)
         lens = [len(s.prompt_ids) for s in ref.specs]

@@ -1,14 +1,17 @@
 """Predictor versions in the MLflow model registry.
 
 A version is a run's artifacts under "predictor/" (predictor.safetensors + predictor.json,
-the folder format of adapter.pipeline.train.save_predictor), registered from runs:/<run>/predictor.
+the folder format of adapter.selection.artifact.save_predictor), registered from runs:/<run>/predictor.
 Aliases are the contract: 'champion' is served, a challenger only to its canary share.
 
-A registry made with a `Retry` (the jobs') retries a call that fails because the server is
-down or answers 5xx, with exponential backoff, then raises RegistryError; a registry without
-one (the replicas') fails at once, so a replica serves on what it holds. Basic-auth
-credentials come from settings (`mlflow.username` / `mlflow.password`), handed to the client
-the way it reads them (MLFLOW_TRACKING_USERNAME / _PASSWORD), never logged.
+Every registry of the service is made by `registry_for(settings)`: the URI, the model name
+and the basic-auth credentials (`mlflow.username` / `mlflow.password`, handed to the client
+the way it reads them, MLFLOW_TRACKING_USERNAME / _PASSWORD, never logged) all come from the
+settings' `mlflow` section. A registry made with a `Retry` (the jobs') retries a call that
+fails because the server is down or answers 5xx, with exponential backoff, then raises
+RegistryError; a registry without one (the replicas') fails at once, so a replica serves on
+what it holds. A server that refuses the credentials (401, 403) raises RegistryAuthError at
+once, worded with the URI and the user name.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ class BadArtifact(RegistryError):
     """A version's artifacts are not a predictor folder."""
 
 
+class RegistryAuthError(RegistryError):
+    """The server refused this process's credentials (none, wrong ones, or too few rights)."""
+
+
 # answers that say something about the request, not about the server: never retried
 _REQUEST_ERRORS = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS",
                    "PERMISSION_DENIED", "UNAUTHENTICATED", "BAD_REQUEST", "INVALID_STATE", "NOT_FOUND"}
@@ -66,11 +73,28 @@ def transient(exc: Exception) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError, OSError))
 
 
-class _RetryingClient:
-    """An MlflowClient whose every call is retried under `retry` when the failure is transient."""
+def refusal(exc: Exception, uri: str, username: str | None) -> RegistryAuthError | None:
+    """A 401 / 403 from the server, worded for the operator (the user name, never the password)."""
+    from mlflow.exceptions import MlflowException
 
-    def __init__(self, client, retry: Retry, uri: str):
-        self._client, self._retry, self._uri = client, retry, uri
+    if not isinstance(exc, MlflowException) or exc.error_code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return None
+    if exc.error_code == "PERMISSION_DENIED":
+        return RegistryAuthError(f"the MLflow server at {uri} denied user {username!r} this registry call "
+                                 "(403 permission denied): grant the user EDIT on the registered model")
+    if not username:
+        return RegistryAuthError(f"the MLflow server at {uri} requires credentials (401 unauthenticated): "
+                                 "set mlflow.username and mlflow.password")
+    return RegistryAuthError(f"the MLflow server at {uri} refused the credentials of user {username!r} "
+                             "(401 unauthenticated): check mlflow.username and mlflow.password")
+
+
+class _Client:
+    """An MlflowClient whose refusals (401, 403) raise RegistryAuthError and, under a `retry`,
+    whose transient failures are retried; without one, anything else propagates as it is."""
+
+    def __init__(self, client, retry: Retry | None, uri: str, username: str | None):
+        self._client, self._retry, self._uri, self._username = client, retry, uri, username
 
     def __getattr__(self, name):
         attr = getattr(self._client, name)
@@ -79,11 +103,14 @@ class _RetryingClient:
 
         @functools.wraps(attr)
         def call(*args, **kwargs):
-            for delay in [*self._retry.delays(), None]:
+            for delay in [*(self._retry.delays() if self._retry else []), None]:
                 try:
                     return attr(*args, **kwargs)
                 except Exception as exc:
-                    if not transient(exc):
+                    refused = refusal(exc, self._uri, self._username)
+                    if refused is not None:
+                        raise refused from None
+                    if not transient(exc) or self._retry is None:
                         raise
                     if delay is None:
                         raise RegistryUnavailable(f"the registry at {self._uri} is unreachable: {name} failed "
@@ -123,35 +150,43 @@ def check_reference(folder: Path) -> None:
             raise RegistryError(f"{folder} holds no drift reference ({drift.REFERENCE_DIR}/{name} missing)")
 
 
+def registry_for(settings, retry: Retry | None = None, cache_dir: Path | None = None) -> "PredictorRegistry":
+    """The service's registry: URI, registered model and basic-auth credentials from
+    `settings.mlflow` (the credentials are set for this process: the gateway, every replica
+    and job process calls this, so each sends them)."""
+    m = settings.mlflow
+    use_credentials(m.username, m.password)
+    return PredictorRegistry(m.tracking_uri, m.registered_model, cache_dir=cache_dir, retry=retry,
+                             username=m.username)
+
+
 _job_cache: Path | None = None
 
 
 def job_registry(settings) -> "PredictorRegistry":
-    """The jobs' registry: credentials from settings, calls retried under `jobs.registry_*`,
-    downloads kept once per process (a job runs every few seconds)."""
+    """The jobs' registry: calls retried under `jobs.registry_*`, downloads kept once per
+    process (a job runs every few seconds)."""
     global _job_cache
     if _job_cache is None:
         _job_cache = Path(tempfile.mkdtemp(prefix="shadowgate-jobs-predictors-"))
     j = settings.jobs
-    return PredictorRegistry.from_settings(settings.mlflow, Retry(j.registry_attempts, j.registry_backoff_s,
-                                                                  j.registry_backoff_max_s), cache_dir=_job_cache)
+    return registry_for(settings, Retry(j.registry_attempts, j.registry_backoff_s, j.registry_backoff_max_s),
+                        cache_dir=_job_cache)
 
 
 class PredictorRegistry:
-    def __init__(self, tracking_uri: str, name: str, cache_dir: Path | None = None, retry: Retry | None = None):
+    """Use `registry_for(settings)`; this constructor sends whatever credentials the process
+    holds (tests and tools that point at a store of their own)."""
+
+    def __init__(self, tracking_uri: str, name: str, cache_dir: Path | None = None, retry: Retry | None = None,
+                 username: str | None = None):
         _quiet_env()
         from mlflow import MlflowClient
 
         self.uri, self.name = tracking_uri, name
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        self.client = _RetryingClient(client, retry, tracking_uri) if retry else client
+        self.client = _Client(client, retry, tracking_uri, username or os.environ.get("MLFLOW_TRACKING_USERNAME"))
         self.cache = Path(cache_dir or tempfile.mkdtemp(prefix="shadowgate-predictors-"))
-
-    @classmethod
-    def from_settings(cls, mlflow, retry: Retry | None = None, cache_dir: Path | None = None) -> "PredictorRegistry":
-        """From the settings' `mlflow` section (URI, model name, basic-auth credentials)."""
-        use_credentials(mlflow.username, mlflow.password)
-        return cls(mlflow.tracking_uri, mlflow.registered_model, cache_dir=cache_dir, retry=retry)
 
     def resolve(self, ref: str | None) -> str | None:
         """A version number for 'champion' / an alias / a number; None when the alias is unset."""

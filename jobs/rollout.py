@@ -30,8 +30,7 @@ champion/challenger/canary share (the monitor only pulls the fallback lever). On
    episode did not meet the target (a promoted candidate that learnt only part of the new
    traffic is fine-tuned further on it).
 
-Redis keys: P:rollout:state (the canary in progress and the rates to restore),
-P:rollout:decisions (capped list, newest first), P:rollout:commands, P:rollout:events.
+Its record in Redis is the RolloutStore (jobs/rollout_store.py).
 """
 
 from __future__ import annotations
@@ -44,68 +43,24 @@ from statistics import NormalDist
 
 import redis
 
+from jobs.approval import ensure_webhook
 from jobs.registry import BadArtifact, CHAMPION, PredictorRegistry, job_registry
+from jobs.rollout_store import ACTOR, DECISIONS_LEN, RolloutStore
+from jobs.shadow_reader import available, sample_reader
 from monitor.alerts import AlertStore
+from monitor.keys import Keys
 from monitor.redis_client import redis_client
 from monitor.service import window_stats
 from monitor.state import ControlStore, ControlUpdate
 
 log = logging.getLogger(__name__)
 APPROVED = "approved"
-DECISIONS_LEN = 100
-ACTOR = "rollout-controller"
 _webhook: str | None = None  # the registry webhook's id once set up in this process ("" : none)
 _reconciled = False  # alias and state reconciled once per process, at the controller's start
 
 
-class RolloutStore:
-    def __init__(self, client: redis.Redis, prefix: str):
-        self.r, self.p = client, prefix
-        self.state_key, self.decisions = f"{prefix}:rollout:state", f"{prefix}:rollout:decisions"
-        self.commands, self.events = f"{prefix}:rollout:commands", f"{prefix}:rollout:events"
-
-    def state(self) -> dict:
-        raw = self.r.get(self.state_key)
-        return json.loads(raw) if raw else {}
-
-    def save(self, state: dict) -> None:
-        self.r.set(self.state_key, json.dumps(state))
-
-    def decide(self, kind: str, version: str | None, evidence: dict, by: str = ACTOR) -> dict:
-        row = {"ts": time.time(), "decision": kind, "version": version, "by": by, "evidence": evidence}
-        with self.r.pipeline() as pipe:
-            pipe.lpush(self.decisions, json.dumps(row))
-            pipe.ltrim(self.decisions, 0, DECISIONS_LEN - 1)
-            pipe.execute()
-        return row
-
-    def recent(self, count: int = 20) -> list[dict]:
-        return [json.loads(x) for x in self.r.lrange(self.decisions, 0, count - 1)]
-
-    def command(self, cmd: dict) -> None:
-        self.r.rpush(self.commands, json.dumps({**cmd, "ts": time.time()}))
-
-    def pop_commands(self) -> list[dict]:
-        return self._drain(self.commands)
-
-    def _drain(self, key: str) -> list[dict]:
-        """Everything queued at `key`, removed in the same MULTI."""
-        with self.r.pipeline() as pipe:
-            pipe.lrange(key, 0, -1)
-            pipe.delete(key)
-            raw, _ = pipe.execute()
-        return [json.loads(x) for x in raw]
-
-    def event(self, event: dict) -> None:
-        self.r.rpush(self.events, json.dumps(event))
-        self.r.ltrim(self.events, -1000, -1)
-
-    def pop_events(self) -> list[dict]:
-        return self._drain(self.events)
-
-
 def arm_rows(client: redis.Redis, prefix: str, version: str, arm: str, since_generation: int) -> list[dict]:
-    rows = [json.loads(x) for x in client.lrange(f"{prefix}:monitor:window:{version}:{arm}", 0, -1)]
+    rows = [json.loads(x) for x in client.lrange(Keys(prefix).monitor_window(version, arm), 0, -1)]
     return [x for x in rows if (x.get("generation") or 0) >= since_generation]
 
 
@@ -138,7 +93,7 @@ class Controller:
                  run_soon=None):
         self.s = settings
         self.r = client or redis_client(settings.redis)
-        self.p = settings.redis.prefix
+        self.p, self.keys = settings.redis.prefix, Keys(settings.redis.prefix)
         self.registry = registry or job_registry(settings)
         self.control = ControlStore(self.r, self.p)
         self.store = RolloutStore(self.r, self.p)
@@ -149,8 +104,6 @@ class Controller:
     def tick(self) -> dict:
         global _webhook
         if _webhook is None:
-            from jobs.approval import ensure_webhook
-
             _webhook = ensure_webhook(self.s, self.registry, self.r) or ""
         global _reconciled
         out: list[dict] = []
@@ -224,7 +177,7 @@ class Controller:
     def verify(self, version: str, champion: str | None) -> str | None:
         """Why `version` cannot be served (None: it loads for the served model). MLflow being
         unreachable is no verdict: it raises, the job fails and the next tick tries again."""
-        from adapter.pipeline.train import load_predictor
+        from adapter.selection.artifact import load_predictor
         from adapter.runtime.model_view import Shape
 
         if champion is None:
@@ -409,7 +362,7 @@ class Controller:
         if state is None:
             return []
         champion = state.champion or self.registry.resolve(CHAMPION)
-        raw = self.r.hget(f"{self.p}:monitor:drift", champion) if champion else None
+        raw = self.r.hget(self.keys.monitor_drift, champion) if champion else None
         check = json.loads(raw) if raw else {}
         drifting = bool(check.get("drift"))
         st = self.store.state()
@@ -442,8 +395,6 @@ class Controller:
                                                                    "target_met": bool(episode and episode["met"])}))
         if active and self.run_soon is not None and not st.get("canary") \
                 and self._early_due(st["drift"], episode or self._episode(st["drift"]["since"])):
-            from jobs.finetune import available, sample_reader
-
             if available(sample_reader(self.r, self.p)) >= a.min_samples:
                 self.run_soon("finetune")
                 st["drift"]["early_runs"] = st["drift"].get("early_runs", 0) + 1
@@ -470,7 +421,7 @@ class Controller:
         target (once more samples are in); never while one runs or a candidate of the
         episode awaits approval or its canary, at most one per `adapt.early_retry_s` and
         `adapt.early_max_runs` in all."""
-        if self.r.hexists(f"{self.p}:jobs:running", "finetune"):
+        if self.r.hexists(self.keys.jobs_running, "finetune"):
             return False
         if drift.get("early_runs", 0) >= self.s.adapt.early_max_runs:
             return False

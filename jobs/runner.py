@@ -22,6 +22,7 @@ import uuid
 import redis
 
 from monitor.alerts import AlertStore
+from monitor.keys import Keys
 from monitor.redis_client import redis_client
 from monitor.streams import Lease
 
@@ -53,12 +54,12 @@ def job_main(name: str):
 
 class JobRecords:
     def __init__(self, client: redis.Redis, prefix: str):
-        self.r, self.p = client, prefix
-        self.running, self.last = f"{prefix}:jobs:running", f"{prefix}:jobs:last"
-        self.history, self.next = f"{prefix}:jobs:history", f"{prefix}:jobs:next"
+        self.r, self.p, self.keys = client, prefix, Keys(prefix)
+        self.running, self.last = self.keys.jobs_running, self.keys.jobs_last
+        self.history, self.next = self.keys.jobs_history, self.keys.jobs_next
 
     def lock_key(self, name: str) -> str:
-        return f"{self.p}:jobs:lock:{name}"
+        return self.keys.jobs_lock(name)
 
     def interrupted(self) -> list[dict]:
         """Runs recorded as in progress whose lock has expired: their process died."""

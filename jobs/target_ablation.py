@@ -41,6 +41,7 @@ from adapter.pipeline import targets, traces
 from adapter.pipeline import train as training
 from adapter.pipeline.collect import suite_specs
 from adapter.pipeline.targets import TargetPolicy
+from adapter.selection import artifact
 from adapter.selection.methods import dense
 from jobs.config import AdaptSettings
 from jobs.finetune import Examples, _fit
@@ -65,7 +66,7 @@ class Setup:
     replay_per_family: int = 100  # adapt.replay_per_family
     replay_pseudo_labels: bool = False  # the job replays suite instances with their labels
     test_per_family: int = 100
-    epochs: int = 60  # the scenario's adapt settings (serving/cli/rollout.py private stack)
+    epochs: int = 60  # the scenario's adapt settings (serving/cli/bench.py ADAPT_STACK)
     lr: float = 1e-3
     patience: int = 12
     champion_per_family: int = 150  # serving.bench.monitor.narrow_predictor
@@ -118,7 +119,7 @@ def rows_of(loaded, instances: list[tasks.Instance], policy: TargetPolicy, pseud
     return Examples.from_records(records, CRITERION), stats
 
 
-def train_champion(loaded, work: Path, setup: Setup) -> training.LoadedPredictor:
+def train_champion(loaded, work: Path, setup: Setup) -> artifact.LoadedPredictor:
     """The narrow champion: serving.bench.monitor.narrow_predictor's steps, less the drift
     reference this ablation does not use; its policy pinned in the setup (the default may
     change between runs)."""
@@ -133,11 +134,11 @@ def train_champion(loaded, work: Path, setup: Setup) -> training.LoadedPredictor
     torch.manual_seed(setup.champion_seed)  # train_shadowllm initialises the module before _fit seeds
     train_one("shadowllm", CRITERION, data, out, rt,
               training.TrainConfig(epochs=setup.champion_epochs, seed=setup.champion_seed))
-    return training.load_predictor(out, rt.shape, traces.model_fingerprint(rt.model))
+    return artifact.load_predictor(out, rt.shape, traces.model_fingerprint(rt.model))
 
 
-def finetune(champ: training.LoadedPredictor, data: Examples, seed: int, setup: Setup,
-             rt) -> tuple[training.LoadedPredictor, dict]:
+def finetune(champ: artifact.LoadedPredictor, data: Examples, seed: int, setup: Setup,
+             rt) -> tuple[artifact.LoadedPredictor, dict]:
     """The fine-tune job's own step (jobs.finetune._fit): 1/8 of the rows validate, the
     epoch kept is the one with the lowest replayed KL on them. `seed`: the training order."""
     cfg = AdaptSettings(epochs=setup.epochs, lr=setup.lr, patience=setup.patience)
@@ -146,7 +147,7 @@ def finetune(champ: training.LoadedPredictor, data: Examples, seed: int, setup: 
     module, metrics, _, train = _fit(champ, data, cfg, select_with=(rt, setup.sparsity, setup.mode), seed=seed)
     info = {"train_s": time.time() - t0, "train_rows": len(train), "rho_heads": metrics["rho_heads"],
             "rho_neurons": metrics["rho_neurons"], "best_epoch": metrics["epoch"]}
-    return training.LoadedPredictor("shadowllm", champ.criterion, champ.config, module), info
+    return artifact.LoadedPredictor("shadowllm", champ.criterion, champ.config, module), info
 
 
 class Evaluator:
@@ -265,7 +266,7 @@ def run(setup: Setup, work: Path) -> dict:
     shipped_dir = shipped_predictor("default", rt)
     if shipped_dir is None:
         raise FileNotFoundError("the embedded model's shipped all-family predictor is missing or stale")
-    shipped = training.load_predictor(shipped_dir, rt.shape, traces.model_fingerprint(rt.model))
+    shipped = artifact.load_predictor(shipped_dir, rt.shape, traces.model_fingerprint(rt.model))
     rows.append(summarise("offline all-family", "reference", None,
                           [evaluator(shipped.method(setup.sparsity, setup.mode, rt.shape))], n))
 

@@ -11,16 +11,12 @@ The record (`Alert`, JSON with exactly these keys, `id` first):
     ts                unix seconds at which it was raised (the raiser's clock)
     dedup_key         the incident it belongs to; default "<kind>:<predictor_version>"
 
-Redis keys, all under the service prefix P:
-    P:alerts                  stream, capped by XADD MAXLEN ~ stream_maxlen; each entry has one
-                              field {"alert": <record JSON>} (never pickle)
-    P:alerts:live             pub/sub channel carrying the same JSON (fire and forget: the
-                              stream is the durable copy)
-    P:alerts:dedup:<key>      the open incident: value = alert id, expires after cooldown_s
-    P:alerts:suppressed       hash dedup_key -> raises suppressed while the incident was open
-    P:alerts:deliveries       hash alert id -> JSON {webhook index: {"target", "status",
-                              "attempts", "code"[, "error"]}}; targets are scheme://host only
-    consumer group "notify" on P:alerts, read by `Notifier`
+Redis keys: the P:alerts* ones of monitor/keys.py. The stream is capped by XADD MAXLEN ~
+stream_maxlen and each entry has one field {"alert": <record JSON>} (never pickle); the live
+channel carries the same JSON (fire and forget: the stream is the durable copy); the dedup
+key of an open incident holds its alert id and expires after cooldown_s; a delivery record
+is {webhook index: {"target", "status", "attempts", "code"[, "error"]}} with targets
+scheme://host only. `Notifier` reads the stream through the consumer group "notify".
 
 One incident, one alert: the cool-down check (SET NX PX), the XADD and the PUBLISH run in one
 Lua script, so a storm of identical raises from many replicas yields exactly one record and
@@ -51,6 +47,8 @@ from urllib.parse import urlsplit
 import httpx
 import redis
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from monitor.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -218,15 +216,15 @@ class AlertStore:
 
     def __init__(self, client: redis.Redis, prefix: str, settings: AlertSettings):
         self.r = client
-        self.prefix = prefix
+        self.prefix, self.keys = prefix, Keys(prefix)
         self.settings = settings
-        self.stream = f"{prefix}:alerts"
-        self.channel = f"{prefix}:alerts:live"
-        self.suppressed_key = f"{prefix}:alerts:suppressed"
+        self.stream = self.keys.alerts
+        self.channel = self.keys.alerts_live
+        self.suppressed_key = self.keys.alerts_suppressed
         self._raise = client.register_script(_RAISE)
 
     def dedup_key_for(self, dedup_key: str) -> str:
-        return f"{self.prefix}:alerts:dedup:{dedup_key}"
+        return self.keys.alerts_dedup(dedup_key)
 
     def raise_alert(self, kind: str, severity: str, message: str, predictor_version: str | None = None,
                     evidence: dict | None = None, dedup_key: str | None = None) -> Alert | None:
@@ -409,8 +407,7 @@ class Notifier:
         self.consumer = consumer
         self.claim_idle_ms = claim_idle_ms
         self.batch = batch
-        self.stream = f"{prefix}:alerts"
-        self.deliveries_key = f"{prefix}:alerts:deliveries"
+        self.stream, self.deliveries_key = Keys(prefix).alerts, Keys(prefix).alerts_deliveries
         self.http = httpx.Client(follow_redirects=False)
         self._claim_cursor = "0-0"
         _install_redaction()

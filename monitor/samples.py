@@ -14,13 +14,13 @@ import time
 import redis
 
 from adapter.pipeline.traces import TraceRecord
+from monitor.keys import Keys
 
 
 class SampleStore:
     def __init__(self, client: redis.Redis, prefix: str, maxlen: int):
         self.r = client
-        self.stream = f"{prefix}:shadow:samples"
-        self.expiry = f"{prefix}:shadow:expiry"
+        self.stream, self.expiry = Keys(prefix).shadow_samples, Keys(prefix).shadow_expiry
         self.maxlen = maxlen
 
     def add(self, record: TraceRecord, fidelity: dict, retention_s: int) -> str:

@@ -12,12 +12,7 @@ One active instance (a Redis lease) in the deployed app. Each step it
    the version's reference, logs the check as an MLflow run and raises a drift alert;
 5. writes a summary that /metrics, GET /admin/monitor and `shadowgate monitor status` show.
 
-Redis keys (prefix p): p:monitor:lease, p:monitor:window:<version>:<arm> (JSON rows of the
-last `slo.window` samples), p:monitor:totals (hash "<version>|<arm>" -> samples counted),
-p:monitor:features:<version> (JSON rows of the last `drift.window` feature rows),
-p:monitor:feature_totals, p:monitor:drift (hash version -> last check), p:monitor:summary,
-p:monitor:fallback_seen and p:monitor:control_seen (the last control-history entry looked at),
-p:monitor:status.
+Its Redis keys are the P:monitor:* ones of monitor/keys.py.
 """
 
 from __future__ import annotations
@@ -39,6 +34,7 @@ import redis
 from monitor import drift as drift_mod
 from monitor.alerts import AlertSettings, AlertStore, Notifier
 from monitor.config import MonitorSettings
+from monitor.keys import Keys
 from monitor.redis_client import redis_client
 from monitor.state import ControlState, ControlStore, ControlUpdate
 from monitor.streams import GroupReader, Lease
@@ -82,11 +78,11 @@ class Monitor:
         # blocking stream reads must not hit the client's socket timeout (ENV: redis-py 8)
         self.rb = redis_client(ctx.redis or ctx.redis_url, blocking=True)
         self.instance = instance or f"monitor-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.p = p
-        self.lease = Lease(self.r, f"{p}:monitor:lease", self.instance, self.cfg.lease_ttl_s)
+        self.p, self.keys = p, Keys(p)
+        self.lease = Lease(self.r, self.keys.monitor_lease, self.instance, self.cfg.lease_ttl_s)
         claim_ms = int(self.cfg.claim_idle_s * 1000)
-        self.samples = GroupReader(self.rb, f"{p}:shadow:samples", GROUP, self.instance, claim_ms)
-        self.features = GroupReader(self.rb, f"{p}:features", GROUP, self.instance, claim_ms)
+        self.samples = GroupReader(self.rb, self.keys.shadow_samples, GROUP, self.instance, claim_ms)
+        self.features = GroupReader(self.rb, self.keys.features, GROUP, self.instance, claim_ms)
         self.alerts = AlertStore(self.r, p, ctx.alerts)
         self.control = ControlStore(self.r, p)
         self.reference_loader = reference_loader
@@ -94,13 +90,6 @@ class Monitor:
         self.last_check: dict[str, float] = {}
         self.active = False
         self.counts = {"samples": 0, "features": 0, "invalid": 0, "checks": 0}
-
-    # ---- keys -------------------------------------------------------------------------------
-    def _window_key(self, version: str, arm: str) -> str:
-        return f"{self.p}:monitor:window:{version}:{arm}"
-
-    def _features_key(self, version: str) -> str:
-        return f"{self.p}:monitor:features:{version}"
 
     # ---- consuming ------------------------------------------------------------------------------
     def _sample_row(self, fields: dict) -> tuple[str, str, dict]:
@@ -120,16 +109,17 @@ class Monitor:
                 version, arm, row = self._sample_row(e.fields)
             except (KeyError, ValueError, TypeError):
                 log.warning("shadow sample %s is malformed: acknowledged and skipped", e.id)
-                self.samples.ack_append(e.id, "", "", 1, f"{self.p}:monitor:totals", "invalid|none")
+                self.samples.ack_append(e.id, "", "", 1, self.keys.monitor_totals, "invalid|none")
                 self.counts["invalid"] += 1
                 continue
             row["sample_id"] = e.id
-            if self.samples.ack_append(e.id, self._window_key(version, arm), json.dumps(row), self.cfg.slo.window,
-                                       f"{self.p}:monitor:totals", f"{version}|{arm}"):
+            window = self.keys.monitor_window(version, arm)
+            if self.samples.ack_append(e.id, window, json.dumps(row), self.cfg.slo.window,
+                                       self.keys.monitor_totals, f"{version}|{arm}"):
                 applied += 1
                 champion = version if arm == "champion" else champion
         if champion is not None:
-            self.r.set(f"{self.p}:monitor:champion_seen", champion)
+            self.r.set(self.keys.monitor_champion_seen, champion)
         self.counts["samples"] += applied
         return applied
 
@@ -141,15 +131,16 @@ class Monitor:
                 version = str(row.pop("version"))
             except (KeyError, ValueError, TypeError):
                 log.warning("feature row %s is malformed: acknowledged and skipped", e.id)
-                self.features.ack_append(e.id, "", "", 1, f"{self.p}:monitor:feature_totals", "invalid")
+                self.features.ack_append(e.id, "", "", 1, self.keys.monitor_feature_totals, "invalid")
                 self.counts["invalid"] += 1
                 continue
-            if self.features.ack_append(e.id, self._features_key(version), json.dumps(row), self.cfg.drift.window,
-                                        f"{self.p}:monitor:feature_totals", version):
+            window = self.keys.monitor_features(version)
+            if self.features.ack_append(e.id, window, json.dumps(row), self.cfg.drift.window,
+                                        self.keys.monitor_feature_totals, version):
                 applied += 1
                 per_version[version] = per_version.get(version, 0) + 1
         for version, n in per_version.items():  # what triggers the next drift check
-            self.r.hincrby(f"{self.p}:monitor:since_check", version, n)
+            self.r.hincrby(self.keys.monitor_since_check, version, n)
         self.counts["features"] += applied
         return applied
 
@@ -179,10 +170,10 @@ class Monitor:
 
     # ---- windows ------------------------------------------------------------------------------
     def window(self, version: str, arm: str) -> list[dict]:
-        return [json.loads(x) for x in self.r.lrange(self._window_key(version, arm), 0, -1)]
+        return [json.loads(x) for x in self.r.lrange(self.keys.monitor_window(version, arm), 0, -1)]
 
     def windows(self) -> list[dict]:
-        totals = {_s(k): int(v) for k, v in self.r.hgetall(f"{self.p}:monitor:totals").items()}
+        totals = {_s(k): int(v) for k, v in self.r.hgetall(self.keys.monitor_totals).items()}
         out = []
         for key in sorted(totals):
             version, _, arm = key.partition("|")
@@ -195,7 +186,7 @@ class Monitor:
     def champion_version(self, state) -> str | None:
         if state is not None and state.champion:
             return state.champion
-        v = self.r.get(f"{self.p}:monitor:champion_seen")
+        v = self.r.get(self.keys.monitor_champion_seen)
         return _s(v) if v else None
 
     # ---- the fidelity SLO and the fallback lever ------------------------------------------------
@@ -218,7 +209,7 @@ class Monitor:
         if not reasons or state.fallback != "none":
             return None
         new = self.control.update(ControlUpdate(fallback=self.cfg.fallback), by="monitor")
-        self.r.set(f"{self.p}:monitor:fallback_seen", new.fallback)
+        self.r.set(self.keys.monitor_fallback_seen, new.fallback)
         evidence = {"window": stats, "slo": slo.model_dump(), "reasons": reasons, "generation": new.generation,
                     "fallback": new.fallback}
         self.alerts.raise_alert("fallback", "critical",
@@ -236,7 +227,7 @@ class Monitor:
         state = self.control.get()
         if state is None:
             return None
-        seen_key, pos_key = f"{self.p}:monitor:fallback_seen", f"{self.p}:monitor:control_seen"
+        seen_key, pos_key = self.keys.monitor_fallback_seen, self.keys.monitor_control_seen
         seen = _s(self.r.get(seen_key) or b"none")
         pos = self.r.get(pos_key)
         if pos is None:  # first look: only the present counts
@@ -275,7 +266,7 @@ class Monitor:
     def _forget_before(self, generation: int) -> None:
         """Drop champion-arm rows served before `generation` (a recovery): what broke the SLO
         is no evidence against what is served now. Rows of later requests stay."""
-        for key in self.r.scan_iter(f"{self.p}:monitor:window:*:champion"):
+        for key in self.r.scan_iter(self.keys.monitor_window("*", "champion")):
             rows = [x for x in self.r.lrange(key, 0, -1) if (json.loads(x).get("generation") or 0) >= generation]
             with self.r.pipeline() as pipe:  # MULTI: the list is never seen half rewritten
                 pipe.delete(key)
@@ -298,7 +289,7 @@ class Monitor:
 
     def check_drift_due(self, force: bool = False) -> list[dict]:
         d, out = self.cfg.drift, []
-        since = {_s(k): int(v) for k, v in self.r.hgetall(f"{self.p}:monitor:since_check").items()}
+        since = {_s(k): int(v) for k, v in self.r.hgetall(self.keys.monitor_since_check).items()}
         for version, n_new in since.items():
             if version == DENSE:
                 continue
@@ -311,7 +302,7 @@ class Monitor:
 
     def check_drift(self, version: str) -> dict | None:
         d = self.cfg.drift
-        rows = [json.loads(x) for x in self.r.lrange(self._features_key(version), 0, -1)]
+        rows = [json.loads(x) for x in self.r.lrange(self.keys.monitor_features(version), 0, -1)]
         if len(rows) < d.min_rows:
             return None
         try:
@@ -325,7 +316,7 @@ class Monitor:
         result = drift_mod.check_drift(ref[cols], current[cols], html=d.html_report, drift_share=d.drift_share,
                                        method=d.method)
         elapsed = time.perf_counter() - t0
-        self.r.hset(f"{self.p}:monitor:since_check", version, 0)
+        self.r.hset(self.keys.monitor_since_check, version, 0)
         self.last_check[version] = time.time()
         self.counts["checks"] += 1
         drifted = {c: v["score"] for c, v in result.columns.items() if v["drifted"]}
@@ -333,7 +324,7 @@ class Monitor:
         record = {"version": version, "drift": result.drift, "share": result.share, "drifted": drifted,
                   "window": result.n_current, "reference": result.n_reference, "columns": cols,
                   "ts": time.time(), "seconds": round(elapsed, 3), "run_id": run_id, "run_url": run_url}
-        self.r.hset(f"{self.p}:monitor:drift", version, json.dumps(record))
+        self.r.hset(self.keys.monitor_drift, version, json.dumps(record))
         if result.drift:
             top = ", ".join(f"{c} {s:.3g}" for c, s in sorted(drifted.items())[:8])
             self.alerts.raise_alert("drift", "warning",
@@ -378,12 +369,12 @@ class Monitor:
     # ---- summary and the loop --------------------------------------------------------------
     def summary(self) -> dict:
         state = self.control.get()
-        drifts = {_s(k): json.loads(v) for k, v in self.r.hgetall(f"{self.p}:monitor:drift").items()}
-        ftot = {_s(k): int(v) for k, v in self.r.hgetall(f"{self.p}:monitor:feature_totals").items()}
+        drifts = {_s(k): json.loads(v) for k, v in self.r.hgetall(self.keys.monitor_drift).items()}
+        ftot = {_s(k): int(v) for k, v in self.r.hgetall(self.keys.monitor_feature_totals).items()}
         return {"ts": time.time(), "instance": self.instance, "champion": self.champion_version(state),
                 "fallback": state.fallback if state else None, "generation": state.generation if state else None,
                 "slo": self.cfg.slo.model_dump(), "windows": self.windows(),
-                "drift": drifts, "features": {v: {"total": n, "window": self.r.llen(self._features_key(v))}
+                "drift": drifts, "features": {v: {"total": n, "window": self.r.llen(self.keys.monitor_features(v))}
                                               for v, n in ftot.items() if v != "invalid"},
                 "streams": {"samples": self.samples.lag(), "features": self.features.lag()},
                 "counts": dict(self.counts)}
@@ -394,11 +385,11 @@ class Monitor:
         self.check_slo()
         self.check_drift_due()
         summary = self.summary()
-        self.r.set(f"{self.p}:monitor:summary", json.dumps(summary))
+        self.r.set(self.keys.monitor_summary, json.dumps(summary))
         return summary
 
     def _status(self, active: bool) -> None:
-        self.r.set(f"{self.p}:monitor:status", json.dumps({"instance": self.instance, "pid": os.getpid(),
+        self.r.set(self.keys.monitor_status, json.dumps({"instance": self.instance, "pid": os.getpid(),
                                                            "active": active, "ts": time.time()}),
                    ex=int(self.cfg.lease_ttl_s * 3))
 

@@ -25,6 +25,8 @@ from typing import Literal
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
+from monitor.keys import Keys
+
 
 class ControlDefaults(BaseModel):
     """The control state a fresh deployment starts from (generation 1). At run time the
@@ -95,9 +97,9 @@ class ControlStore:
 
     def __init__(self, client: redis.Redis, prefix: str):
         self.r = client
-        self.key, self.channel = f"{prefix}:control:state", f"{prefix}:control:notify"
-        self.replicas = f"{prefix}:control:replicas"
-        self.history = f"{prefix}:control:history"
+        keys = Keys(prefix)
+        self.key, self.channel = keys.control_state, keys.control_notify
+        self.replicas, self.history = keys.control_replicas, keys.control_history
 
     def ensure(self, defaults: ControlDefaults) -> ControlState:
         """Write generation 1 unless a document exists (first replica wins)."""

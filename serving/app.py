@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from serving.api.gateway import Gateway
 from serving.replica.llm import GatedLLM
-from serving.replica.monitor import Monitor
+from serving.replica.monitor import MonitorReplica
 from serving.settings import Settings
 from serving.replica.shadow import ShadowDense
 
@@ -20,7 +20,7 @@ def build_app(settings: Settings):
     shadow = ShadowDense.options(num_replicas=s.shadow_replicas, ray_actor_options=cpus,
                                  max_ongoing_requests=s.shadow_max_inflight * 2, **health).bind(settings)
     # one Monitor replica; a second one (during a restart) waits on the Redis lease
-    monitor = Monitor.options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(settings) \
+    monitor = MonitorReplica.options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(settings) \
         if settings.monitor.enabled else None
     return Gateway.options(ray_actor_options={"num_cpus": 0},
                            max_ongoing_requests=s.max_ongoing_requests * 4).bind(settings, llm, shadow, monitor)

@@ -1,29 +1,17 @@
+"""Fixtures for every test package: tiny models, and the services the tests start for
+themselves (a redis-server on a free port, an MLflow store or server), each with the scope
+that keeps the tests independent and the run short."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+
+from tests.support import RedisServer, save_tiny_model, start_mlflow, tiny_llama, tiny_opt
 
 torch.set_num_threads(2)
-
-
-def tiny_llama(kv_heads: int = 2, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                      num_attention_heads=8, num_key_value_heads=kv_heads, max_position_embeddings=128,
-                      attention_bias=True)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    # attention_bias=True exercises bias gathering; give the biases non-zero values.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model
-
-
-def tiny_opt(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = OPTConfig(vocab_size=97, hidden_size=64, ffn_dim=96, num_hidden_layers=3,
-                    num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64)
-    return AutoModelForCausalLM.from_config(cfg).eval()
 
 
 @pytest.fixture(params=["llama-gqa", "llama-mha", "opt"])
@@ -33,3 +21,32 @@ def tiny_model(request):
     if request.param == "llama-mha":
         return tiny_llama(kv_heads=8)
     return tiny_opt()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama saved with save_pretrained, as a user's checkpoint."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    """A clean redis-server of our own per module, no persistence (the machine's shared one
+    is left alone)."""
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def registry_uri(tmp_path_factory) -> str:
+    """An MLflow tracking + registry store (SQLite, local artifacts), used in process."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{folder}/mlflow.db"
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory):
+    """A real MLflow server on a free port (SQLite store), for what needs HTTP: the UI,
+    webhooks, several processes."""
+    with start_mlflow(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server.uri

@@ -20,8 +20,9 @@ from adapter.config import RuntimeConfig
 from adapter.embedded import suite
 from adapter.embedded.recipe import default_predictor_dir
 from adapter.evaluation.scoring import encode_pairs
-from adapter.pipeline import traces, train
+from adapter.pipeline import traces
 from adapter.runtime.loading import load
+from adapter.selection import artifact
 from adapter.selection.methods import dense
 
 MODELS = ("default", "default-opt")
@@ -47,7 +48,7 @@ def _shadowllm(loaded, sparsity: float):
     if not (folder / "predictor.json").exists():
         return None
     rt = loaded.runtime
-    lp = train.load_predictor(folder, rt.shape, traces.model_fingerprint(rt.model))
+    lp = artifact.load_predictor(folder, rt.shape, traces.model_fingerprint(rt.model))
     return lp.method(sparsity, rt.config.mode, rt.shape, rt.config.head_selection)
 
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from adapter.evaluation import scoring as evaluate
 
-from adapter.selection import methods
+from adapter.selection import artifact, methods
 from adapter.selection.methods import dense
 
 from adapter.embedded import suite as tasks
@@ -33,10 +33,10 @@ SPARSITIES = (0.3, 0.5, 0.7)
 MODES = ("per_layer", "global")
 
 
-def load_set(folder: Path, shape, fingerprint: str) -> dict[str, training.LoadedPredictor]:
+def load_set(folder: Path, shape, fingerprint: str) -> dict[str, artifact.LoadedPredictor]:
     found = {}
     for sub in sorted(Path(folder).glob("*/predictor.json")):
-        found[sub.parent.name] = training.load_predictor(sub.parent, shape, fingerprint)
+        found[sub.parent.name] = artifact.load_predictor(sub.parent, shape, fingerprint)
     if not found:
         raise FileNotFoundError(f"no predictors under {folder}: run `shadowgate predictor build`")
     return found

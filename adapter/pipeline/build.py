@@ -9,13 +9,14 @@ from adapter.pipeline import traces
 from adapter.pipeline import train as training
 from adapter.pipeline.collect import collect
 from adapter.pipeline.criteria import CRITERIA
+from adapter.selection import artifact
 from adapter.selection.predictors import NEURON_INPUTS
 
 
 def train_one(kind: str, criterion: str, data: Path, out: Path, runtime, cfg: training.TrainConfig) -> dict:
     """Train one predictor from a dataset version and save it to `out`; returns its metrics."""
-    if kind not in training.KINDS:
-        raise ValueError(f"unknown kind {kind!r}: use one of {', '.join(training.KINDS)}")
+    if kind not in artifact.KINDS:
+        raise ValueError(f"unknown kind {kind!r}: use one of {', '.join(artifact.KINDS)}")
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}: use one of {', '.join(CRITERIA)}")
     if kind == "dejavu" and criterion != "l2norm":
@@ -27,7 +28,7 @@ def train_one(kind: str, criterion: str, data: Path, out: Path, runtime, cfg: tr
     train, val = traces.load_split(data, "train"), traces.load_split(data, "validation")
     fingerprint = traces.model_fingerprint(runtime.model)
     if train.manifest["model_fingerprint"] != fingerprint:
-        raise training.PredictorMismatch(
+        raise artifact.PredictorMismatch(
             f"traces in {data} were collected on model {train.manifest['model_fingerprint']}, "
             f"not on the loaded model {fingerprint}")
     shape = runtime.shape
@@ -38,7 +39,7 @@ def train_one(kind: str, criterion: str, data: Path, out: Path, runtime, cfg: tr
     else:
         module = training.static_scores(train, criterion)
         metrics = training.static_metrics(val, criterion, module)
-    training.save_predictor(out, kind, criterion, module, shape, fingerprint, metrics, train, cfg)
+    artifact.save_predictor(out, kind, criterion, module, shape, fingerprint, metrics, train, cfg)
     return metrics
 
 

@@ -1,40 +1,26 @@
-"""Predictor training (`shadowgate predictor train`), saving and validated loading.
+"""Predictor training (`shadowgate predictor train`).
 
 Targets are normalised per example and per layer to [0, 1] (min-max), the loss is MSE,
 the optimiser AdamW with a cosine schedule, and training stops early on the validation
 Spearman rho (mean over examples and layers of the rank correlation between predicted and
 true scores of one layer's units: the ranking that per-layer selection uses).
 
-A saved predictor is a folder: predictor.safetensors (weights, plus "stats.*" tensors: the
-predictor-input statistics that a drift monitor compares against) and predictor.json (kind,
-criterion, model fingerprint, shape, sizes, normalisation, metrics, dataset). Loading
-checks fingerprint and shape and refuses a predictor built for another model.
+What is trained here is saved and loaded by adapter.selection.artifact.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from adapter.selection import methods  # the method factory (it imports this module too)
 from adapter.selection import predictors as P
 from adapter.runtime.model_view import Shape
 from adapter.pipeline.traces import TraceSet
 
-KINDS = ("shadowllm", "dejavu", "static")
-NORMALISATION = {"input": "minmax_per_example", "targets": "minmax_per_example_per_layer"}
-
-
-class PredictorMismatch(ValueError):
-    """The predictor was built for another model or shape."""
 
 
 @dataclass(frozen=True)
@@ -196,79 +182,3 @@ def static_metrics(val: TraceSet, criterion: str, scores) -> dict:
     vh, vn = _unified_targets(val, criterion)
     return {"rho_heads": float(spearman(scores[0].expand_as(vh), vh).mean()),
             "rho_neurons": float(spearman(scores[1].expand_as(vn), vn).mean())}
-
-
-# ---- save / load ---------------------------------------------------------------------------
-
-
-def save_predictor(folder: Path, kind: str, criterion: str, module_or_scores, shape: Shape,
-                   fingerprint: str, metrics: dict, train: TraceSet, cfg: TrainConfig) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    if kind == "static":
-        tensors = {"heads": module_or_scores[0], "neurons": module_or_scores[1]}
-        sizes = {}
-    else:
-        tensors = dict(module_or_scores.state_dict())
-        sizes = ({"hidden": module_or_scores.hidden, "neuron_rank": module_or_scores.neuron_rank}
-                 if kind == "shadowllm" else {"rank": module_or_scores.layers[0].rank})
-    # which hidden state a dejavu predictor's neuron branch reads; an artifact without the
-    # field (all written before it existed) reads the layer's input
-    inputs = {"neuron_input": module_or_scores.neuron_input} if kind == "dejavu" else {}
-    x = P.minmax(train.tensors["predictor_input"])
-    tensors["stats.input_mean"], tensors["stats.input_std"] = x.mean(0), x.std(0)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "predictor.safetensors"))
-    config = {
-        "kind": kind, "criterion": criterion, "model_fingerprint": fingerprint, "shape": shape.as_dict(),
-        "sizes": sizes, **inputs, "normalisation": NORMALISATION, "metrics": metrics,
-        "input_stats": {"n": int(x.shape[0]), "mean_of_mean": float(x.mean()), "mean_of_std": float(x.std(0).mean())},
-        "dataset": {"version": train.manifest["version"], "records": len(train)},
-        "train_config": asdict(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    (folder / "predictor.json").write_text(json.dumps(config, indent=2) + "\n")
-    return folder
-
-
-@dataclass(frozen=True)
-class LoadedPredictor:
-    kind: str
-    criterion: str
-    config: dict
-    module: object  # UnifiedPredictor | DejaVuPredictors | (head_scores, neuron_scores)
-
-    def method(self, sparsity: float, mode: str = "per_layer", shape: Shape | None = None,
-               head_selection: str = "heads"):
-        """This predictor's selection method at `sparsity` (through the one factory)."""
-        return methods.make_method(self.kind, sparsity, shape or self.module_shape, self.module,
-                                   mode=mode, head_selection=head_selection)
-
-    @property
-    def module_shape(self) -> Shape:
-        return Shape(**self.config["shape"])
-
-
-def load_predictor(folder: Path, shape: Shape, fingerprint: str) -> LoadedPredictor:
-    folder = Path(folder)
-    cfg_path = folder / "predictor.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{folder} holds no predictor (predictor.json missing)")
-    config = json.loads(cfg_path.read_text())
-    if config.get("kind") not in KINDS:
-        raise PredictorMismatch(f"{folder}: unknown predictor kind {config.get('kind')!r}")
-    if config["shape"] != shape.as_dict():
-        raise PredictorMismatch(
-            f"predictor {folder} was built for a model of shape {config['shape']}, "
-            f"but the loaded model has shape {shape.as_dict()}")
-    if config["model_fingerprint"] != fingerprint:
-        raise PredictorMismatch(
-            f"predictor {folder} was built for model {config['model_fingerprint']}, "
-            f"not for the loaded model {fingerprint}")
-    tensors = load_file(str(folder / "predictor.safetensors"))
-    state = {k: v for k, v in tensors.items() if not k.startswith("stats.")}
-    if config["kind"] == "static":
-        return LoadedPredictor("static", config["criterion"], config, (state["heads"], state["neurons"]))
-    if config["kind"] == "shadowllm":
-        module = P.UnifiedPredictor(shape, config["sizes"]["hidden"], config["sizes"]["neuron_rank"])
-    else:
-        module = P.DejaVuPredictors(shape, config["sizes"]["rank"], config.get("neuron_input", "layer_input"))
-    module.load_state_dict(state)
-    return LoadedPredictor(config["kind"], config["criterion"], config, module.eval().requires_grad_(False))

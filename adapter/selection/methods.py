@@ -2,20 +2,14 @@
 
 `make_method` builds a method from its kind and its source (a predictor module, static
 scores or a mask); every construction site (CLI, eval, engine, benchmarks, jobs) goes through
-it, directly or through `LoadedPredictor.method`. `build_method` is the by-name entry of the
-CLI: trained predictors from a predictor directory when one is given; otherwise
-random-initialised (seeded) ones for speed work, and the result says so ("random-init").
+it, directly, through `LoadedPredictor.method` (adapter.selection.artifact) or through
+`build_method` (adapter.selection.by_name, the by-name entry of the CLI).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 
-from adapter.config import PredictorConfig
-from adapter.pipeline import train as training
 from adapter.runtime import masks
 from adapter.runtime.model_view import Shape
 from adapter.selection import predictors as P
@@ -68,35 +62,3 @@ def dense() -> SelectionMethod:
 def _expect(name: str, source, kind: type) -> None:
     if not isinstance(source, kind):
         raise TypeError(f"a {name} method needs a {kind.__name__}, got {type(source).__name__}")
-
-
-@dataclass(frozen=True)
-class BuiltMethod:
-    method: SelectionMethod
-    predictor: str  # "none" | "random-init" | a version / path description
-
-
-TRAINED = {"shadowllm": "shadowllm-plainact", "dejavu": "dejavu-l2norm", "static": "static-plainact"}
-
-
-def build_method(shape: Shape, name: str, sparsity: float, config: PredictorConfig = PredictorConfig(),
-                 mode: str = "per_layer", seed: int = 0, predictor_dir: Path | None = None,
-                 fingerprint: str | None = None, head_selection: str = "heads") -> BuiltMethod:
-    """A method by name; trained predictors from `predictor_dir` (validated against the
-    model's fingerprint) when present there, else random-initialised ones."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}: use one of {', '.join(METHODS)}")
-    if name == "dense":
-        return BuiltMethod(make_method("dense", sparsity), "none")
-    if predictor_dir is not None and (Path(predictor_dir) / TRAINED[name] / "predictor.json").exists():
-        folder = Path(predictor_dir) / TRAINED[name]
-        loaded = training.load_predictor(folder, shape, fingerprint)
-        return BuiltMethod(loaded.method(sparsity, mode, shape, head_selection), str(folder))
-    if name == "shadowllm":
-        source = P.random_unified(shape, config.hidden, config.rank_for(shape.layers, shape.ffn), seed)
-    elif name == "dejavu":
-        source = P.random_dejavu(shape, config.dejavu_rank, seed)
-    else:
-        source = P.random_static_scores(shape, seed)
-    return BuiltMethod(make_method(name, sparsity, shape, source, mode=mode, head_selection=head_selection),
-                       "random-init")

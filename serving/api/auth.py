@@ -1,5 +1,5 @@
-"""API keys: salted hashes at rest, the gateway's key ring, and the keys `shadowgate up`
-creates when none is configured.
+"""API keys and what a key may do: salted hashes at rest, the gateway's key ring, the per-key
+policy checks and rate limits, and the keys `shadowgate up` creates when none is configured.
 
 A key reads `sg_<id>_<secret>`: the id (8 hex digits) names the one stored hash to check,
 so a request costs one scrypt at most (and none once the key is in the ring's cache). The
@@ -11,22 +11,41 @@ prints a new key once.
 ("admin") in the key file and leaves each plain key in an owner-only file under the state
 directory, for local clients (curl, `shadowgate bench serve`); it prints where they are,
 never the keys.
+
+Rate limits (per key, `rate_limit_per_min` prompts and `tokens_per_min` tokens) count over a
+sliding 60 s window shared by every gateway replica through Redis: per key and quantity a
+sorted set of what was taken (member "<id>:<n>", score the time) and its running total, both
+trimmed, checked and added to in one Lua script, so that no two replicas interleave and a
+refused request takes nothing. Time is Redis's own clock (one clock for all replicas) unless
+a clock is injected (tests). While Redis is unreachable each replica keeps the same sliding
+log in memory: serving goes on, limited per replica instead of per service.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
 import threading
 import time
+import uuid
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from serving.settings import ApiKey, KeyPolicy, Settings
+import redis
+
+from monitor.keys import Keys
+from serving.api.protocol import ApiError
+from serving.settings import ApiKey, GatewaySettings, KeyPolicy, Settings
+
+log = logging.getLogger(__name__)
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1
 _KEY = re.compile(r"^sg_([0-9a-f]{8})_[0-9a-f]{48}$")
@@ -207,6 +226,196 @@ class KeyRing:
         with self.lock:
             digest = hashlib.sha256(token).digest()
             return (digest in self.cache, self.cache.get(digest))
+
+
+def bearer_token(header: str) -> bytes:
+    """The key of an `Authorization: Bearer <key>` header, as the bytes the client sent."""
+    if not header:
+        raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", "authentication_error")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "malformed Authorization header: expected 'Bearer <key>'", "authentication_error")
+    # headers arrive as latin-1: back to the bytes the client sent, compared as bytes
+    return token.strip().encode("latin-1")
+
+
+class Authenticator:
+    """Who a request is (401 without a valid key) and what it may reach (403): client keys the
+    API, the admin key the /admin endpoints only."""
+
+    def __init__(self, keys: KeyRing):
+        self.keys = keys
+
+    async def identity(self, request) -> Identity:
+        token = bearer_token(request.headers.get("authorization", ""))
+        known, ident = self.keys.cached(token)
+        if not known:  # at most one scrypt per key and process, off the event loop
+            ident = await asyncio.to_thread(self.keys.lookup, token)
+        if ident is None:
+            raise ApiError(401, "invalid API key", "authentication_error")
+        return ident
+
+    async def client(self, request) -> Identity:
+        ident = await self.identity(request)
+        if ident.role == "admin":
+            raise ApiError(403, "the admin key is for /admin endpoints only", "permission_error")
+        return ident
+
+    async def admin(self, request) -> Identity:
+        ident = await self.identity(request)
+        if ident.role != "admin":
+            raise ApiError(403, "this endpoint needs the admin key", "permission_error")
+        return ident
+
+
+# ---- per-key policy ----------------------------------------------------------------------------
+def check_sparsity(policy: KeyPolicy, sparsity: float | None) -> None:
+    """A sparsity the client asks for must lie in the key's bounds (the operator's is clamped)."""
+    lo, hi = policy.min_sparsity, policy.max_sparsity
+    if sparsity is not None and not lo <= sparsity <= hi:
+        raise ApiError(400, f"sparsity {sparsity} is outside this key's bounds [{lo}, {hi}]")
+
+
+def max_prompts(policy: KeyPolicy, gw: GatewaySettings) -> int:
+    """Prompts per request: the gateway's bound, or the key's when it is lower."""
+    return min(gw.max_prompts_per_request, policy.max_prompts or gw.max_prompts_per_request)
+
+
+def max_request_tokens(policy: KeyPolicy, gw: GatewaySettings) -> int:
+    """Prompt tokens + max_tokens per prompt, summed over a request: the gateway's bound, or
+    the key's when it is lower."""
+    return min(gw.max_request_tokens, policy.max_request_tokens or gw.max_request_tokens)
+
+
+# One call takes every limited quantity of a request, or none of them.
+# KEYS: per quantity its log (a sorted set; member "<id>:<n>", score the time it was taken),
+#       then its running total (a string: the sum of n over the log).
+# ARGV: now in seconds ("" for Redis's clock), the window in seconds, the member id, then per
+#       quantity its limit and n.
+# Returns 0 when all was taken, else the 1-based index of the first quantity over its limit.
+# Cost: the entries that left the window since the last call, not the whole log.
+_SLIDE = """
+local now = tonumber(ARGV[1])
+if now == nil then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local window = tonumber(ARGV[2])
+local ttl = math.ceil(window * 1000) + 1000
+local function weight(members)
+  local w = 0
+  for _, m in ipairs(members) do w = w + tonumber(string.match(m, ':(%d+)$')) end
+  return w
+end
+local quantities = #KEYS / 2
+local totals = {}
+local refused = 0
+for i = 1, quantities do
+  local log, sum = KEYS[2 * i - 1], KEYS[2 * i]
+  local limit, n = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
+  local expired = redis.call('ZRANGEBYSCORE', log, '-inf', now - window)
+  if #expired > 0 then redis.call('ZREMRANGEBYSCORE', log, '-inf', now - window) end
+  local total = 0
+  if redis.call('ZCARD', log) > 0 then
+    local kept = redis.call('GET', sum)
+    if kept then
+      total = tonumber(kept) - weight(expired)
+    else  -- the total was lost (evicted): count the log again
+      total = weight(redis.call('ZRANGE', log, 0, -1))
+    end
+  end
+  totals[i] = total
+  if refused == 0 and total + n > limit then refused = i end
+end
+for i = 1, quantities do
+  local log, sum = KEYS[2 * i - 1], KEYS[2 * i]
+  if refused == 0 then
+    redis.call('ZADD', log, now, ARGV[3] .. ':' .. ARGV[3 + 2 * i])
+    totals[i] = totals[i] + tonumber(ARGV[3 + 2 * i])
+  end
+  if redis.call('EXISTS', log) == 1 then
+    redis.call('SET', sum, totals[i], 'PX', ttl)
+    redis.call('PEXPIRE', log, ttl)
+  else
+    redis.call('DEL', sum)
+  end
+end
+return refused
+"""
+
+
+class RateLimiter:
+    """Per key: prompts per minute (a request of n prompts counts n) and tokens per minute
+    (prompt tokens + max_tokens per prompt), over a sliding 60 s window that all gateway
+    replicas share through Redis (the module's docstring says how). A refused request takes
+    nothing from either budget."""
+
+    def __init__(self, r, prefix: str, metrics=None, clock: Callable[[], float] | None = None,
+                 window_s: float = 60.0):
+        self.r, self.names, self.metrics, self.clock, self.window_s = r, Keys(prefix), metrics, clock, window_s
+        self.script = r.register_script(_SLIDE)
+        self.local: dict[str, deque[tuple[float, int]]] = {}  # the logs while Redis is unreachable
+        self.local_totals: dict[str, int] = {}
+        self.warned = False
+
+    def _keys(self, what: str, name: str) -> tuple[str, str]:
+        """The log and the running total of one API key's quantity."""
+        return self.names.rate_log(what, name), self.names.rate_total(what, name)
+
+    async def check(self, ident: Identity, prompts: int, tokens: int) -> None:
+        """Take this request's prompts and tokens from the key's budgets, or raise the 429."""
+        policy = ident.policy
+        wanted = [(limit, n, what) for limit, n, what in ((policy.rate_limit_per_min, prompts, "prompts"),
+                                                          (policy.tokens_per_min, tokens, "tokens"))
+                  if limit is not None]
+        if not wanted:  # an unlimited key costs no Redis call
+            return
+        now = self.clock() if self.clock is not None else None
+        refused = await self._take([(self._keys(what, ident.name), limit, n) for limit, n, what in wanted], now)
+        if refused:
+            limit, n, what = wanted[refused - 1]
+            if self.metrics is not None:
+                self.metrics.refused.labels("rate_limit").inc()
+            raise ApiError(429, f"rate limit of {limit} {what} per minute exceeded ({n} in this request)",
+                           "rate_limit_error")
+
+    async def _take(self, quantities: list[tuple[tuple[str, str], int, int]], now: float | None) -> int:
+        keys = [k for (log_key, total_key), _, _ in quantities for k in (log_key, total_key)]
+        args = ["" if now is None else repr(now), repr(self.window_s), uuid.uuid4().hex[:16]]
+        for _, limit, n in quantities:
+            args += [limit, n]
+        try:
+            refused = int(await self.script(keys=keys, args=args))
+            self.warned = False
+            return refused
+        except (redis.RedisError, OSError) as exc:
+            if not self.warned:
+                log.warning("Redis unreachable (%s): rate limits are counted per gateway replica until it returns",
+                            type(exc).__name__)
+                self.warned = True
+            return self._take_local(quantities, time.time() if now is None else now)
+
+    def _take_local(self, quantities: list[tuple[tuple[str, str], int, int]], now: float) -> int:
+        """The same sliding log, in this replica's memory."""
+        totals = []
+        for (key, _), _, _ in quantities:
+            entries = self.local.get(key)
+            total = self.local_totals.get(key, 0)
+            while entries and entries[0][0] <= now - self.window_s:
+                total -= entries.popleft()[1]
+            totals.append(total)
+        refused = next((i + 1 for i, ((_, limit, n), total) in enumerate(zip(quantities, totals))
+                        if total + n > limit), 0)
+        for ((key, _), _, n), total in zip(quantities, totals):
+            if not refused:
+                self.local.setdefault(key, deque()).append((now, n))
+                total += n
+            if self.local.get(key):
+                self.local_totals[key] = total
+            else:  # nothing left in the window: the key is forgotten
+                self.local.pop(key, None)
+                self.local_totals.pop(key, None)
+        return refused
 
 
 # ---- what `shadowgate up` makes ----------------------------------------------------------------

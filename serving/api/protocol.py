@@ -146,6 +146,14 @@ def error_body(message: str, kind: str = "invalid_request_error", code: str | No
     return {"error": {"message": message, "type": kind, "code": code}}
 
 
+class ApiError(Exception):
+    """A refusal with its status and message: the app answers it as `error_body(message, kind)`."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
 def completion_body(request_id: str, model: str, choices: list[dict], usage: dict, ext: dict) -> dict:
     return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage, "shadowgate": ext}

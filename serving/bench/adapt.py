@@ -30,10 +30,13 @@ import redis
 from adapter.embedded import suite as tasks
 from adapter.evaluation import scoring as evaluate
 from adapter.pipeline import traces
-from adapter.pipeline import train as training
-from jobs.registry import PredictorRegistry
-from jobs.rollout import RolloutStore, arm_stats
-from serving.bench.monitor import Driver, narrow_predictor, reversed_predictor, suite_prompts
+from adapter.selection import artifact
+from jobs.registry import registry_for
+from jobs.rollout import arm_stats
+from jobs.rollout_store import RolloutStore
+from monitor.keys import Keys
+from serving.bench.harness import Driver, suite_prompts
+from serving.bench.monitor import narrow_predictor, reversed_predictor
 
 KNOWN = ["mod_add", "successor", "lexicon"]
 PHASES = [("phase2", ["table_lookup", "kv_recall"]), ("phase3", ["reverse"])]
@@ -54,7 +57,7 @@ class Timeline:
 
 
 def accuracy(loaded, folder: Path, families: list[str], per_family: int, sparsity: float, mode: str) -> float:
-    pred = training.load_predictor(folder, loaded.runtime.shape, traces.model_fingerprint(loaded.runtime.model))
+    pred = artifact.load_predictor(folder, loaded.runtime.shape, traces.model_fingerprint(loaded.runtime.model))
     instances = [i for i in tasks.split("test", per_family) if i.family in families]
     method = pred.method(sparsity, mode, loaded.runtime.shape)
     return evaluate.accuracy(evaluate.runtime_score_fn(loaded.runtime, method), loaded.tokenizer, instances)["mean"]
@@ -66,8 +69,7 @@ class Scenario:
         self.tl = Timeline(progress)
         self.r = redis.Redis.from_url(settings.redis.url)
         self.p = settings.redis.prefix
-        self.registry = PredictorRegistry(settings.mlflow.tracking_uri, settings.mlflow.registered_model,
-                                          work / "cache")
+        self.registry = registry_for(settings, cache_dir=work / "cache")
         self.rollout = RolloutStore(self.r, self.p)
         self.max_requests, self.phase_budget_s = max_requests, phase_budget_s
         self.i = 0
@@ -261,7 +263,7 @@ def run(d: Driver, settings, work: Path, progress=print, per_family: int = 100, 
 def shadow_points(client: redis.Redis, prefix: str, since: float) -> list[dict]:
     """(t, kl_mean, version, arm) of every shadow sample since `since`, from the stream ids."""
     out = []
-    for eid, fields in client.xrange(f"{prefix}:shadow:samples", min=f"{int(since * 1000)}-0", max="+"):
+    for eid, fields in client.xrange(Keys(prefix).shadow_samples, min=f"{int(since * 1000)}-0", max="+"):
         eid = eid.decode() if isinstance(eid, bytes) else eid
         meta = json.loads(fields[b"meta"])
         fid = json.loads(fields[b"fidelity"])

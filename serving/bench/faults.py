@@ -33,8 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-from serving.bench.monitor import suite_prompts, wait_until
+from monitor.keys import Keys
+from serving.bench.harness import suite_prompts, wait_until
 
 MAX_TOKENS = 16
 
@@ -137,7 +137,7 @@ def _replacement_startup(stack, before: set[int], t_kill: float) -> dict | None:
     r, p = stack.redis(), stack.settings.redis.prefix
     new = [rep["pid"] for rep in _replicas(stack) if rep["pid"] not in before]
     # the timing document is published every second, its startup part once the replica is ready
-    report = wait_until(lambda: json.loads(r.get(f"{p}:llm:timing:{new[0]}") or "{}").get("startup"), 10, 0.2) \
+    report = wait_until(lambda: json.loads(r.get(Keys(p).llm_timing(new[0])) or "{}").get("startup"), 10, 0.2) \
         if new else None
     if not report:
         return None
@@ -184,7 +184,7 @@ def redis_kill(stack, load: Load, down_s: float = 5.0, settle_s: float = 5.0) ->
     from monitor.alerts import AlertStore
 
     p = stack.settings.redis.prefix
-    probe_key = f"{p}:bench:probe"
+    probe_key = Keys(p).bench_probe
     acked: dict[str, list[str]] = {"probe": [], "alerts": []}
     stop = threading.Event()
     write_failures = {"n": 0}
@@ -210,9 +210,9 @@ def redis_kill(stack, load: Load, down_s: float = 5.0, settle_s: float = 5.0) ->
     w.start()
     time.sleep(settle_s)
     r = stack.redis()
-    samples_key, alerts_key = f"{p}:shadow:samples", f"{p}:alerts"
+    samples_key, alerts_key = Keys(p).shadow_samples, Keys(p).alerts
     before = {"samples": _stream_ids(r, samples_key), "alerts": _stream_ids(r, alerts_key)}
-    state_before = json.loads(r.get(f"{p}:control:state"))
+    state_before = json.loads(r.get(Keys(p).control_state))
     t_kill = time.time()
     stack.kill("redis")
     time.sleep(down_s)
@@ -233,7 +233,7 @@ def redis_kill(stack, load: Load, down_s: float = 5.0, settle_s: float = 5.0) ->
     r = stack.redis()
     after = {"samples": _stream_ids(r, samples_key), "alerts": _stream_ids(r, alerts_key),
              "probe": _stream_ids(r, probe_key)}
-    state_after = json.loads(r.get(f"{p}:control:state"))
+    state_after = json.loads(r.get(Keys(p).control_state))
     lost = {"shadow_samples": len(before["samples"] - after["samples"]),
             "alerts": len((before["alerts"] | set(acked["alerts"])) - after["alerts"]),
             "probe_entries": len(set(acked["probe"]) - after["probe"])}
@@ -289,8 +289,8 @@ def mlflow_outage(stack, load: Load, down_s: float = 60.0, settle_s: float = 5.0
     t_restart = time.time()
     stack.restart_mlflow()
     t_up = time.time()
-    ok_again = wait_until(lambda: (json.loads(r.hget(f"{p}:jobs:last", "rollout") or "{}").get("started", 0) > t_up
-                                   and json.loads(r.hget(f"{p}:jobs:last", "rollout"))["status"] == "ok"), 90, 0.5)
+    ok_again = wait_until(lambda: (json.loads(r.hget(Keys(p).jobs_last, "rollout") or "{}").get("started", 0) > t_up
+                                   and json.loads(r.hget(Keys(p).jobs_last, "rollout"))["status"] == "ok"), 90, 0.5)
     time.sleep(settle_s)
     failure = (alert or [{}])[0]
     return {**load.summary(t_stop, time.time()), "down_s": round(t_restart - t_stop, 2), "how": how,

@@ -21,15 +21,13 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import httpx
-import torch
 from safetensors.torch import load_file, save_file
 
-from adapter.embedded import suite as tasks
+from monitor.keys import Keys
+from serving.bench.harness import Driver, suite_prompts, wait_until
 
 
 def reversed_predictor(src: Path, dst: Path) -> Path:
@@ -86,71 +84,6 @@ class Receiver:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
-
-
-@dataclass
-class Driver:
-    """Sequential completions through the real HTTP API, counting failures."""
-
-    client: httpx.Client
-    admin: httpx.Client
-    max_tokens: int = 4
-    requests: int = 0
-    failed: int = 0
-    errors: list[str] = field(default_factory=list)
-
-    def complete(self, prompt: str, **extra) -> dict | None:
-        self.requests += 1
-        try:
-            r = self.client.post("/v1/completions", json={"prompt": prompt, "max_tokens": self.max_tokens,
-                                                          "temperature": 0, **extra})
-        except httpx.HTTPError as exc:
-            self.failed += 1
-            self.errors.append(type(exc).__name__)
-            return None
-        if r.status_code != 200:
-            self.failed += 1
-            self.errors.append(f"{r.status_code}: {r.text[:120]}")
-            return None
-        return r.json()
-
-    def put_state(self, **change) -> dict:
-        r = self.admin.put("/admin/state", json=change)
-        r.raise_for_status()
-        gen = r.json()["state"]["generation"]
-        deadline = time.time() + 30
-        while time.time() < deadline:  # every replica serves it
-            reps = self.admin.get("/admin/state").json()["replicas"]
-            if reps and all(rep["generation"] >= gen for rep in reps):
-                return r.json()["state"]
-            time.sleep(0.2)
-        raise RuntimeError(f"replicas did not converge on generation {gen}")
-
-    def alerts(self, kind: str) -> list[dict]:
-        return self.admin.get("/admin/alerts", params={"kind": kind, "limit": 1000}).json()["alerts"]
-
-    def monitor(self) -> dict:
-        return self.admin.get("/admin/monitor").json()
-
-    def window(self, version: str, arm: str = "champion") -> dict | None:
-        summary = self.monitor()["summary"] or {}
-        return next((w for w in summary.get("windows", []) if w["version"] == version and w["arm"] == arm), None)
-
-
-def suite_prompts(split: str, families: list[str] | None, n: int, offset: int = 0) -> list[str]:
-    per = n // (len(families) if families else len(tasks.FAMILIES)) + 1 + offset
-    out = [i.prompt for i in tasks.split(split, per) if families is None or i.family in families]
-    return out[offset:offset + n]
-
-
-def wait_until(fn, timeout: float, interval: float = 0.25):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        out = fn()
-        if out:
-            return out
-        time.sleep(interval)
-    return None
 
 
 def fallback_scenario(d: Driver, broken_version: str, prompts: list[str], dense_tokens: dict[str, list[int]],
@@ -216,7 +149,7 @@ def restart_scenario(d: Driver, prompts: list[str], redis_client, prefix: str) -
     """SIGKILL the active monitor (a Ray Serve replica) while shadow samples stream in; then
     every sample written meanwhile must be in a fidelity window exactly once (by sample id).
     The windows must be longer than the samples sent (no trimming)."""
-    stream = f"{prefix}:shadow:samples"
+    stream = Keys(prefix).shadow_samples
     last = redis_client.xrevrange(stream, count=1)
     start = "(" + last[0][0].decode() if last else "-"
     old_pid = d.monitor()["status"]["pid"]
@@ -237,7 +170,7 @@ def restart_scenario(d: Driver, prompts: list[str], redis_client, prefix: str) -
 
     wait_until(caught_up, 60)
     counted: dict[str, int] = {}
-    for key in redis_client.scan_iter(f"{prefix}:monitor:window:*"):
+    for key in redis_client.scan_iter(Keys(prefix).monitor_windows):
         for x in redis_client.lrange(key, 0, -1):
             sid = json.loads(x)["sample_id"]
             counted[sid] = counted.get(sid, 0) + 1

@@ -25,6 +25,8 @@ import time
 import httpx
 import numpy as np
 
+from monitor.keys import Keys
+from serving.bench.harness import bearer
 from serving.replica.batcher import PHASES
 
 
@@ -81,7 +83,7 @@ class ReplicaTiming:
     def read(self) -> dict | None:
         if self.r is None:
             return None
-        snaps = [json.loads(self.r.get(k)) for k in self.r.scan_iter(f"{self.prefix}:llm:timing:*")]
+        snaps = [json.loads(self.r.get(k)) for k in self.r.scan_iter(Keys(self.prefix).llm_timing("*"))]
         snaps = [s for s in snaps if s]
         if not snaps:
             return None
@@ -171,7 +173,7 @@ async def run(base: str, api_key: str, admin_key: str, concurrencies=(1, 4, 16),
               progress=lambda line: None) -> dict:
     """Rows per (round, concurrency, sparsity); the sparsities alternate inside each
     concurrency level, so the machine's drift hits them alike."""
-    headers, admin = {"Authorization": f"Bearer {api_key}"}, {"Authorization": f"Bearer {admin_key}"}
+    headers, admin = bearer(api_key), bearer(admin_key)
     texts = suite_prompts(prompts)
     timing = ReplicaTiming(redis_url, prefix)
     async with httpx.AsyncClient(base_url=base, timeout=600) as client:

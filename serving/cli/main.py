@@ -1,4 +1,6 @@
-"""The `shadowgate` command line. Settings are loaded once here and passed down."""
+"""The `shadowgate` command line: the root app, its own commands (generate, eval, model,
+predictor) and the command groups of serving/cli/, registered below in the order `--help`
+lists them. Settings are loaded once per command, at its entry, and passed down."""
 
 from __future__ import annotations
 
@@ -8,34 +10,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from serving.settings import ConfigError, Settings, load_settings
+from serving.cli import bench, keys, monitor, rollout, service
+from serving.cli.common import ConfigOpt, JsonObjectOpt, console, fail, settings_or_exit
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="shadowgate: predictor-based contextual sparsity for LLM serving.")
 model_app = typer.Typer(no_args_is_help=True, help="The embedded default models.")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (commands, not tests).")
 predictor_app = typer.Typer(no_args_is_help=True, help="Importance traces and predictor training.")
-app.add_typer(model_app, name="model")
-app.add_typer(predictor_app, name="predictor")
-app.add_typer(bench_app, name="bench")
-
-err = Console(stderr=True)
-ConfigOpt = typer.Option(None, "--config", help="YAML settings file (else $SHADOWGATE_CONFIG).")
-
-
-def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
-
-
-def settings_or_exit(config: Optional[Path], **overrides) -> Settings:
-    try:
-        return load_settings(config, **overrides)
-    except ConfigError as exc:
-        fail(str(exc))
 
 
 @app.command()
@@ -47,15 +30,15 @@ def generate(
     method: str = typer.Option("shadowllm", "--method", help="dense | shadowllm | dejavu | static"),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
     seed: Optional[int] = typer.Option(None, "--seed"),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = JsonObjectOpt,
     predictors: Optional[Path] = typer.Option(None, "--predictors", help="Folder of trained predictors."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Generate from a prompt through the gated runtime."""
     from adapter.embedded.recipe import default_predictor_dir
-    from adapter.selection.methods import build_method
+    from adapter.selection.by_name import build_method
     from adapter.pipeline.traces import model_fingerprint
-    from adapter.pipeline.train import PredictorMismatch
+    from adapter.selection.artifact import PredictorMismatch
     from adapter.runtime.loading import ModelLoadError, load
     from adapter.runtime.gated import RequestError, SamplingParams
 
@@ -84,8 +67,8 @@ def generate(
     if as_json:
         print(json.dumps(result))
     else:
-        Console().print(f"[bold]{prompt}[/] {text}")
-        Console().print(f"method={gen.method} sparsity={gen.sparsity} "
+        console.print(f"[bold]{prompt}[/] {text}")
+        console.print(f"method={gen.method} sparsity={gen.sparsity} "
                         f"effective_sparsity={result['effective_sparsity']} predictor={built.predictor}")
 
 
@@ -117,57 +100,6 @@ def model_build(
     report = default_model.build(family, root, threads, {f: steps for f in family} if steps else None,
                                  resume)
     print(json.dumps(report, indent=2))
-
-
-@bench_app.command("speed")
-def bench_speed(
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    quick: bool = typer.Option(False, "--quick", help="Smaller model and fewer repeats (about a minute)."),
-    arch: str = typer.Option("llama-gqa", "--arch", help="llama-gqa | llama-mha | opt"),
-    batch_size: int = typer.Option(1, "--batch-size", min=1, max=64),
-    batch: Optional[str] = typer.Option(None, "--batch", help="Batch sizes, a comma list (1,4,8); "
-                                        "overrides --batch-size. Every row has its own prompt."),
-    methods: list[str] = typer.Option([], "--method", help="Only these methods (repeatable; "
-                                      "shadowllm, dejavu, static); dense always runs."),
-    sparsities: list[float] = typer.Option([], "--sparsity", help="Only these sparsities (repeatable)."),
-    repeats: Optional[int] = typer.Option(None, "--repeats", min=1, help="Repeats (default 5, quick 3)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Timed decode steps per repeat "
-                                        "(default 32, quick 16)."),
-    config: Optional[Path] = ConfigOpt,
-) -> None:
-    """Decode speed of dense vs shadowllm / dejavu / static on a realistic random-weight model."""
-    from adapter.benchmarks import decode_speed as bench
-
-    sizes: int | list[int] = batch_size
-    if batch is not None:
-        try:
-            sizes = [int(b) for b in batch.split(",")]
-        except ValueError:
-            fail(f"--batch {batch!r}: give batch sizes as a comma list, like 1,4,8")
-        if any(not 1 <= b <= 64 for b in sizes):
-            fail(f"--batch {batch!r}: every batch size must be in [1, 64]")
-    settings = settings_or_exit(config)
-    try:
-        result = bench.run_speed(settings.runtime, arch=arch, quick=quick, batch_size=sizes,
-                                 methods=methods or None, sparsities=sparsities or None,
-                                 repeats=repeats, steps=steps)
-    except ValueError as exc:
-        fail(str(exc))
-    if as_json:
-        print(json.dumps(result))
-        return
-    dense = {d["batch_size"]: d["ms_per_token"] for d in result["dense"]}
-    table = Table(title=f"decode speed, {result['device']}, {result['threads']} threads, "
-                        f"{result['dtype']}, dense ms/token by batch: "
-                        + ", ".join(f"{b}: {ms:.1f}" for b, ms in dense.items()))
-    for col in ("batch", "method", "sparsity", "ms/token", "speedup", "ideal", "% of ideal",
-                "predictor ms", "request ms"):
-        table.add_column(col, justify="right")
-    for r in result["results"]:
-        table.add_row(str(r["batch_size"]), r["method"], f"{r['sparsity']:.1f}", f"{r['ms_per_token']:.2f}",
-                      f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x", f"{r['pct_of_ideal']:.0f}%",
-                      f"{r['predictor_ms']:.3f}", f"{r['request_ms']:.0f}")
-    Console().print(table)
 
 
 def _load_for_predictors(model: Optional[str], config: Optional[Path]):
@@ -237,7 +169,8 @@ def predictor_train(
     """Train one predictor on collected traces; prints its validation metrics."""
     from adapter.embedded.recipe import default_predictor_dir, default_trace_dir
     from adapter.pipeline.build import train_one
-    from adapter.pipeline.train import PredictorMismatch, TrainConfig
+    from adapter.pipeline.train import TrainConfig
+    from adapter.selection.artifact import PredictorMismatch
 
     name, loaded = _load_for_predictors(model, config)
     suffix = "-ffn" if kind == "dejavu" and dejavu_neuron_input == "ffn_input" else ""
@@ -272,7 +205,7 @@ def predictor_build(
 
 @app.command("eval")
 def eval_cmd(
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = JsonObjectOpt,
     quick: bool = typer.Option(False, "--quick", help="25 test prompts per family instead of 100."),
     model: Optional[str] = typer.Option(None, "--model"),
     predictors: Optional[Path] = typer.Option(None, "--predictors", help="Folder of trained predictors."),
@@ -288,7 +221,7 @@ def eval_cmd(
     """Accuracy and perplexity against sparsity for every method, through the gated runtime."""
     from adapter.evaluation import sweep as quality
     from adapter.embedded.recipe import default_predictor_dir, default_trace_dir
-    from adapter.pipeline.train import PredictorMismatch
+    from adapter.selection.artifact import PredictorMismatch
 
     name, loaded = _load_for_predictors(model, config)
     data = data or default_trace_dir(name)
@@ -312,22 +245,25 @@ def eval_cmd(
     for r in report["results"]:
         table.add_row(r["method"], r["criterion"], r["mode"], f"{r['sparsity']:.1f}", f"{r['accuracy']:.3f}",
                       f"{r['perplexity']:.3f}", f"{r['effective_sparsity']:.3f}")
-    Console().print(table)
-    Console().print(f"spearman: {json.dumps(report['spearman'])}\nplot: {report['plot']}")
+    console.print(table)
+    console.print(f"spearman: {json.dumps(report['spearman'])}\nplot: {report['plot']}")
 
 
-from serving.cli import service as cli_service  # noqa: E402  (service commands live beside the core ones)
-
-cli_service.register(app, bench_app)
-from serving.cli import monitor as cli_monitor  # noqa: E402
-
-cli_monitor.register(app)
-from serving.cli import rollout as cli_rollout  # noqa: E402
-
-cli_rollout.register(app)
-from serving.cli import keys as cli_keys  # noqa: E402
-
-cli_keys.register(app)
+# root commands after generate and eval, then the groups
+app.command("up")(service.up)
+app.command("down")(service.down)
+app.command("alerts")(monitor.alerts_cmd)
+app.command("status")(rollout.status)
+app.command("approve")(rollout.approve)
+app.command("rollback")(rollout.rollback)
+app.add_typer(model_app, name="model")
+app.add_typer(predictor_app, name="predictor")
+app.add_typer(bench.bench_app, name="bench")
+app.add_typer(monitor.monitor_app, name="monitor")
+app.add_typer(monitor.fallback_app, name="fallback")
+app.add_typer(rollout.jobs_app, name="jobs")
+app.add_typer(bench.scenario_app, name="scenario")
+app.add_typer(keys.keys_app, name="keys")
 
 
 def main() -> None:  # pragma: no cover
@@ -336,11 +272,3 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
-
-from serving.cli import faults as cli_faults  # noqa: E402
-
-cli_faults.register(bench_app)
-
-from serving.cli import device as cli_device  # noqa: E402
-
-cli_device.register(bench_app)

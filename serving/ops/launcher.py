@@ -244,11 +244,15 @@ def start_ray(settings: Settings) -> str | None:
 def bootstrap_registry(settings: Settings) -> str:
     from adapter.runtime.loading import load
     from jobs.bootstrap import ensure_champion
-    from jobs.registry import PredictorRegistry
+    from jobs.registry import RegistryAuthError, registry_for
 
-    registry = PredictorRegistry(settings.mlflow.tracking_uri, settings.mlflow.registered_model)
-    if registry.resolve("champion") is not None:
-        return registry.resolve("champion")
+    registry = registry_for(settings)
+    try:
+        champion = registry.resolve("champion")
+    except RegistryAuthError as exc:  # wrong credentials: say so before anything is deployed
+        raise LaunchError(str(exc)) from None
+    if champion is not None:
+        return champion
     loaded = load(settings.model.name, settings.runtime.model_copy(update={"dtype": "float32"}))
     return ensure_champion(registry, settings.model.name, loaded, settings.mlflow.bootstrap_per_family,
                            settings.mlflow.bootstrap_epochs, settings.mlflow.reference_per_family)
@@ -260,6 +264,23 @@ class _Stop(Exception):
 
 def _raise_stop(signum, frame):
     raise _Stop()
+
+
+def with_running_redis(settings: Settings) -> Settings:
+    """The settings a command beside a running `shadowgate up` should read Redis with: when
+    that `up` started a redis-server of its own (the configured one keeps nothing, see
+    `redis.unpersisted`), the URL of that one, else `settings` as they are. A Redis that `up`
+    started has no password, so the recorded URL is whole."""
+    path = state_file(settings)
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return settings
+    url = state.get("redis")
+    if not _alive(state.get("pid")) or "redis" not in state.get("children", {}) or not url \
+            or url == describe(settings.redis.url):
+        return settings
+    return settings.model_copy(update={"redis": settings.redis.model_copy(update={"url": url})})
 
 
 def up(settings: Settings, say=print) -> None:

@@ -39,10 +39,9 @@ class Stack:
         return httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
 
     def registry(self):
-        from jobs.registry import PredictorRegistry
+        from jobs.registry import registry_for
 
-        s = self.settings.mlflow
-        return PredictorRegistry(s.tracking_uri, s.registered_model)
+        return registry_for(self.settings)
 
     def restart_mlflow(self) -> None:
         from serving.ops.launcher import start_mlflow

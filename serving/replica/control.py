@@ -11,6 +11,7 @@ import os
 import time
 from typing import Awaitable, Callable
 
+from monitor.keys import Keys
 from monitor.redis_client import async_redis_client
 from monitor.state import (ControlDefaults, ControlState, ControlStore, ControlUpdate, initial_state, reseeded,
                            supersedes)
@@ -49,8 +50,9 @@ class StateFollower:
     def __init__(self, redis, prefix: str, role: str, defaults: ControlDefaults,
                  apply: Callable[[ControlState], Awaitable[str | None]], reconcile_s: float):
         self.redis, self.role, self.defaults, self.apply = redis, role, defaults, apply
-        self.key, self.channel = f"{prefix}:control:state", f"{prefix}:control:notify"
-        self.replicas, self.history = f"{prefix}:control:replicas", f"{prefix}:control:history"
+        keys = Keys(prefix)
+        self.key, self.channel = keys.control_state, keys.control_notify
+        self.replicas, self.history = keys.control_replicas, keys.control_history
         self.reconcile_s = reconcile_s
         self.replica = f"{role}-{os.getpid()}"
         self.state: ControlState | None = None

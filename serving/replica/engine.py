@@ -22,7 +22,7 @@ from adapter.selection.methods import dense
 from adapter.runtime.loading import load
 from adapter.runtime.gated import RequestError, SamplingParams, Sequence, pick_tokens
 from adapter.pipeline.traces import model_fingerprint
-from adapter.pipeline.train import LoadedPredictor, load_predictor
+from adapter.selection.artifact import LoadedPredictor, load_predictor
 from jobs.registry import PredictorRegistry
 from monitor import drift
 from serving.replica.control import ControlState, canary_arm

@@ -24,8 +24,9 @@ from ray import serve
 
 import redis
 
-from jobs.registry import PredictorRegistry
+from jobs.registry import registry_for
 from monitor.alerts import AlertStore
+from monitor.keys import Keys
 from monitor.redis_client import redis_client
 from serving.replica.control import ControlState, StateFollower
 from serving.replica.batcher import Batcher
@@ -41,7 +42,7 @@ class GatedLLM:
     async def __init__(self, settings: Settings):
         t_init = time.time()
         self.settings = settings
-        registry = PredictorRegistry(settings.mlflow.tracking_uri, settings.mlflow.registered_model)
+        registry = registry_for(settings)
         self.engine = await asyncio.to_thread(Engine, settings, registry)
         t_engine = time.time()
         self.batcher = Batcher(self.engine, settings.serve.max_ongoing_requests).start()
@@ -115,7 +116,7 @@ class GatedLLM:
     async def _publish_timing(self) -> None:
         """The decode loop's counters (steps, batch sizes, ms per phase) to Redis every
         second, off the request path: `bench serve` reads them to show where time goes."""
-        key = f"{self.settings.redis.prefix}:llm:timing:{os.getpid()}"
+        key = Keys(self.settings.redis.prefix).llm_timing(os.getpid())
         while True:
             await asyncio.sleep(1.0)
             try:

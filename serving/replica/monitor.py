@@ -10,7 +10,7 @@ import threading
 
 from ray import serve
 
-from jobs.registry import PredictorRegistry
+from jobs.registry import registry_for
 from monitor import drift
 from monitor.service import Monitor as MonitorLoop
 from monitor.service import MonitorContext
@@ -27,7 +27,7 @@ def monitor_context(settings: Settings) -> MonitorContext:
 
 def reference_loader(settings: Settings):
     """version -> (Basis, reference rows), from the version's artifacts in the registry."""
-    registry = PredictorRegistry.from_settings(settings.mlflow)
+    registry = registry_for(settings)
     return lambda version: drift.load_reference(registry.download(version))
 
 
@@ -40,8 +40,9 @@ def build_monitor(settings: Settings) -> MonitorLoop:
     return MonitorLoop(monitor_context(settings), reference_loader(settings), scheduler_factory=factory)
 
 
+# the deployment keeps the name "Monitor": the Serve configs (infra/) and operators name it
 @serve.deployment(name="Monitor", health_check_period_s=5, health_check_timeout_s=10)
-class Monitor:
+class MonitorReplica:
     def __init__(self, settings: Settings):
         self.loop = build_monitor(settings)
         self.stop = threading.Event()

@@ -23,8 +23,9 @@ from ray import serve
 from adapter.pipeline import targets, traces
 from adapter.pipeline.targets import TargetPolicy
 from adapter.selection.methods import dense as dense_method
-from jobs.registry import PredictorRegistry
+from jobs.registry import registry_for
 from monitor.fidelity import compare
+from monitor.keys import Keys
 from monitor.redis_client import redis_client
 from monitor.samples import SampleStore
 from serving.replica.engine import Engine
@@ -57,7 +58,7 @@ def shadow_run(engine: Engine, sample: dict, policy: TargetPolicy) -> tuple[trac
 class ShadowDense:
     def __init__(self, settings: Settings):
         self.settings = settings
-        registry = PredictorRegistry.from_settings(settings.mlflow)
+        registry = registry_for(settings)
         self.engine = Engine(settings, registry)
         self.r = redis_client(settings.redis)
         self.store = SampleStore(self.r, settings.redis.prefix, settings.serve.shadow_stream_maxlen)
@@ -73,7 +74,7 @@ class ShadowDense:
                                                "positions")},
                        "version": sample["version"], "sample_id": entry,
                        "shadow_ms": round((time.perf_counter() - t0) * 1000, 1)}
-            self.r.set(f"{self.settings.redis.prefix}:audit:{sample['request_id']}:shadow",
+            self.r.set(Keys(self.settings.redis.prefix).audit_shadow(sample["request_id"]),
                        json.dumps(summary), ex=self.settings.serve.audit_retention_s)
             if time.time() - self.last_sweep > 60:
                 self.store.sweep()

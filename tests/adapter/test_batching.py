@@ -10,7 +10,7 @@ from adapter.runtime.gated import GatedModel
 from adapter.runtime.gather import GATHER_READS, PlanCache, unit_bytes
 from adapter.selection import predictors as P
 from tests.adapter.test_runtime import prompt
-from tests.conftest import tiny_llama
+from tests.support import tiny_llama
 
 # batched and solo steps differ only by float reassociation (the batched GEMM of layer 0 and
 # the lm_head already differ from the solo one at ~1e-7); 1e-5 is 10x tighter than the

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adapter.pipeline import criteria
-from tests.conftest import tiny_llama, tiny_opt
+from tests.support import tiny_llama, tiny_opt
 
 
 def modules(model):
@@ -92,7 +92,13 @@ def test_criteria_match_reference(make):
     # grad_norm of a head equals the norm of dLoss/dA, i.e. (dLoss/dgate) / A per element
     assert float(got.heads["grad_norm"][0, 1].min()) > 0
     # fisher: mean over positions of the squared per-position estimate, summed over elements
-    assert (got.heads["fisher"][0] >= 0).all() and (got.neurons["fisher"][0] >= 0).all()
+    # (a head's elements gated one by one: the gated loss with H*head_dim "heads" of size 1)
+    eg = [torch.ones(t, heads * head_dim, dtype=torch.double, requires_grad=True) for _ in range(n_layers)]
+    de = torch.autograd.grad(gated_loss(model, batch, eg, ones_n, heads * head_dim, 1), eg)
+    ref_fisher_h = torch.stack([(d ** 2).mean(0).view(heads, head_dim).sum(-1) for d in de])  # (L, H)
+    ref_fisher_n = torch.stack([(d ** 2).mean(0) for d in dh[n_layers:]])  # (L, F)
+    torch.testing.assert_close(got.heads["fisher"][0].double(), ref_fisher_h, rtol=1e-4, atol=1e-10)
+    torch.testing.assert_close(got.neurons["fisher"][0].double(), ref_fisher_n, rtol=1e-4, atol=1e-10)
     # DejaVu per-token targets at the target positions
     assert got.token_positions[0].tolist() == [5, 12, 13, 14]
     assert got.layer_inputs[0].shape == (4, n_layers, cfg.hidden_size)

@@ -1,17 +1,11 @@
 """`shadowgate bench device`, the prepared check for a GPU machine, run here on the CPU so it is
 known to work before a device is at hand: sparsity 0 equals transformers and dense."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from adapter.benchmarks.device_check import check_model
-
-SG = str(Path(sys.executable).parent / "shadowgate")
+from tests.support import shadowgate
 
 
 @pytest.mark.parametrize("name", ["default", "default-opt"])
@@ -28,8 +22,6 @@ def test_sparsity_zero_matches_transformers_token_for_token(name):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_cuda_asked_for_without_a_device_is_a_clear_error():
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([SG, "bench", "device", "--device", "cuda", "--no-timings"], capture_output=True,
-                          text=True, env=env, timeout=120)
+    done = shadowgate("bench", "device", "--device", "cuda", "--no-timings", timeout=120)
     assert done.returncode == 2
     assert "no CUDA device here" in done.stderr and "Traceback" not in done.stderr

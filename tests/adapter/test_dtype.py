@@ -5,11 +5,7 @@ dtype where that is safe). End to end in bfloat16 on CPU: generate, eval, the se
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -22,9 +18,9 @@ from adapter.pipeline import traces
 from adapter.runtime.gated import GatedModel
 from adapter.runtime.loading import load
 from adapter.selection import predictors as P
-from adapter.selection.methods import TRAINED, build_method, dense, make_method
-from tests.conftest import tiny_llama
-from tests.serving.conftest import free_port, redis_url, registry_uri  # noqa: F401  (fixtures)
+from adapter.selection.by_name import TRAINED, build_method
+from adapter.selection.methods import dense, make_method
+from tests.support import free_port, serve_app, shadowgate, tiny_llama
 
 BF16 = RuntimeConfig(dtype="bfloat16")
 PROMPT = "1 + 2 = 3 ; 4 + 4 ="
@@ -57,10 +53,8 @@ def test_fingerprint_does_not_depend_on_the_serving_dtype(bf16_llama):
 
 def test_generate_cli_in_bfloat16_uses_the_shipped_predictor():
     """The command of the issue, as a user runs it."""
-    env = {**os.environ, "SHADOWGATE_RUNTIME__DTYPE": "bfloat16"}
-    run = subprocess.run([sys.executable, "-m", "serving.cli.main", "generate", "--model", "default",
-                          "--method", "shadowllm", "--prompt", PROMPT, "--max-tokens", "4", "--json"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = shadowgate("generate", "--model", "default", "--method", "shadowllm", "--prompt", PROMPT,
+                     "--max-tokens", "4", "--json", env={"SHADOWGATE_RUNTIME__DTYPE": "bfloat16"})
     assert run.returncode == 0, run.stderr[-2000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["predictor"].endswith("shadowllm-plainact") and out["method"] == "shadowllm"
@@ -150,13 +144,9 @@ def test_dejavu_runs_in_bfloat16_and_picks_what_float32_picks():
 
 @pytest.mark.service
 @pytest.mark.slow  # about 100 s on 2 cores: Ray, Serve, the registry, warm-up
-def test_service_in_bfloat16_serves_the_shipped_predictor(redis_url, registry_uri, tmp_path_factory):  # noqa: F811
-    import ray
-    from ray import serve
-
+def test_service_in_bfloat16_serves_the_shipped_predictor(redis_url, registry_uri, tmp_path_factory):
     from jobs.bootstrap import ensure_champion
     from jobs.registry import PredictorRegistry
-    from serving.app import deploy
     from serving.settings import load_settings
 
     key, port = "sk-test-bf16", free_port()
@@ -169,30 +159,15 @@ def test_service_in_bfloat16_serves_the_shipped_predictor(redis_url, registry_ur
     loaded = load("default", settings.runtime)
     version = ensure_champion(registry, "default", loaded, reference_per_family=10)
     assert registry.client.get_model_version(settings.mlflow.registered_model, version).tags["source"] == "shipped"
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 << 20,
-             log_to_driver=False)
-    try:
-        deploy(settings)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-            for _ in range(240):
-                try:
-                    if http.get("/readyz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
-            r = http.post("/v1/completions", headers={"Authorization": f"Bearer {key}"},
-                          json={"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
-        assert r.status_code == 200, r.text
-        body = r.json()
-        ext = body["shadowgate"]
-        assert ext["predictor_version"] == version and ext["arm"] == "champion" and ext["sparsity"] == 0.5
-        assert 0.4 < ext["effective_sparsity"] < 0.5
-        assert body["choices"][0]["text"].split()[0] == "8"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with serve_app(settings) as base:
+        r = httpx.post(f"{base}/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                       json={"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ext = body["shadowgate"]
+    assert ext["predictor_version"] == version and ext["arm"] == "champion" and ext["sparsity"] == 0.5
+    assert 0.4 < ext["effective_sparsity"] < 0.5
+    assert body["choices"][0]["text"].split()[0] == "8"
 
 
 def test_a_model_handed_to_the_runtime_directly_keeps_its_float32_identity():

@@ -6,17 +6,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-from adapter.selection import predictors as P
-
 from adapter.pipeline import traces
-
 from adapter.pipeline import train as training
+from adapter.pipeline.build import train_one
 from adapter.pipeline.collect import collect
 from adapter.pipeline.targets import TargetPolicy
+from adapter.pipeline.train import TrainConfig
 from adapter.runtime.loading import load
-from adapter.pipeline.build import train_one
-from adapter.pipeline.train import PredictorMismatch, TrainConfig
-from tests.conftest import tiny_llama
+from adapter.selection import artifact
+from adapter.selection import predictors as P
+from adapter.selection.artifact import PredictorMismatch
+from tests.support import tiny_llama
 
 FAST = TrainConfig(epochs=25, patience=25, hidden=128, neuron_rank=16, dejavu_rank=16)
 
@@ -61,7 +61,7 @@ def test_trained_predictor_beats_random_and_round_trips(dataset, default_llama, 
     yh, yn = training._unified_targets(test, "plainact")
     x = test.tensors["predictor_input"]
     fp = traces.model_fingerprint(gm.model)
-    loaded = training.load_predictor(out, gm.shape, fp)
+    loaded = artifact.load_predictor(out, gm.shape, fp)
     with torch.no_grad():
         ph, pn = loaded.module(x)
         rh, rn = P.random_unified(gm.shape, 128, 16)(x)
@@ -84,9 +84,12 @@ def test_dejavu_and_static_train(dataset, default_llama, tmp_path):
     gm = default_llama.runtime
     dj = train_one("dejavu", "l2norm", dataset, tmp_path / "dj", gm, FAST)
     st = train_one("static", "plainact", dataset, tmp_path / "st", gm, FAST)
-    assert dj["rho_heads"] > 0.3 and -1 <= st["rho_heads"] <= 1
+    assert dj["rho_heads"] > 0.3
+    # one ranking for every prompt (the training mean) ranks heads well above chance, and below
+    # the per-prompt predictor (the default model's shipped pair: 0.47 and 0.87)
+    assert 0.3 < st["rho_heads"] < dj["rho_heads"] - 0.1, (st, dj)
     fp = traces.model_fingerprint(gm.model)
-    static = training.load_predictor(tmp_path / "st", gm.shape, fp).method(0.5, "per_layer", gm.shape)
+    static = artifact.load_predictor(tmp_path / "st", gm.shape, fp).method(0.5, "per_layer", gm.shape)
     assert static.mask.layers[1].heads.numel() == 4
     with pytest.raises(ValueError, match="l2norm"):
         train_one("dejavu", "plainact", dataset, tmp_path / "x", gm, FAST)
@@ -101,9 +104,9 @@ def test_mismatched_predictor_is_refused(dataset, default_llama, tmp_path):
 
     other_gm = GatedModel(other)
     with pytest.raises(PredictorMismatch, match="shape"):
-        training.load_predictor(out, other_gm.shape, traces.model_fingerprint(other))
+        artifact.load_predictor(out, other_gm.shape, traces.model_fingerprint(other))
     with pytest.raises(PredictorMismatch, match="not for the loaded model"):
-        training.load_predictor(out, gm.shape, "0" * 32)
+        artifact.load_predictor(out, gm.shape, "0" * 32)
     # traces of another model are refused for training
     with pytest.raises(PredictorMismatch, match="collected on model"):
         train_one("shadowllm", "plainact", dataset, tmp_path / "q", other_gm, FAST)

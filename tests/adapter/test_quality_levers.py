@@ -10,7 +10,8 @@ from adapter.evaluation import sweep
 from adapter.pipeline import traces
 from adapter.pipeline.build import train_one
 from adapter.pipeline.collect import collect
-from adapter.pipeline.train import TrainConfig, load_predictor
+from adapter.pipeline.train import TrainConfig
+from adapter.selection.artifact import load_predictor
 from adapter.runtime.loading import load
 from adapter.selection import methods, predictors as P
 
@@ -78,7 +79,7 @@ def test_dejavu_decode_only_variant(default_llama):
 
 
 def load_predictor_obj(rt):
-    from adapter.pipeline.train import LoadedPredictor
+    from adapter.selection.artifact import LoadedPredictor
 
     module = P.random_dejavu(rt.shape, 16, seed=1)
     return LoadedPredictor("dejavu", "l2norm", {"shape": rt.shape.as_dict()}, module)

@@ -9,7 +9,7 @@ from adapter.selection import predictors as P
 from adapter.runtime.model_view import ModelView
 from adapter.config import RuntimeConfig
 from adapter.runtime.gated import GatedModel, RequestError
-from tests.conftest import tiny_llama, tiny_opt
+from tests.support import tiny_llama, tiny_opt
 
 ATOL = 1e-4
 
@@ -102,7 +102,8 @@ def test_uneven_gqa_mask_gathers_correctly():
     st, logits = gm.prefill(ids, P.Static(mask, 0.5), 0, all_logits=True)
     torch.testing.assert_close(logits, masked_dense_logits(model, ids, mask), atol=ATOL, rtol=0)
     assert [k.shape[0] for k in st.k] == [4, 3, 2]  # only kept groups are cached
-    assert st.weights[1].attn.q2g is not None
+    # query heads 0,1,2,5 read cached groups 0,0,1,2 (the kept groups 0,1,2 in cache order)
+    assert st.weights[1].attn.q2g.tolist() == [0, 0, 1, 2]
 
 
 def test_skipped_heads_are_not_computed_or_cached():

@@ -12,8 +12,9 @@ from adapter.runtime.gated import GatedModel
 from adapter.runtime.model_view import Shape
 from adapter.selection import predictors as P
 from adapter.selection.base import SelectionMethod
-from adapter.selection.methods import build_method, dense, make_method
-from tests.conftest import tiny_llama
+from adapter.selection.by_name import build_method
+from adapter.selection.methods import dense, make_method
+from tests.support import tiny_llama
 
 GQA = Shape(family="llama", layers=4, hidden=64, heads=8, kv_heads=2, head_dim=8, ffn=96, vocab=97)
 GQA4 = Shape(family="llama", layers=4, hidden=64, heads=8, kv_heads=4, head_dim=8, ffn=96, vocab=97)

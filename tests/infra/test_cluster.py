@@ -31,9 +31,7 @@ import psutil
 import pytest
 import yaml
 
-from serving.ops.stack import free_port
-from tests.jobs.conftest import start_mlflow_server
-from tests.serving.conftest import redis_url, save_tiny_model  # noqa: F401
+from tests.support import free_port, save_tiny_model, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.service]
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,18 +178,8 @@ def gated_replicas(dashboard: str, nodes: dict[str, str]) -> dict[str, int]:
     return count
 
 
-def wait_for(check, what: str, timeout: float, period: float = 0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(period)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s")
-
-
 @pytest.fixture(scope="module")
-def cluster(redis_url, tmp_path_factory):  # noqa: F811
+def cluster(redis_url, mlflow_uri, tmp_path_factory):
     """Token file, two Ray nodes, a lean MLflow server with a champion; yields what the test needs."""
     # a short folder of its own: Ray's socket paths must stay under the kernel's 107 characters
     temp_dir = Path(tempfile.mkdtemp(prefix="sgc-"))
@@ -205,7 +193,6 @@ def cluster(redis_url, tmp_path_factory):  # noqa: F811
     os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
 
     work = tmp_path_factory.mktemp("cluster")
-    mlflow_uri, mlflow_proc = start_mlflow_server(work / "mlflow")
     head_ports, worker_ports = node_ports(head=True), node_ports(head=False)
     gcs = f"127.0.0.1:{head_ports['port']}"
     api_key, admin_key = "sg-" + secrets.token_urlsafe(16), "sg-admin-" + secrets.token_urlsafe(16)
@@ -237,8 +224,6 @@ def cluster(redis_url, tmp_path_factory):  # noqa: F811
                "champion": champion, "nodes_s": t_nodes, "work": work}
     finally:
         terminate(cluster_processes(temp_dir, head_ports["port"]))
-        os.killpg(mlflow_proc.pid, signal.SIGTERM)
-        mlflow_proc.wait(30)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -294,15 +279,10 @@ def test_two_nodes_serve_deploy_and_a_node_stopped(cluster):
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
-    def ready():
-        try:
-            return httpx.get(base + "/readyz", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(ready, "/readyz", 420, 1)
-    placed = wait_for(lambda: (c := gated_replicas(cluster["dashboard"], nodes)) == {"head": 1, "worker": 1} and c,
-                      "one GatedLLM replica per node", 240, 1)
+    wait_until(lambda: httpx.get(base + "/readyz", timeout=5).status_code == 200, 420, interval=1, what="/readyz",
+               ignore=(httpx.HTTPError,))
+    placed = wait_until(lambda: (c := gated_replicas(cluster["dashboard"], nodes)) == {"head": 1, "worker": 1} and c,
+                        240, interval=1, what="one GatedLLM replica per node")
     deploy_s = time.time() - t0
 
     # every listener of the cluster's processes, by address (recorded in docs/OPERATIONS.md)
@@ -316,21 +296,23 @@ def test_two_nodes_serve_deploy_and_a_node_stopped(cluster):
 
     load = Load(base, cluster["api_key"])
     load.start()
-    wait_for(lambda: sum(1 for r in load.results if r[2]) >= 20, "20 answered requests", 120)
+    wait_until(lambda: sum(1 for r in load.results if r[2]) >= 20, 120, interval=0.5, what="20 answered requests")
     t_stop = time.time()
     terminate(node_processes(cluster["worker_ports"]["node-manager-port"]))
     t_stopped = time.time()
     ray.init(address=cluster["gcs"], log_to_driver=False)
     try:
-        wait_for(lambda: sum(n["Alive"] for n in ray.nodes()) == 1, "the worker node marked dead", 120)
+        wait_until(lambda: sum(n["Alive"] for n in ray.nodes()) == 1, 120, interval=0.5,
+                   what="the worker node marked dead")
     finally:
         ray.shutdown()
     t_dead = time.time()
-    after = wait_for(lambda: (c := gated_replicas(cluster["dashboard"], nodes)) == {"head": 1} and c,
-                     "GatedLLM on the head alone", 120, 1)
+    after = wait_until(lambda: (c := gated_replicas(cluster["dashboard"], nodes)) == {"head": 1} and c,
+                       120, interval=1, what="GatedLLM on the head alone")
     t_settled = time.time()
     n_settled = len(load.results)
-    wait_for(lambda: sum(1 for r in load.results[n_settled:] if r[2]) >= 20, "20 requests after the stop", 120)
+    wait_until(lambda: sum(1 for r in load.results[n_settled:] if r[2]) >= 20, 120, interval=0.5,
+               what="20 requests after the stop")
     load.stop.set()
     load.join(60)
 

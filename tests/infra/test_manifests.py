@@ -98,6 +98,8 @@ def build_app(import_path: str, args: dict, tmp_path: Path, settings_yaml: str |
         args = {k: v for k, v in args.items() if k != "config"}
     app = builder(args)
     assert isinstance(app, Application)
+    gateway = app._bound_deployment
+    assert {gateway.name} | {a._bound_deployment.name for a in gateway.init_args[1:]} == APP_DEPLOYMENTS
     return app
 
 
@@ -175,7 +177,10 @@ def test_serve_config_v2_is_a_serve_config_whose_app_builds(rayservice, configma
     assert PurePosixPath(app.args["config"]).parent == PurePosixPath("/etc/shadowgate")
     settings_yaml = configmap["data"][PurePosixPath(app.args["config"]).name]
     built = build_app(app.import_path, app.args, tmp_path, settings_yaml)
-    assert built is not None
+    # built from the ConfigMap's settings: its replica count reaches the GatedLLM deployment
+    llm_bound = next(a._bound_deployment for a in built._bound_deployment.init_args[1:]
+                     if a._bound_deployment.name == "GatedLLM")
+    assert llm_bound._deployment_config.num_replicas == llm["num_replicas"]
 
     from serving.settings import load_settings
 

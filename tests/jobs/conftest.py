@@ -1,53 +1,11 @@
-"""Fixtures of the jobs tests: a private redis-server, a real MLflow server on a free port,
-the embedded model, and shadow samples made by the real shadow path (served by the engine,
-recorded by serving.replica.shadow.shadow_run)."""
+"""Fixtures of the jobs tests: the embedded model, a serving engine on it, and shadow samples
+made by the real shadow path (served by the engine, recorded by
+serving.replica.shadow.shadow_run). The redis-server and the MLflow server (`redis_url`,
+`mlflow_uri`) are tests/conftest.py's."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-import httpx
 import pytest
-
-from tests.serving.conftest import free_port, redis_url  # noqa: F401
-
-
-def start_mlflow_server(folder: Path) -> tuple[str, subprocess.Popen]:
-    folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-           "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": "aGVsbG8taGVsbG8taGVsbG8taGVsbG8taGVsbG8tISE="}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-                             "--artifacts-destination", str(folder / "artifacts")],
-                            stdout=open(folder / "server.log", "ab"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                return uri, proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    raise RuntimeError(f"the MLflow server did not come up: see {folder / 'server.log'}")
-
-
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory):
-    uri, proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
-    yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(30)
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,11 @@ import pytest
 import redis
 
 from adapter.pipeline.targets import Spec
-from jobs.finetune import GROUP, available, in_holdout, sample_reader
+from jobs.finetune import in_holdout
 from jobs.registry import PredictorRegistry
 from jobs.runner import JobRecords, run_job
+from jobs.shadow_reader import GROUP, available, sample_reader
+from monitor.keys import Keys
 from serving.bench.monitor import narrow_predictor
 from serving.settings import load_settings
 from tests.jobs.conftest import shadow_records, write_samples
@@ -89,7 +91,7 @@ def test_candidate_from_shadow_samples_beats_the_champion_and_is_registered(setu
     assert len(rows) == 141 and {Spec.from_meta(x).key() for x in rows} == set(specs)
     assert json.loads((folder / "training" / "policy.json").read_text()) == settings.adapt.targets.model_dump()
     # everything read is acknowledged; a second run has nothing new
-    assert r.xpending("ft:shadow:samples", GROUP)["pending"] == 0
+    assert r.xpending(Keys("ft").shadow_samples, GROUP)["pending"] == 0
     again = run_job(settings, "finetune")["result"]
     assert again["status"] == "skipped"
     assert [h["name"] for h in JobRecords(r, "ft").recent()] == ["finetune"] * 3
@@ -98,7 +100,7 @@ def test_candidate_from_shadow_samples_beats_the_champion_and_is_registered(setu
 def test_during_a_drift_episode_the_job_learns_from_the_episodes_traffic_not_a_backlog(setup, engine):
     import time
 
-    from jobs.rollout import RolloutStore
+    from jobs.rollout_store import RolloutStore
 
     settings, registry, champion = setup
     r = redis.Redis.from_url(settings.redis.url)
@@ -115,7 +117,7 @@ def test_during_a_drift_episode_the_job_learns_from_the_episodes_traffic_not_a_b
     assert res["skipped_before_drift"] == 9 and res["samples"] == 42, json.dumps(res)
     # the mixture is recorded: all 42 came within the lookback, none after the episode's start
     assert res["episode_samples"] == 0
-    assert r.xpending("ft:shadow:samples", GROUP)["pending"] == 0 and available(sample_reader(r, "ft")) == 0
+    assert r.xpending(Keys("ft").shadow_samples, GROUP)["pending"] == 0 and available(sample_reader(r, "ft")) == 0
 
 
 def test_scheduler_sigkilled_mid_finetune_runs_it_again_once_and_registers_once(redis_url, mlflow_uri, loaded,
@@ -124,13 +126,11 @@ def test_scheduler_sigkilled_mid_finetune_runs_it_again_once_and_registers_once(
     import os
     import signal
     import subprocess
-    import sys
     import time
-    from pathlib import Path
 
     import yaml
 
-    from serving.bench.monitor import wait_until
+    from tests.support import spawn_shadowgate, wait_until
 
     registry = PredictorRegistry(mlflow_uri, "kill-predictor")
     folder = narrow_predictor(loaded, KNOWN, tmp_path / "narrow", per_family=60, epochs=10)
@@ -146,18 +146,17 @@ def test_scheduler_sigkilled_mid_finetune_runs_it_again_once_and_registers_once(
         # long enough training that the kill lands in it
         "adapt": {"min_samples": 40, "replay_per_family": 20, "epochs": 400, "patience": 400, "min_gain": 0.0,
                   "max_forget": 10.0}}))
-    exe = str(Path(sys.executable).parent / "shadowgate")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     records = JobRecords(r, "kill")
+    log = tmp_path / "monitor.log"
 
     def start():
-        return subprocess.Popen([exe, "monitor", "run", "--config", str(cfg)], env=env, start_new_session=True,
-                                stdout=open(tmp_path / "monitor.log", "ab"), stderr=subprocess.STDOUT)
+        return spawn_shadowgate("monitor", "run", "--config", str(cfg), log=log)
 
     first = start()
     try:
         phase = lambda: json.loads(r.hget(records.running, "finetune") or "{}").get("phase")  # noqa: E731
-        assert wait_until(lambda: phase() == "training", 120, interval=0.05), (tmp_path / "monitor.log").read_text()[-2000:]
+        wait_until(lambda: phase() == "training", 120, interval=0.05, what="the fine-tune training", proc=first,
+                   detail=lambda: log.read_text()[-2000:])
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
         # the rerun needs no long training to prove it runs once: early stopping keeps a busy machine in time
@@ -167,8 +166,7 @@ def test_scheduler_sigkilled_mid_finetune_runs_it_again_once_and_registers_once(
         second = start()
         try:
             done = lambda: [h for h in records.recent(name="finetune") if h["trigger"] == "recovery"]  # noqa: E731
-            assert wait_until(done, 240), (tmp_path / "monitor.log").read_text()[-3000:]
-            rec = done()[0]
+            rec = wait_until(done, 240, what="the recovery run", proc=second, detail=lambda: log.read_text()[-3000:])[0]
             time.sleep(3)  # scheduled runs after it find nothing new
             hist = records.recent(name="finetune")
         finally:
@@ -184,7 +182,7 @@ def test_scheduler_sigkilled_mid_finetune_runs_it_again_once_and_registers_once(
     assert [h["status"] for h in hist].count("interrupted") == 1
     assert sum(1 for h in hist if (h.get("result") or {}).get("status") == "registered") == 1
     assert len(registry.versions(tag="source", value="finetune")) == 1
-    assert r.xpending("kill:shadow:samples", GROUP)["pending"] == 0
+    assert r.xpending(Keys("kill").shadow_samples, GROUP)["pending"] == 0
 
 
 def test_a_refit_that_does_worse_than_the_gated_weights_is_not_registered(setup, engine, monkeypatch):

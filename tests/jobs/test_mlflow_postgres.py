@@ -12,19 +12,15 @@ import glob
 import os
 import pwd
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 
-from serving.ops.stack import free_port
+from tests.support import free_port, start_mlflow
 
 pytestmark = pytest.mark.service
 psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2-binary is a test dependency (pyproject)")
@@ -103,34 +99,6 @@ def database(postgres):
     admin.close()
 
 
-def start_server(store_uri: str, artifacts: Path, log: Path) -> tuple[str, subprocess.Popen]:
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1", "--backend-store-uri", store_uri,
-                             "--artifacts-destination", str(artifacts)],
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                return uri, proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    raise AssertionError(f"the MLflow server on PostgreSQL did not come up:\n{log.read_text()[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    proc.wait(30)
-
-
 def predictor_folder(folder: Path, seed: int) -> Path:
     """The files a version holds (registry.check_reference wants the drift reference)."""
     (folder / "reference").mkdir(parents=True)
@@ -145,10 +113,8 @@ def test_registry_versions_and_aliases_live_in_postgres(database, tmp_path):
     from jobs.registry import PredictorRegistry
 
     store_uri, (host, port, user, dbname) = database
-    log = tmp_path / "mlflow.log"
-    uri, proc = start_server(store_uri, tmp_path / "artifacts", log)
-    try:
-        reg = PredictorRegistry(uri, "pg-predictor", cache_dir=tmp_path / "cache")
+    with start_mlflow(tmp_path / "server", store_uri=store_uri) as server:
+        reg = PredictorRegistry(server.uri, "pg-predictor", cache_dir=tmp_path / "cache")
         assert reg.resolve("champion") is None
         v1 = reg.register(predictor_folder(tmp_path / "p1", 1), tags={"shadowgate.method": "shadowllm"})
         v2 = reg.register(predictor_folder(tmp_path / "p2", 2))
@@ -162,8 +128,6 @@ def test_registry_versions_and_aliases_live_in_postgres(database, tmp_path):
         assert (got / "predictor.json").read_text() == '{"seed": 1}'
         assert (got / "predictor.safetensors").read_bytes() == (tmp_path / "p1" / "predictor.safetensors").read_bytes()
         reg.set_alias("champion", v2)  # a promotion moves the alias
-    finally:
-        stop_server(proc)
 
     # the rows are in PostgreSQL: MLflow's schema, the model, both versions, the moved alias
     conn = psycopg2.connect(host=host, port=port, user=user, dbname=dbname)
@@ -176,14 +140,11 @@ def test_registry_versions_and_aliases_live_in_postgres(database, tmp_path):
     conn.close()
 
     # a new server process on the same database serves the same registry
-    uri, proc = start_server(store_uri, tmp_path / "artifacts", log)
-    try:
-        reg = PredictorRegistry(uri, "pg-predictor", cache_dir=tmp_path / "cache2")
+    with start_mlflow(tmp_path / "server", store_uri=store_uri) as server:
+        reg = PredictorRegistry(server.uri, "pg-predictor", cache_dir=tmp_path / "cache2")
         assert reg.resolve("champion") == "2"
         assert [mv.version for mv in reg.versions()] == ["2", "1"]
         assert (reg.download("2") / "predictor.json").read_text() == '{"seed": 2}'
-    finally:
-        stop_server(proc)
 
 
 def test_own_postgres_server_when_none_answers():

@@ -40,27 +40,35 @@ def client(mlflow_uri, tmp_path_factory) -> MlflowClient:
     return c
 
 
-def approved(c: MlflowClient) -> str:
-    return c.get_model_version_by_alias(NAME, "approved").version
+def holder(c: MlflowClient, alias: str) -> str | None:
+    """The version that holds `alias`, read back through the API (None: no version does)."""
+    return c.get_registered_model(NAME).aliases.get(alias)
 
+
+# Each test uses an alias of its own that only the browser ever sets: what the API reads back
+# can only have come from the UI.
 
 def test_alias_set_in_the_ui_lands_on_the_version(mlflow_uri, client, chromium):
+    assert holder(client, "approved") is None
     took = set_alias_in_ui(mlflow_uri, NAME, "1", chromium=chromium)
-    assert approved(client) == "1"
+    assert client.get_model_version_by_alias(NAME, "approved").version == "1"
     assert 0 < took < 60
 
 
 def test_alias_set_on_another_version_moves(mlflow_uri, client, chromium):
-    client.set_registered_model_alias(NAME, "approved", "1")  # held by v1: offered twice in the UI
-    set_alias_in_ui(mlflow_uri, NAME, "2", chromium=chromium)
-    assert approved(client) == "2"
-    assert client.get_registered_model(NAME).aliases == {"approved": "2"}
+    set_alias_in_ui(mlflow_uri, NAME, "1", alias="moved", chromium=chromium)
+    assert holder(client, "moved") == "1"
+    # held by v1, the alias is offered twice in v2's dialog: the first option moves it
+    set_alias_in_ui(mlflow_uri, NAME, "2", alias="moved", chromium=chromium)
+    assert client.get_model_version_by_alias(NAME, "moved").version == "2"
+    assert client.get_registered_model(NAME).aliases["moved"] == "2"  # one holder: v1 lost it
 
 
 def test_alias_already_on_the_version_is_left_as_it_is(mlflow_uri, client, chromium):
-    client.set_registered_model_alias(NAME, "approved", "2")
-    set_alias_in_ui(mlflow_uri, NAME, "2", chromium=chromium)  # Enter on the chip would remove it
-    assert approved(client) == "2"
+    set_alias_in_ui(mlflow_uri, NAME, "2", alias="kept", chromium=chromium)
+    assert holder(client, "kept") == "2"
+    set_alias_in_ui(mlflow_uri, NAME, "2", alias="kept", chromium=chromium)  # Enter on its chip would remove it
+    assert client.get_model_version_by_alias(NAME, "kept").version == "2"
 
 
 def test_a_version_that_does_not_exist_is_a_clear_error(mlflow_uri, client, chromium, tmp_path):

@@ -13,15 +13,18 @@ import redis
 
 from jobs.approval import sign, verify
 from jobs.registry import PredictorRegistry
-from jobs.rollout import Controller, RolloutStore
+from jobs.rollout import Controller
+from jobs.rollout_store import RolloutStore
 from jobs.runner import JobRecords, run_job
 from jobs.scheduler import Scheduler
 from monitor.alerts import AlertStore
+from monitor.keys import Keys
 from monitor.state import ControlDefaults, ControlStore, ControlUpdate
-from serving.bench.monitor import wait_until
 from serving.settings import load_settings
+from tests.support import Receiver, free_port, wait_until
 
 pytestmark = pytest.mark.service
+KEYS = Keys("ro")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,7 @@ def env(redis_url, mlflow_uri, loaded, tmp_path_factory):
 
 
 def rows(r, version, arm, n, kl, top1, generation):
-    key = f"ro:monitor:window:{version}:{arm}"
+    key = KEYS.monitor_window(version, arm)
     for i in range(n):
         r.rpush(key, json.dumps({"sample_id": f"{version}-{arm}-{generation}-{i}", "kl_mean": kl, "top1": top1,
                                  "exact_match": top1 == 1.0, "generation": generation}))
@@ -156,12 +159,13 @@ def test_scheduler_runs_the_controller_reruns_an_interrupted_job_and_alerts_a_fa
     sched = Scheduler(settings)
     sched.start()
     try:
-        assert wait_until(lambda: (records.recent(name="finetune") or [None])[0] and
-                          records.recent(name="finetune")[0]["trigger"] == "recovery", 60)
+        wait_until(lambda: (records.recent(name="finetune") or [None])[0] and
+                   records.recent(name="finetune")[0]["trigger"] == "recovery", 60, what="the recovery run")
         hist = records.recent(name="finetune")
         assert [h["status"] for h in hist[:2]] == ["ok", "interrupted"] and hist[1]["run_id"] == "dead"
         assert not r.hexists(records.running, "finetune")
-        assert wait_until(lambda: json.loads(r.hget(records.last, "rollout") or "{}").get("status") == "ok", 30)
+        wait_until(lambda: json.loads(r.hget(records.last, "rollout") or "{}").get("status") == "ok", 30,
+                   what="a rollout run that ended ok")
         listing = {j["name"]: j for j in records.listing()}
         assert listing["rollout"]["next_run"] and listing["finetune"]["schedule"] == "every 3600 s"
     finally:
@@ -169,7 +173,7 @@ def test_scheduler_runs_the_controller_reruns_an_interrupted_job_and_alerts_a_fa
     broken = settings.model_copy(update={"mlflow": settings.mlflow.model_copy(
         update={"tracking_uri": "http://127.0.0.1:9"})})
     for _ in range(5):  # enough samples that the job asks the (unreachable) registry
-        r.xadd("ro:shadow:samples", {"meta": "{}", "tensors": b""})
+        r.xadd(KEYS.shadow_samples, {"meta": "{}", "tensors": b""})
     broken = broken.model_copy(update={"adapt": broken.adapt.model_copy(update={"min_samples": 4}),
                                        "jobs": broken.jobs.model_copy(update={"registry_backoff_s": 0.05})})
     rec = run_job(broken, "finetune", client=r)
@@ -216,49 +220,25 @@ def test_an_approved_corrupt_or_mismatched_artifact_is_refused_before_its_canary
 def test_registry_calls_retry_with_backoff_then_fail(mlflow_uri, caplog):
     """A server that answers 503 twice, then is MLflow again: the call succeeds on the third
     try; a dead server: RegistryUnavailable after the bounded waits."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     import httpx
 
     from jobs.registry import Retry, RegistryUnavailable
-    from serving.ops.stack import free_port
 
-    failures = {"left": 2, "seen": 0}
+    def proxy(req):  # MLflow again
+        resp = httpx.request(req["method"], mlflow_uri + req["path"], content=req["body"],
+                             headers={"content-type": req["headers"].get("content-type", "application/json")})
+        return resp.status_code, {"content-type": resp.headers.get("content-type", "application/json")}, resp.content
 
-    class Flaky(BaseHTTPRequestHandler):
-        def _any(self):
-            failures["seen"] += 1
-            if failures["left"] > 0:
-                failures["left"] -= 1
-                self.send_response(503)
-                self.end_headers()
-                return
-            body = self.rfile.read(int(self.headers.get("content-length") or 0))
-            resp = httpx.request(self.command, mlflow_uri + self.path, content=body,
-                                 headers={"content-type": self.headers.get("content-type", "application/json")})
-            self.send_response(resp.status_code)
-            self.send_header("content-type", resp.headers.get("content-type", "application/json"))
-            self.end_headers()
-            self.wfile.write(resp.content)
-
-        do_GET = do_POST = do_PATCH = do_DELETE = _any
-
-        def log_message(self, *args):
-            pass
-
-    port = free_port()
-    server = ThreadingHTTPServer(("127.0.0.1", port), Flaky)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        flaky = PredictorRegistry(f"http://127.0.0.1:{port}", "ro-predictor", retry=Retry(4, 0.2, 1.0))
+    with Receiver(respond=proxy) as flaky_server:
+        flaky_server.statuses = [503, 503]
+        flaky = PredictorRegistry(flaky_server.url, "ro-predictor", retry=Retry(4, 0.2, 1.0))
         t0 = time.monotonic()
-        assert flaky.aliases()["champion"]
+        got = flaky.aliases()
         waited = time.monotonic() - t0
-        # the client's own HTTP retry takes one 503, our backoff (0.2 s first) the other
-        assert failures["seen"] >= 3 and waited >= 0.2
-    finally:
-        server.shutdown()
+    # the client's own HTTP retry takes one 503, our backoff (0.2 s first) the other
+    assert [q["status"] for q in flaky_server.requests][:2] == [503, 503] and len(flaky_server.requests) >= 3
+    assert waited >= 0.2
+    assert got == PredictorRegistry(mlflow_uri, "ro-predictor").aliases() and got["champion"]  # what MLflow holds
     dead = PredictorRegistry(f"http://127.0.0.1:{free_port()}", "ro-predictor", retry=Retry(3, 0.1, 1.0))
     t0 = time.monotonic()
     with pytest.raises(RegistryUnavailable, match="failed 3 times"):
@@ -275,7 +255,7 @@ def _approve_and_start(ctl, registry, r, folder, source):
 
 
 def _noisy(r, version, arm, n, top1_values, generation, kl=0.05):
-    key = f"ro:monitor:window:{version}:{arm}"
+    key = KEYS.monitor_window(version, arm)
     for i in range(n):
         r.rpush(key, json.dumps({"sample_id": f"{version}-{arm}-{generation}-n{i}", "kl_mean": kl,
                                  "top1": top1_values[i % len(top1_values)], "exact_match": False,
@@ -351,10 +331,10 @@ def test_early_finetunes_continue_while_the_drift_episode_has_not_met_the_target
     store = RolloutStore(r, "ro")
     champion = ControlStore(r, "ro").get().champion or registry.aliases()["champion"]
     ControlStore(r, "ro").update(ControlUpdate(champion=champion), by="test")
-    r.delete("ro:shadow:samples")
+    r.delete(KEYS.shadow_samples)
     for _ in range(6):
-        r.xadd("ro:shadow:samples", {"meta": "{}", "tensors": b""})
-    r.hset("ro:monitor:drift", champion, json.dumps({"drift": True, "run_id": "d1"}))
+        r.xadd(KEYS.shadow_samples, {"meta": "{}", "tensors": b""})
+    r.hset(KEYS.monitor_drift, champion, json.dumps({"drift": True, "run_id": "d1"}))
     names = [d["decision"] for d in ctl.drift()]
     assert names == ["drift_shadow_rate", "finetune_early"] and soon.calls == ["finetune"]
     # a candidate short of the target awaits approval: no second run meanwhile
@@ -363,7 +343,7 @@ def test_early_finetunes_continue_while_the_drift_episode_has_not_met_the_target
     # promoted, the drift check of the new champion is clear, but the target was not met:
     # the episode goes on and the job runs again
     store.decide("promoted", "c1", {})
-    r.hset("ro:monitor:drift", champion, json.dumps({"drift": False}))
+    r.hset(KEYS.monitor_drift, champion, json.dumps({"drift": False}))
     time.sleep(0.02)
     assert [d["decision"] for d in ctl.drift()] == ["finetune_early"] and soon.calls == ["finetune"] * 2
     assert store.recent(1)[0]["evidence"]["drifting"] is False
@@ -373,7 +353,7 @@ def test_early_finetunes_continue_while_the_drift_episode_has_not_met_the_target
     out = ctl.drift()
     assert [d["decision"] for d in out] == ["drift_ended"] and out[0]["evidence"]["target_met"] is True
     assert soon.calls == ["finetune"] * 2 and "drift" not in store.state()
-    r.hdel("ro:monitor:drift", champion)
+    r.hdel(KEYS.monitor_drift, champion)
 
 
 def test_a_champion_promoted_in_a_drift_episode_that_drifts_itself_begins_a_new_episode(env):
@@ -389,10 +369,10 @@ def test_a_champion_promoted_in_a_drift_episode_that_drifts_itself_begins_a_new_
     champion = ControlStore(r, "ro").get().champion or registry.aliases()["champion"]
     new = next(v for v in versions if v != champion)
     ControlStore(r, "ro").update(ControlUpdate(champion=champion), by="test")
-    r.delete("ro:shadow:samples")
+    r.delete(KEYS.shadow_samples)
     for _ in range(6):
-        r.xadd("ro:shadow:samples", {"meta": "{}", "tensors": b""})
-    r.hset("ro:monitor:drift", champion, json.dumps({"drift": True, "run_id": "d1"}))
+        r.xadd(KEYS.shadow_samples, {"meta": "{}", "tensors": b""})
+    r.hset(KEYS.monitor_drift, champion, json.dumps({"drift": True, "run_id": "d1"}))
     try:
         assert [d["decision"] for d in ctl.drift()] == ["drift_shadow_rate", "finetune_early"]
         first = store.state()["drift"]
@@ -405,7 +385,7 @@ def test_a_champion_promoted_in_a_drift_episode_that_drifts_itself_begins_a_new_
         time.sleep(0.02)
         assert ctl.drift() == [] and soon.calls == ["finetune"]
         # the traffic moves again: c1's own drift check says drift -> episode 2, run again
-        r.hset("ro:monitor:drift", new, json.dumps({"drift": True, "run_id": "d2"}))
+        r.hset(KEYS.monitor_drift, new, json.dumps({"drift": True, "run_id": "d2"}))
         out = ctl.drift()
         assert [d["decision"] for d in out] == ["drift_episode", "finetune_early"], out
         second = store.state()["drift"]
@@ -417,5 +397,5 @@ def test_a_champion_promoted_in_a_drift_episode_that_drifts_itself_begins_a_new_
         assert ctl.drift() == [] and store.state()["drift"]["episode"] == 2
     finally:
         ControlStore(r, "ro").update(ControlUpdate(champion=champion), by="test")
-        r.hdel("ro:monitor:drift", champion, new)
+        r.hdel(KEYS.monitor_drift, champion, new)
         store.save({})

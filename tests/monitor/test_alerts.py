@@ -15,7 +15,8 @@ from pydantic import ValidationError
 
 from monitor.alerts import (GROUP, Alert, AlertSettings, AlertStore, Notifier, WebhookSettings, sign,
                             verify)
-from tests.serving.conftest import free_port
+from monitor.keys import Keys
+from tests.support import free_port
 
 pytestmark = pytest.mark.service
 
@@ -39,12 +40,12 @@ def settings(*hooks: WebhookSettings, **kw) -> AlertSettings:
 
 
 def deliveries(r, prefix, alert_id) -> dict:
-    raw = r.hget(f"{prefix}:alerts:deliveries", alert_id)
+    raw = r.hget(Keys(prefix).alerts_deliveries, alert_id)
     return json.loads(raw) if raw else {}
 
 
 def pending(r, prefix) -> int:
-    return r.xpending(f"{prefix}:alerts", GROUP)["pending"]
+    return r.xpending(Keys(prefix).alerts, GROUP)["pending"]
 
 
 # ------------------------------------------------------------------ the record and the store
@@ -52,7 +53,7 @@ def pending(r, prefix) -> int:
 def test_record_is_in_the_stream_with_every_field_and_published(r, prefix):
     store = AlertStore(r, prefix, settings())
     live = r.pubsub()
-    live.subscribe(f"{prefix}:alerts:live")
+    live.subscribe(Keys(prefix).alerts_live)
     assert live.get_message(timeout=1)["type"] == "subscribe"
 
     alert = store.raise_alert("drift", "warning", "head drift on layer 3\n(score 0.41)", "7",
@@ -60,7 +61,7 @@ def test_record_is_in_the_stream_with_every_field_and_published(r, prefix):
     assert alert.message == "head drift on layer 3 (score 0.41)"  # one line
     assert alert.dedup_key == "drift:7"
 
-    entries = r.xrange(f"{prefix}:alerts")
+    entries = r.xrange(Keys(prefix).alerts)
     assert len(entries) == 1
     entry_id, fields = entries[0]
     assert set(fields) == {b"alert"}
@@ -85,9 +86,9 @@ def test_unknown_kind_or_severity_is_refused(r, prefix):
         store.raise_alert("meltdown", "warning", "x")
     with pytest.raises(ValueError, match="severity"):
         store.raise_alert("drift", "panic", "x")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="an alert record has exactly the keys"):
         Alert.from_json(json.dumps({"id": "1-0", "kind": "drift"}))
-    assert r.exists(f"{prefix}:alerts") == 0
+    assert r.exists(Keys(prefix).alerts) == 0
     assert store.get("not-an-id") is None and store.get("1-0") is None
 
 
@@ -111,7 +112,7 @@ def test_stream_is_capped(r, prefix):
     for i in range(500):
         store.raise_alert("job_failure", "warning", "job failed", dedup_key=f"job:{i}")
     # MAXLEN ~ trims whole radix-tree nodes (100 entries by default): near, not at, the cap.
-    assert 10 <= r.xlen(f"{prefix}:alerts") <= 110
+    assert 10 <= r.xlen(Keys(prefix).alerts) <= 110
 
 
 # ------------------------------------------------------------------ one incident, one alert
@@ -121,8 +122,8 @@ def test_same_incident_within_cooldown_is_one_alert(r, prefix):
     first = store.raise_alert("fallback", "critical", "predictor fell back", "3")
     assert store.raise_alert("fallback", "critical", "still falling back", "3") is None
     assert store.suppressed() == {"fallback:3": 1}
-    assert r.get(f"{prefix}:alerts:dedup:fallback:3").decode() == first.id
-    assert 0 < r.pttl(f"{prefix}:alerts:dedup:fallback:3") <= 600_000
+    assert r.get(Keys(prefix).alerts_dedup("fallback:3")).decode() == first.id
+    assert 0 < r.pttl(Keys(prefix).alerts_dedup("fallback:3")) <= 600_000
     # Another version is another incident.
     assert store.raise_alert("fallback", "critical", "v4 too", "4") is not None
 
@@ -148,7 +149,7 @@ def test_a_storm_of_identical_raises_is_one_alert(r, prefix):
     for t in threads:
         t.join()
     assert sum(a is not None for a in out) == 1
-    assert r.xlen(f"{prefix}:alerts") == 2
+    assert r.xlen(Keys(prefix).alerts) == 2
 
 
 def test_cooldown_expires(r, prefix):
@@ -212,13 +213,13 @@ def test_sign_and_verify():
 
 
 def test_settings_are_strict():
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match=r"webhook url must be http\(s\)://host/"):
         AlertSettings(webhooks=[{"url": "ftp://host/x"}])
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match=r"webhooks\.0\.format\n  Input should be 'json' or 'slack'"):
         AlertSettings(webhooks=[{"url": "https://h/x", "format": "teams"}])
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match=r"retries\n  Input should be greater than or equal to 1"):
         AlertSettings(retries=0)
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match=r"cooldown\n  Extra inputs are not permitted"):
         AlertSettings(cooldown=5)
     s = AlertSettings(webhooks=[{"url": "https://h/x", "format": "slack", "secret": "k"}])
     assert s.webhooks[0].secret.get_secret_value() == "k" and "'k'" not in repr(s)
@@ -322,7 +323,7 @@ def test_a_notifier_killed_before_ack_is_taken_over(r, prefix, receiver):
     Notifier(r, prefix, settings(hook), consumer="dead").close()  # makes the group
     alerts = [store.raise_alert("drift", "warning", f"drift {i}", str(i)) for i in range(3)]
     # The dead notifier read the entries and died before delivering or acknowledging.
-    read = r.xreadgroup(GROUP, "dead", {f"{prefix}:alerts": ">"}, count=10)
+    read = r.xreadgroup(GROUP, "dead", {Keys(prefix).alerts: ">"}, count=10)
     assert sum(len(v) for v in (read.values() if isinstance(read, dict) else [e for _, e in read])) == 3
     assert pending(r, prefix) == 3
 
@@ -367,8 +368,8 @@ def test_a_redelivered_alert_skips_webhooks_that_already_have_it(r, prefix, rece
     Notifier(r, prefix, settings(*hooks), consumer="dead").close()
     alert = store.raise_alert("rollback", "critical", "rolled back", "4")
     # The dead notifier reached the first webhook, recorded it, and died before the second.
-    r.xreadgroup(GROUP, "dead", {f"{prefix}:alerts": ">"}, count=10)
-    r.hset(f"{prefix}:alerts:deliveries", alert.id, json.dumps(
+    r.xreadgroup(GROUP, "dead", {Keys(prefix).alerts: ">"}, count=10)
+    r.hset(Keys(prefix).alerts_deliveries, alert.id, json.dumps(
         {"0": {"target": "http://127.0.0.1", "status": "delivered", "attempts": 1, "code": 200}}))
     time.sleep(0.3)
     survivor = Notifier(r, prefix, settings(*hooks), consumer="alive", claim_idle_ms=200)

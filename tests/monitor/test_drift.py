@@ -12,9 +12,9 @@ import torch
 from adapter.selection import predictors as P
 from adapter.config import RuntimeConfig
 from adapter.runtime.loading import load
-from adapter.pipeline.train import LoadedPredictor
+from adapter.selection.artifact import LoadedPredictor
 from monitor import drift as dr
-from tests.serving.conftest import save_tiny_model
+from tests.support import save_tiny_model
 
 # ---- basis ------------------------------------------------------------------------------------
 
@@ -59,7 +59,7 @@ def test_basis_save_load_round_trip(tmp_path):
 
 
 def test_fit_basis_rejects_k_above_rank():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"k <= min\(N, D\); got \(5, 8\) and k=6"):
         dr.fit_basis(torch.rand(5, 8), k=6)
 
 

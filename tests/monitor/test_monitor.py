@@ -4,13 +4,9 @@ recovery, the lease, drift checks logged to a real MLflow store, and a SIGKILL m
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,13 +18,13 @@ from adapter.pipeline.traces import SCHEMA, TraceRecord
 from monitor import drift
 from monitor.alerts import AlertSettings, AlertStore, WebhookSettings, verify
 from monitor.config import MonitorSettings
+from monitor.keys import Keys
 from monitor.samples import SampleStore
 from monitor.service import Monitor, MonitorContext
 from monitor.state import ControlDefaults, ControlStore, ControlUpdate
-from serving.bench.monitor import wait_until as wait_for
+from tests.support import spawn_shadowgate, wait_until
 
 pytestmark = pytest.mark.service
-BIN = Path(sys.executable).parent / "shadowgate"
 
 
 def settings(**slo) -> MonitorSettings:
@@ -115,7 +111,7 @@ def test_only_one_monitor_is_active(redis_url):
     stop = threading.Event()
     ta = threading.Thread(target=a.run, args=(stop,))
     ta.start()
-    assert wait_for(lambda: a.active, 5)
+    wait_until(lambda: a.active, 5, what="monitor a active")
     tb = threading.Thread(target=b.run, args=(stop,))
     tb.start()
     time.sleep(1.5)
@@ -127,7 +123,7 @@ def test_only_one_monitor_is_active(redis_url):
     stop_b = threading.Event()
     tb = threading.Thread(target=b.run, args=(stop_b,))
     tb.start()
-    assert wait_for(lambda: b.active, 5)
+    wait_until(lambda: b.active, 5, what="monitor b active after a released the lease")
     stop_b.set()
     stop_a.set()
     tb.join(10)
@@ -153,11 +149,11 @@ def test_drift_check_is_an_mlflow_run_and_raises_an_alert_naming_the_columns(red
 
     def feed(df, start):
         for i, row in enumerate(df.to_dict("records")):
-            r.xadd("m4:features", {"row": json.dumps({"version": "1", "request_id": f"f{start + i}", **row})})
+            r.xadd(Keys("m4").features, {"row": json.dumps({"version": "1", "request_id": f"f{start + i}", **row})})
 
     feed(_rows(60, 0.0, 1), 0)  # in distribution: a check, no alert
     mon.step()
-    checks = [json.loads(v) for v in r.hvals("m4:monitor:drift")]
+    checks = [json.loads(v) for v in r.hvals(Keys("m4").monitor_drift)]
     assert len(checks) == 1 and checks[0]["drift"] is False and checks[0]["window"] == 60
     feed(_rows(60, 3.0, 2), 60)  # the newest 120 rows: half shifted on 4 of 8 columns
     feed(_rows(60, 3.0, 3), 120)  # now the window is all shifted
@@ -186,26 +182,25 @@ def test_drift_check_is_an_mlflow_run_and_raises_an_alert_naming_the_columns(red
 
 def test_monitor_killed_mid_stream_loses_and_double_counts_nothing(redis_url, tmp_path):
     """A real `shadowgate monitor run` process, SIGKILLed while samples stream in."""
-    env = {**os.environ, "SHADOWGATE_REDIS__URL": redis_url, "SHADOWGATE_REDIS__PREFIX": "m5",
+    env = {"SHADOWGATE_REDIS__URL": redis_url, "SHADOWGATE_REDIS__PREFIX": "m5",
            "SHADOWGATE_MLFLOW__TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
            "SHADOWGATE_MONITOR__LEASE_TTL_S": "2", "SHADOWGATE_MONITOR__CLAIM_IDLE_S": "0.5",
            "SHADOWGATE_MONITOR__POLL_MS": "20", "SHADOWGATE_MONITOR__SLO__WINDOW": "10000",
-           "SHADOWGATE_MONITOR__SLO__MIN_SAMPLES": "100000", "PYTHONWARNINGS": "ignore"}
+           "SHADOWGATE_MONITOR__SLO__MIN_SAMPLES": "100000"}
     r = redis.Redis.from_url(redis_url)
     store = SampleStore(r, "m5", 100_000)
 
     def start():
-        log = open(tmp_path / f"monitor-{time.time()}.log", "w")
-        return subprocess.Popen([str(BIN), "monitor", "run"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        return spawn_shadowgate("monitor", "run", log=tmp_path / f"monitor-{time.time()}.log", env=env)
 
     def counted() -> int:
-        return int(r.hget("m5:monitor:totals", "1|champion") or 0)
+        return int(r.hget(Keys("m5").monitor_totals, "1|champion") or 0)
 
     ids: list[str] = []
     first = start()
     try:
         ids += [add_sample(store, i) for i in range(50)]
-        assert wait_for(lambda: counted() >= 50, 90), "the monitor did not start consuming"
+        wait_until(lambda: counted() >= 50, 90, what="the monitor consuming", proc=first)
         for i in range(50, 400):  # kill while the stream is still flowing
             ids.append(add_sample(store, i))
             if i == 200:
@@ -214,7 +209,7 @@ def test_monitor_killed_mid_stream_loses_and_double_counts_nothing(redis_url, tm
         assert counted() < 400
         second = start()
         try:
-            assert wait_for(lambda: counted() >= 400, 90)
+            wait_until(lambda: counted() >= 400, 90, what="all 400 samples counted", proc=second)
             time.sleep(1.0)
         finally:
             second.terminate()

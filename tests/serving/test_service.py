@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import statistics
 import time
 
@@ -15,8 +14,10 @@ import pytest
 import redis
 import torch
 
+from monitor.keys import Keys
 from serving.replica.control import canary_arm
-from tests.serving.conftest import free_port
+from tests.support import free_port, serve_app, wait_until
+from tests.support import put_state as put_admin_state
 
 pytestmark = pytest.mark.service
 
@@ -26,13 +27,9 @@ PROMPT = "3 + 4 = 7 ; 2 + 2 = 4 ; 1 + 5 ="
 
 @pytest.fixture(scope="module")
 def service(tiny_model_dir, redis_url, registry_uri, tmp_path_factory):
-    import ray
-    from ray import serve
-
     from adapter.runtime.loading import load
     from jobs.bootstrap import ensure_champion
     from jobs.registry import PredictorRegistry
-    from serving.app import deploy
     from serving.settings import load_settings
 
     port = free_port()
@@ -50,22 +47,9 @@ def service(tiny_model_dir, redis_url, registry_uri, tmp_path_factory):
     loaded = load(str(tiny_model_dir), settings.runtime)
     v1 = ensure_champion(registry, str(tiny_model_dir), loaded, per_family=4, epochs=3)
     v2 = registry.register(registry.download(v1), tags={"source": "test-challenger"})
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 << 20, log_to_driver=False)
-    deploy(settings)
-    base = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=base, timeout=60) as http:
-        for _ in range(120):
-            try:
-                if http.get("/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    with serve_app(settings) as base, httpx.Client(base_url=base, timeout=60) as http:
         yield {"http": http, "base": base, "settings": settings, "v1": v1, "v2": v2, "loaded": loaded,
                "redis": redis.Redis.from_url(redis_url)}
-    serve.shutdown()
-    ray.shutdown()
 
 
 def auth(key=KEY):
@@ -73,16 +57,8 @@ def auth(key=KEY):
 
 
 def put_state(service, **change):
-    r = service["http"].put("/admin/state", json=change, headers=auth(ADMIN))
-    assert r.status_code == 200, r.text
-    gen = r.json()["state"]["generation"]
-    deadline = time.time() + 20
-    while time.time() < deadline:  # every replica applied it
-        reps = service["http"].get("/admin/state", headers=auth(ADMIN)).json()["replicas"]
-        if reps and all(rep["generation"] >= gen for rep in reps):
-            return gen, reps
-        time.sleep(0.2)
-    raise AssertionError(f"replicas did not converge on generation {gen}: {reps}")
+    """(generation, replicas) once every replica applied the change."""
+    return put_admin_state(service["http"], ADMIN, **change)
 
 
 def complete(service, key=KEY, **body):
@@ -210,16 +186,6 @@ def test_canary_share_routes_the_expected_requests(service):
     put_state(service, challenger="none", canary_share=0.0)
 
 
-def wait_for(fn, timeout=30.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        out = fn()
-        if out:
-            return out
-        time.sleep(0.2)
-    raise AssertionError("timed out")
-
-
 def test_shadowed_request_leaves_a_sample_and_audit(service):
     from adapter.pipeline.targets import Spec, TargetPolicy
     from jobs.finetune import score_examples
@@ -231,11 +197,10 @@ def test_shadowed_request_leaves_a_sample_and_audit(service):
         ext = r.json()["shadowgate"]
         assert ext["shadowed"] is True
         rid = ext["request_id"]
-        record = wait_for(lambda: (lambda a: a if a.get("shadow") else None)(
-            service["http"].get(f"/v1/requests/{rid}", headers=auth()).json()))
+        record = wait_until(lambda: (lambda a: a if a.get("shadow") else None)(
+            service["http"].get(f"/v1/requests/{rid}", headers=auth()).json()), 30, what="the shadow audit record")
         assert record["predictor_version"] == service["v1"] and len(record["layers"]) == 3
         assert record["layers"][0]["heads_skipped"] == [] and record["layers"][1]["heads_skipped"]
-        assert math.isfinite(record["shadow"]["kl_mean"]) and 0 <= record["shadow"]["top1_agreement"] <= 1
         store = SampleStore(service["redis"], "shadowgate", 100)
         samples = [s for s in store.read(50) if s[1].meta["request_id"] == rid]
         assert len(samples) == 1
@@ -254,6 +219,16 @@ def test_shadowed_request_leaves_a_sample_and_audit(service):
         assert ex.heads.shape == (1, shape.layers, shape.heads) and ex.neurons.shape == (1, shape.layers, shape.ffn)
         assert ex.x.shape == (1, shape.hidden) and torch.isfinite(ex.heads).all()
         assert len(fid["kl"]) == 4 and all(math.isfinite(k) for k in fid["kl"])
+        # the pseudo-labels are the dense model's own next tokens along the served continuation
+        model, ids = service["loaded"].runtime.model, rec.meta["prompt_ids"] + rec.meta["token_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        n = len(rec.meta["prompt_ids"])
+        assert fid["pseudo_labels"] == logits[n - 1:len(ids) - 1].argmax(-1).tolist()
+        # the audit record summarises exactly these positions
+        assert record["shadow"]["positions"] == 4 and record["shadow"]["sample_id"] == samples[0][0]
+        assert record["shadow"]["kl_mean"] == pytest.approx(sum(fid["kl"]) / 4)
+        assert record["shadow"]["top1_agreement"] == pytest.approx(sum(fid["top1"]) / 4)
         # another key cannot read this record; the opted-out key is never shadowed
         assert service["http"].get(f"/v1/requests/{rid}", headers=auth(NOSHADOW)).status_code == 404
         assert complete(service, key=NOSHADOW).json()["shadowgate"]["shadowed"] is False
@@ -267,17 +242,22 @@ def test_every_served_request_yields_a_drift_feature_row(service):
     from monitor import drift
 
     r = service["redis"]
-    before = r.xlen("shadowgate:features")
+    before = r.xlen(Keys("shadowgate").features)
     rids = [complete(service, max_tokens=2).json()["shadowgate"]["request_id"] for _ in range(3)]
     rids.append(complete(service, max_tokens=2, sparsity=0.0).json()["shadowgate"]["request_id"])  # dense too
-    wait_for(lambda: r.xlen("shadowgate:features") >= before + 4)
-    rows = [json.loads(f[b"row"]) for _, f in r.xrange("shadowgate:features")]
+    wait_until(lambda: r.xlen(Keys("shadowgate").features) >= before + 4, 30, what="four feature rows")
+    rows = [json.loads(f[b"row"]) for _, f in r.xrange(Keys("shadowgate").features)]
     rows = {row["request_id"]: row for row in rows if row["request_id"] in rids}
     assert set(rows) == set(rids)
+    cols = drift.feature_columns(16)
+    first = rows[rids[0]]
     for row in rows.values():
-        assert set(drift.feature_columns(16)) <= set(row) and row["version"] == service["v1"]
+        assert set(cols) <= set(row) and row["version"] == service["v1"]
         assert row["prompt_len"] == len(service["loaded"].tokenizer.encode(PROMPT))
-        assert 0.0 < row["head_entropy"] <= 1.0
+        # one prompt, one basis (the champion's, for the dense request too): one row
+        assert [row[c] for c in cols] == pytest.approx([first[c] for c in cols], rel=1e-4, abs=1e-5)
+    # the champion's head scores on it, not missing (NaN) and not all alike (1.0)
+    assert 0.0 < first["head_entropy"] < 1.0 and math.isfinite(first["keep_margin"])
     metrics = service["http"].get("/metrics", headers=auth(ADMIN)).text
     assert 'shadowgate_features_dropped_total{reason="redis"} 0.0' in metrics
 

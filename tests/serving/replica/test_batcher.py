@@ -12,14 +12,14 @@ import time
 import httpx
 import pytest
 
-from adapter.pipeline.train import LoadedPredictor
+from adapter.selection.artifact import LoadedPredictor
 from adapter.selection import predictors as P
 from monitor.state import ControlState
 from serving.replica.batcher import Batcher
 from serving.replica.engine import Engine, GenRequest
 from serving.api.openai_format import format_result
 from serving.settings import load_settings
-from tests.serving.conftest import free_port
+from tests.support import free_port, serve_app, wait_until
 
 PROMPTS = ["3 + 4 = 7 ; 2 + 2 = 4 ; 1 + 5 =", "the cat sees the dog ;", "a b c ; b c d ;", "9 + 1 = 0 ; 4 + 4 ="]
 
@@ -145,9 +145,30 @@ def test_a_request_arriving_mid_decode_joins_the_running_batch(engine):
         assert loop.stats.max_batch == 2
         # the short one took steps beside the long one; the long one took all of its own
         assert res_b.timing["steps"] == len(want_short) - 1 and res_a.timing["steps"] == len(want_long) - 1
-        assert res_a.timing["queue_ms"] >= 0 and res_a.timing["prefill_ms"] > 0 and res_a.timing["decode_ms"] > 0
+        # the loop was idle: the long one was taken at once, and its time went to decoding
+        assert res_a.timing["prefill_ms"] > 0 and 0 <= res_a.timing["queue_ms"] < res_a.timing["decode_ms"]
     finally:
         loop.close()
+
+
+def test_queue_ms_is_the_time_a_request_waited_for_the_loop(engine):
+    """A request submitted to a loop that has not started waits 0.3 s: its queue_ms is that
+    wait (its prefill not included), and the phases add up to no more than the time seen."""
+    loop = Batcher(engine)
+    got = queue.Queue()
+    t0 = time.perf_counter()
+    loop.submit(GenRequest("waits", PROMPTS[1], max_tokens=3, temperature=0.0, sparsity=0.5), got.put)
+    time.sleep(0.3)
+    loop.start()
+    try:
+        _, (kind, res) = collect(got)
+        wall_ms = (time.perf_counter() - t0) * 1000
+    finally:
+        loop.close()
+    assert kind == "done", res
+    t = res.timing
+    assert t["queue_ms"] >= 300 and t["prefill_ms"] > 0 and t["decode_ms"] > 0
+    assert t["queue_ms"] + t["prefill_ms"] + t["decode_ms"] <= wall_ms
 
 
 def test_a_cancelled_request_leaves_the_batch_at_the_next_step(long_model_dir):
@@ -199,12 +220,9 @@ def test_a_request_the_model_cannot_run_is_an_error_for_it_alone(engine):
 @pytest.fixture(scope="module")
 def service(long_model_dir, redis_url, registry_uri):
     """The Serve app on an empty registry (it serves dense): enough to watch the decode loop."""
-    import os
-
-    import ray
     from ray import serve
 
-    from serving.app import APP_NAME, deploy
+    from serving.app import APP_NAME
 
     port = free_port()
     settings = load_settings(None, model={"name": str(long_model_dir)}, runtime={"threads": 1}, port=port,
@@ -212,22 +230,8 @@ def service(long_model_dir, redis_url, registry_uri):
                              redis={"url": redis_url}, mlflow={"tracking_uri": registry_uri},
                              serve={"reconcile_s": 1.0, "replica_cpus": 0.1, "max_tokens_limit": 4000,
                                     "defaults": {"shadow_rate": 0.0}})
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 << 20,
-             log_to_driver=False)
-    deploy(settings)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    llm = serve.get_deployment_handle("GatedLLM", app_name=APP_NAME)
-    yield {"base": base, "llm": llm}
-    serve.shutdown()
-    ray.shutdown()
+    with serve_app(settings) as base:
+        yield {"base": base, "llm": serve.get_deployment_handle("GatedLLM", app_name=APP_NAME)}
 
 
 @pytest.mark.service
@@ -245,13 +249,8 @@ def test_a_disconnected_streaming_client_stops_its_generation(service):
                 if got >= 3:
                     break
         # the connection is closed here, with about 3 of 3000 tokens sent
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        stats = llm.stats.remote().result()
-        if stats["running"] == 0:
-            break
-        time.sleep(0.2)
-    assert stats["running"] == 0, stats
+    stats = wait_until(lambda: (lambda st: st if st["running"] == 0 else None)(llm.stats.remote().result()), 30,
+                       what="the decode loop idle", detail=lambda: llm.stats.remote().result())
     gone = [r for r in stats["recent"] if r[2] == "cancelled"]
     assert len(gone) == 1 and gone[0][1] < 1500, stats["recent"]
     steps = stats["steps"]

@@ -9,7 +9,7 @@ import pytest
 from serving.bench import faults as bench
 
 # about 5.5 min on 2 cores (a private stack, a replica replaced, MLflow restarted): run with -m slow
-pytestmark = [pytest.mark.service, pytest.mark.slow]
+pytestmark = [pytest.mark.service, pytest.mark.slow, pytest.mark.faults]
 
 
 @pytest.fixture(scope="module")

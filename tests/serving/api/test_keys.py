@@ -6,10 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -18,8 +15,7 @@ from serving.api.auth import (KeyRing, add_key, check_key, client_keys, hash_key
                           with_keys)
 from serving.api.protocol import REQUEST_ID, CompletionRequest, correlation_id, new_request_id
 from serving.settings import KeyPolicy, load_settings
-
-BIN = Path(sys.executable).parent / "shadowgate"
+from tests.support import shadowgate
 
 
 def test_hash_is_salted_and_checks_only_the_key():
@@ -90,15 +86,14 @@ def test_up_makes_hashed_keys_and_owner_only_plain_copies(tmp_path):
 
 
 def test_cli_prints_the_key_once_and_stores_its_hash(tmp_path):
-    env = {**os.environ, "SHADOWGATE_STATE_DIR": str(tmp_path)}
-    out = subprocess.run([str(BIN), "keys", "add", "bob", "--max-prompts", "4"], env=env, capture_output=True,
-                         text=True, timeout=120)
+    env = {"SHADOWGATE_STATE_DIR": str(tmp_path)}
+    out = shadowgate("keys", "add", "bob", "--max-prompts", "4", env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     plain = out.stdout.strip()
     assert plain.startswith("sg_") and plain not in (tmp_path / "keys.json").read_text()
     ident = KeyRing(load_settings(None, key_file=tmp_path / "keys.json")).lookup(plain.encode())
     assert ident.name == "bob" and ident.policy.max_prompts == 4
-    listed = subprocess.run([str(BIN), "keys", "list", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    listed = shadowgate("keys", "list", "--json", env=env, timeout=120)
     assert plain not in listed.stdout and json.loads(listed.stdout)[0]["name"] == "bob"
 
 
@@ -138,7 +133,7 @@ def test_guard_turns_an_unexpected_exception_into_a_json_500_naming_the_request(
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from serving.api.gateway import _Guard
+    from serving.api.routes import _Guard
 
     def boom(request):
         raise RuntimeError("detail that must not leave the server: sk-secret")

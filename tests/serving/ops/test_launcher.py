@@ -7,18 +7,14 @@ import json
 import os
 import signal
 import stat
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.serving.conftest import free_port
+from tests.support import free_port, shadowgate, spawn_shadowgate, wait_until
 
 pytestmark = pytest.mark.service
-BIN = Path(sys.executable).parent / "shadowgate"
 
 
 def alive(pid: int) -> bool:
@@ -34,23 +30,19 @@ def alive(pid: int) -> bool:
 
 def test_up_starts_what_is_missing_and_down_stops_exactly_that(tiny_model_dir, tmp_path):
     port, redis_port, mlflow_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "SHADOWGATE_STATE_DIR": str(tmp_path / "state"),
+    env = {"SHADOWGATE_STATE_DIR": str(tmp_path / "state"),
            "SHADOWGATE_PORT": str(port), "SHADOWGATE_REDIS__URL": f"redis://127.0.0.1:{redis_port}/0",
            "SHADOWGATE_MLFLOW__TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
            "SHADOWGATE_MODEL__NAME": str(tiny_model_dir), "SHADOWGATE_RUNTIME__THREADS": "1",
-           "SHADOWGATE_MLFLOW__BOOTSTRAP_PER_FAMILY": "4", "SHADOWGATE_MLFLOW__BOOTSTRAP_EPOCHS": "2"}
-    env.pop("SHADOWGATE_API_KEYS", None)
-    env.pop("SHADOWGATE_ADMIN_KEY", None)
-    log = open(tmp_path / "up.log", "w")
-    proc = subprocess.Popen([str(BIN), "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
+           "SHADOWGATE_MLFLOW__BOOTSTRAP_PER_FAMILY": "4", "SHADOWGATE_MLFLOW__BOOTSTRAP_EPOCHS": "2",
+           "SHADOWGATE_API_KEYS": None, "SHADOWGATE_ADMIN_KEY": None}  # no keys configured
+    log = tmp_path / "up.log"
+    proc = spawn_shadowgate("up", log=log, env=env)
     state = tmp_path / "state"
     try:
-        deadline = time.time() + 420
-        while "shadowgate is up" not in (tmp_path / "up.log").read_text():
-            assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
-            assert time.time() < deadline, "up did not finish"
-            time.sleep(1)
-        out = (tmp_path / "up.log").read_text()
+        wait_until(lambda: "shadowgate is up" in log.read_text(), 420, interval=1, what="shadowgate up", proc=proc,
+                   detail=lambda: log.read_text()[-3000:])
+        out = log.read_text()
         key_path = state / "api_key"
         assert f"API key created: {key_path}" in out and "try: curl" in out
         assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
@@ -63,7 +55,7 @@ def test_up_starts_what_is_missing_and_down_stops_exactly_that(tiny_model_dir, t
         assert r.json()["shadowgate"]["predictor_version"] == "1"  # bootstrapped champion
         started = json.loads((state / "up.json").read_text())
         assert set(started["children"]) == {"redis", "mlflow"}
-        down = subprocess.run([str(BIN), "down"], env=env, capture_output=True, text=True, timeout=180)
+        down = shadowgate("down", env=env, timeout=180)
         assert down.returncode == 0, down.stderr
         proc.wait(60)
         for pid in [started["pid"], *started["children"].values()]:

@@ -6,21 +6,19 @@ the embedded model) under a steady client load: a version approved in the real M
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 import redis
 
 from jobs.mlflow_ui import set_alias_in_ui
-from serving.bench.monitor import Driver, reversed_predictor, suite_prompts, wait_until
+from monitor.keys import Keys
+from serving.bench.harness import Driver, suite_prompts
+from serving.bench.monitor import reversed_predictor
 from serving.ops.stack import private_stack
+from tests.support import operator_cli, wait_until
 
 pytestmark = pytest.mark.service
-BIN = Path(sys.executable).parent / "shadowgate"
 
 
 class Load:
@@ -80,29 +78,24 @@ def test_ui_approval_canaries_and_promotes_then_a_bad_version_is_rolled_back(sta
     good = registry.register(registry.download(champion), tags={"source": "test-copy"})
     bad = registry.register(reversed_predictor(registry.download(champion), stack["work"] / "reversed"),
                             tags={"source": "test-reversed"})
-    env = {**os.environ, "SHADOWGATE_ADMIN_KEY": st.admin_key, "PYTHONWARNINGS": "ignore"}
-
-    def cli(*args):
-        out = subprocess.run([str(BIN), *args, "--url", st.base], env=env, capture_output=True, text=True,
-                             timeout=120)
-        assert out.returncode == 0, out.stderr
-        return out.stdout
+    cli = operator_cli(st.base, st.admin_key)
 
     with Load(Driver(d.client, d.admin), suite_prompts("test", None, 60)) as load:
         # a person approves in the MLflow UI; the canary starts
         set_alias_in_ui(st.settings.mlflow.tracking_uri, st.settings.mlflow.registered_model, good, timeout_s=120)
-        assert wait_until(lambda: rollout(d)["challenger"] == good, 60), rollout(d)
-        assert wait_until(lambda: decided(d, "promoted", good), 240), rollout(d)
+        wait_until(lambda: rollout(d)["challenger"] == good, 60, what="the canary", detail=lambda: rollout(d))
+        wait_until(lambda: decided(d, "promoted", good), 240, what="the promotion", detail=lambda: rollout(d))
         assert registry.aliases()["champion"] == good
         assert "retired" in registry.version(champion).tags
         assert d.alerts("promotion")[0]["predictor_version"] == good
         # the signed registry webhook reached the service (polling would have worked too)
-        assert int(r.get(f"{st.settings.redis.prefix}:rollout:webhook_deliveries") or 0) >= 1
+        assert int(r.get(Keys(st.settings.redis.prefix).rollout_webhook_deliveries) or 0) >= 1
         # a bad one, approved from the CLI: rolled back automatically
         assert f"version {bad} approved" in cli("approve", bad)
-        assert wait_until(lambda: decided(d, "rolled_back", bad), 240), rollout(d)
+        wait_until(lambda: decided(d, "rolled_back", bad), 240, what="the rollback", detail=lambda: rollout(d))
         n_after = len(load.versions)
-        wait_until(lambda: len(load.versions) >= n_after + 6, 60)
+        # answers after the rollback, or the check below that none is the bad version's is empty
+        wait_until(lambda: len(load.versions) >= n_after + 6, 60, what="six answers after the rollback")
     status = json.loads(cli("status", "--json"))
     assert status["champion"] == good and status["challenger"] is None and status["canary_share"] == 0.0
     assert status["fallback"] == "none"

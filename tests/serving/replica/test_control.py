@@ -9,12 +9,15 @@ import time
 import pytest
 import redis
 import torch
+from mlflow.exceptions import MlflowException
+from pydantic import ValidationError
 
 from adapter.pipeline.traces import SCHEMA, TraceRecord
 from monitor.fidelity import compare
 from monitor.samples import SampleStore
 from serving.replica.control import ControlStore, ControlUpdate, StateFollower, canary_arm, shadow_sampled
 from serving.settings import ConfigError, ControlDefaults, load_settings
+from tests.support import until
 
 
 def test_api_keys_from_env_are_comma_separated(monkeypatch):
@@ -61,10 +64,8 @@ def test_update_bumps_generation_and_followers_apply_it(redis_url):
         follower = StateFollower(redis_url, "t1", "llm", ControlDefaults(), apply, reconcile_s=30.0)
         await follower.start()
         new = await asyncio.to_thread(store.update, ControlUpdate(sparsity=0.2, challenger="7"), "test")
-        for _ in range(50):  # the notification, not the 30 s reconcile, brings it
-            if follower.state.generation == new.generation:
-                break
-            await asyncio.sleep(0.05)
+        # the notification, not the 30 s reconcile, brings it
+        await until(lambda: follower.state.generation == new.generation, 2.5, interval=0.05)
         reports = store.replica_reports(10)
         await follower.stop()
         return new, follower.state, reports
@@ -72,7 +73,7 @@ def test_update_bumps_generation_and_followers_apply_it(redis_url):
     new, seen, reports = asyncio.run(scenario())
     assert new.generation == 2 and seen.sparsity == 0.2 and seen.challenger == "7"
     assert applied == [1, 2] and reports[0]["generation"] == 2
-    with pytest.raises(ValueError):
+    with pytest.raises(ValidationError, match=r"sparsity\n  Input should be less than 1"):
         ControlUpdate(sparsity=1.5)
 
 
@@ -107,13 +108,15 @@ def test_sample_store_caps_and_honours_retention(redis_url):
 
 
 def test_config_driven_app_builder_binds_the_three_deployments(tmp_path):
-    from ray.serve import Application
-
     from serving.app import app_builder
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("serve:\n  llm_replicas: 2\n")
-    assert isinstance(app_builder({"config": str(cfg)}), Application)
+    gateway = app_builder({"config": str(cfg)})._bound_deployment
+    settings, *bound = gateway.init_args
+    assert gateway.name == "Gateway" and settings.serve.llm_replicas == 2  # the file's settings, bound
+    replicas = {a._bound_deployment.name: a._bound_deployment._deployment_config.num_replicas for a in bound}
+    assert replicas == {"GatedLLM": 2, "ShadowDense": 1, "Monitor": 1}
 
 
 def test_the_model_replicas_are_health_checked_as_often_as_the_settings_say():
@@ -159,5 +162,5 @@ def test_registry_versions_aliases_and_download(tmp_path, monkeypatch):
     assert (tmp_path / "db" / "artifacts").exists()  # artifacts beside the store, not ./mlruns
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     down = PredictorRegistry("http://127.0.0.1:9", "p", tmp_path / "c2")
-    with pytest.raises(Exception):  # an unreachable server is an error, not "no champion"
+    with pytest.raises(MlflowException, match=r"127\.0\.0\.1:9.*Connection refused"):  # an error, not "no champion"
         down.resolve("champion")

@@ -7,7 +7,6 @@ import asyncio
 import logging
 import shutil
 import subprocess
-import time
 
 import pytest
 import redis
@@ -17,7 +16,7 @@ from monitor.state import ControlDefaults, ControlStore, ControlUpdate
 from serving.replica.control import StateFollower
 from serving.ops.launcher import LaunchError, _spawn_redis, _stop_group, own_redis, redis_answers, redis_persists
 from serving.settings import load_settings
-from serving.ops.stack import free_port
+from tests.support import RedisServer, free_port, until
 
 SECRET = "s3cret-Pa55-for-tests"
 
@@ -54,10 +53,7 @@ def test_auth_from_settings_and_never_in_logs_or_ps(auth_redis, caplog, tmp_path
         f = StateFollower(s.redis, "auth", "llm", ControlDefaults(), apply, 30.0)
         await f.start()
         await asyncio.to_thread(store.update, ControlUpdate(sparsity=0.3), "test")
-        for _ in range(100):
-            if seen[-1] == 2:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: seen[-1] == 2, 2.0, what="the follower on generation 2")
         await f.stop()
         return seen
 
@@ -107,19 +103,13 @@ def _certs(folder):
 def test_tls_from_settings(tmp_path):
     ca, crt, key = _certs(tmp_path)
     port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-                             "--tls-cert-file", str(crt), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
-                             "--tls-auth-clients", "no", "--requirepass", SECRET, "--save", "", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        s = _settings(tmp_path, url=f"redis://127.0.0.1:{port}/0", tls=True, ssl_ca_certs=str(ca), password=SECRET)
-        client = redis_client(s.redis)
-        for _ in range(100):
-            try:
-                assert client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
+    s = _settings(tmp_path, url=f"redis://127.0.0.1:{port}/0", tls=True, ssl_ca_certs=str(ca), password=SECRET)
+    client = redis_client(s.redis)
+    # TLS only: a later --port wins over the plain port RedisServer sets
+    server = RedisServer(tmp_path, extra=("--port", "0", "--tls-port", str(port), "--tls-cert-file", str(crt),
+                                          "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                                          "--tls-auth-clients", "no", "--requirepass", SECRET))
+    with server.start(ready=client.ping):
         assert ControlStore(client, "tls").ensure(ControlDefaults()).generation == 1
         with pytest.raises(redis.ConnectionError):  # plain TCP to the TLS port is not Redis
             redis.Redis.from_url(s.redis.url, password=SECRET, socket_timeout=2).ping()
@@ -128,22 +118,11 @@ def test_tls_from_settings(tmp_path):
         untrusted = s.redis.model_copy(update={"ssl_ca_certs": str(other_ca)})
         with pytest.raises(redis.ConnectionError):  # a server the configured CA did not sign
             redis_client(untrusted, socket_timeout=2).ping()
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_launcher_runs_its_own_aof_redis_beside_one_that_keeps_nothing(tmp_path):
-    port = free_port()
-    vol = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                            "--appendonly", "no", "--dir", str(tmp_path)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        s = _settings(tmp_path, url=f"redis://127.0.0.1:{port}/0")
-        for _ in range(100):
-            if redis_answers(s.redis):
-                break
-            time.sleep(0.05)
+    with RedisServer(tmp_path / "volatile", aof=False) as vol:
+        s = _settings(tmp_path, url=vol.url)
         assert redis_persists(s.redis) is False
         with pytest.raises(LaunchError, match="no persistence"):
             own_redis(s.model_copy(update={"redis": s.redis.model_copy(update={"unpersisted": "refuse"})}))
@@ -156,6 +135,3 @@ def test_launcher_runs_its_own_aof_redis_beside_one_that_keeps_nothing(tmp_path)
         finally:
             _stop_group(proc.pid)
             proc.wait(10)
-    finally:
-        vol.terminate()
-        vol.wait(10)

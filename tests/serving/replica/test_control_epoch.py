@@ -5,59 +5,22 @@ until the generation climbs past the one they served."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import signal
-import subprocess
 import time
 
 import pytest
 import redis
 
+from monitor.keys import Keys
 from monitor.state import ControlDefaults, ControlState, ControlStore, ControlUpdate, supersedes
 from serving.replica.control import StateFollower
-from serving.ops.stack import free_port
-
-
-class RedisProc:
-    """A redis-server of this test's own, killed and restarted on the same port."""
-
-    def __init__(self, folder, aof: bool):
-        self.port, self.folder, self.aof = free_port(), folder, aof
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = None
-
-    def start(self):
-        exe = shutil.which("redis-server")
-        assert exe, "redis-server is not installed"
-        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "yes" if self.aof else "no", "--dir", str(self.folder)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        for _ in range(200):
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def kill(self):
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+from tests.support import RedisServer, until
 
 
 @pytest.fixture
 def volatile_redis(tmp_path):
-    server = RedisProc(tmp_path, aof=False)
-    server.start()
-    yield server
-    server.stop()
+    """A redis-server of this test's own with no persistence: killed, it comes back empty."""
+    with RedisServer(tmp_path, aof=False) as server:
+        yield server
 
 
 def test_supersedes_compares_generations_only_within_an_epoch():
@@ -70,15 +33,6 @@ def test_supersedes_compares_generations_only_within_an_epoch():
     # documents written before epochs existed parse with "" and keep comparing by generation
     legacy = ControlState.model_validate_json('{"generation": 3}')
     assert legacy.epoch == "" and not supersedes(ControlState(generation=2), legacy)
-
-
-async def _until(pred, timeout: float = 10.0) -> float:
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - t0
 
 
 def test_replicas_follow_a_write_at_once_after_redis_restarted_empty(volatile_redis):
@@ -100,13 +54,13 @@ def test_replicas_follow_a_write_at_once_after_redis_restarted_empty(volatile_re
             await f.start()
         for sparsity in (0.1, 0.2, 0.3, 0.4):
             last = await asyncio.to_thread(store.update, ControlUpdate(sparsity=sparsity), "test")
-        await _until(lambda: all(f.state.generation == last.generation for f in followers))
+        await until(lambda: all(f.state.generation == last.generation for f in followers))
         assert last.generation == 5
 
         volatile_redis.kill()
         volatile_redis.start()  # empty: no persistence
         # the followers notice the missing document and write back what they serve (one wins)
-        reseed_s = await _until(lambda: all(f.state.epoch != last.epoch for f in followers))
+        reseed_s = await until(lambda: all(f.state.epoch != last.epoch for f in followers))
         seeded = await asyncio.to_thread(store.get)
         assert seeded is not None and seeded.epoch != last.epoch
         assert seeded.sparsity == 0.4 and seeded.generation == 5  # nothing the replicas served is lost
@@ -114,7 +68,7 @@ def test_replicas_follow_a_write_at_once_after_redis_restarted_empty(volatile_re
 
         t0 = time.monotonic()
         put = await asyncio.to_thread(store.update, ControlUpdate(sparsity=0.05, fallback="dense"), "admin-api")
-        await _until(lambda: all(f.state.sparsity == 0.05 and f.state.fallback == "dense" for f in followers))
+        await until(lambda: all(f.state.sparsity == 0.05 and f.state.fallback == "dense" for f in followers))
         follow_s = time.monotonic() - t0
         reports = await asyncio.to_thread(store.replica_reports, 60)
         for f in followers:
@@ -144,12 +98,12 @@ def test_a_lower_generation_of_a_new_document_is_followed(volatile_redis):
         await f.start()
         for s in (0.1, 0.2, 0.3):
             last = await asyncio.to_thread(store.update, ControlUpdate(sparsity=s), "test")
-        await _until(lambda: f.state.generation == last.generation)
+        await until(lambda: f.state.generation == last.generation)
         # another document replaces it at generation 2 (what an empty Redis + one PUT gives)
         other = ControlState(generation=2, epoch="fresh", sparsity=0.7)
         await asyncio.to_thread(r.set, store.key, other.model_dump_json())
         await asyncio.to_thread(r.publish, store.channel, "2")
-        await _until(lambda: f.state.epoch == "fresh", timeout=2.0)
+        await until(lambda: f.state.epoch == "fresh", timeout=2.0)
         state = f.state
         await f.stop()
         return seen, state
@@ -180,8 +134,7 @@ def test_aof_redis_killed_under_writes_loses_no_acknowledged_write_and_followers
 
     from monitor.alerts import AlertSettings, AlertStore
 
-    server = RedisProc(tmp_path, aof=True)
-    server.start()
+    server = RedisServer(tmp_path, aof=True).start()
     acked: dict[str, list] = {"probe": [], "alerts": []}
     stop = threading.Event()
 
@@ -207,7 +160,7 @@ def test_aof_redis_killed_under_writes_loses_no_acknowledged_write_and_followers
             f = StateFollower(server.url, "aof", "llm", ControlDefaults(), apply, 30.0)
             await f.start()
             put = await asyncio.to_thread(store.update, ControlUpdate(sparsity=0.3), "test")
-            await _until(lambda: f.state.generation == put.generation)
+            await until(lambda: f.state.generation == put.generation)
             w = threading.Thread(target=writer, daemon=True)
             w.start()
             await asyncio.sleep(1.0)
@@ -216,7 +169,7 @@ def test_aof_redis_killed_under_writes_loses_no_acknowledged_write_and_followers
             server.start()
             t_up = time.monotonic()
             new = await asyncio.to_thread(store.update, ControlUpdate(sparsity=0.2), "admin-api")
-            await _until(lambda: f.state.generation == new.generation)
+            await until(lambda: f.state.generation == new.generation)
             follow_s = time.monotonic() - t_up
             await asyncio.sleep(0.5)
             stop.set()
@@ -228,7 +181,7 @@ def test_aof_redis_killed_under_writes_loses_no_acknowledged_write_and_followers
         put, new, state, follow_s = asyncio.run(scenario())
         r = redis.Redis.from_url(server.url)
         probe = {e[0].decode() for e in r.xrange("aof:probe")}
-        alerts = {e[0].decode() for e in r.xrange("aof:alerts")}
+        alerts = {e[0].decode() for e in r.xrange(Keys("aof").alerts)}
         assert len(acked["probe"]) > 20 and len(acked["alerts"]) > 20
         assert set(acked["probe"]) <= probe and set(acked["alerts"]) <= alerts  # nothing acknowledged lost
         assert new.epoch == put.epoch and new.generation == put.generation + 1  # the document survived

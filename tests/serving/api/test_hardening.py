@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import statistics
-import subprocess
 import threading
 import time
 
 import httpx
 import pytest
-import redis
 
 from serving.replica.control import canary_arm
 from serving.api.auth import add_key
 from serving.settings import KeyPolicy
-from tests.serving.conftest import free_port
+from tests.support import RedisServer, free_port, serve_app, wait_until
+from tests.support import put_state as put_admin_state
 
 pytestmark = pytest.mark.service
 
@@ -30,34 +28,16 @@ KEY, LIMITED, TOKENS = "sk-hard-main", "sk-hard-limited", "sk-hard-tokens"
 PROMPT = "3 + 4 = 7 ; 2 + 2 = 4 ; 1 + 5 ="
 
 
-def start_redis(port: int, folder) -> subprocess.Popen:
-    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "yes", "--dir", str(folder)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(200):
-        try:
-            client.ping()
-            return proc
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    raise AssertionError("redis-server did not start")
-
-
 @pytest.fixture(scope="module")
 def svc(tiny_model_dir, registry_uri, tmp_path_factory):
-    import ray
-    from ray import serve
-
     from adapter.runtime.loading import load
     from jobs.bootstrap import ensure_champion
     from jobs.registry import PredictorRegistry
-    from serving.app import deploy
     from serving.settings import load_settings
 
     work = tmp_path_factory.mktemp("hardening")
-    rport = free_port()
-    rproc = start_redis(rport, work)
+    # its own redis-server (AOF), started below: a test kills it and starts it again
+    rserver = RedisServer(work / "redis", aof=True)
     keys = work / "keys.json"
     admin = add_key(keys, "ops", role="admin")
     small = add_key(keys, "small", policy=KeyPolicy(max_prompts=2, max_request_tokens=64))
@@ -68,7 +48,7 @@ def svc(tiny_model_dir, registry_uri, tmp_path_factory):
         api_keys=[{"key": KEY, "name": "main"},
                   {"key": LIMITED, "name": "limited", "policy": {"rate_limit_per_min": 5}},
                   {"key": TOKENS, "name": "tokens", "policy": {"tokens_per_min": 120}}],
-        redis={"url": f"redis://127.0.0.1:{rport}/0"}, mlflow={"tracking_uri": registry_uri},
+        redis={"url": rserver.url}, mlflow={"tracking_uri": registry_uri},
         serve={"reconcile_s": 1.0, "replica_cpus": 0.1, "max_tokens_limit": 240,
                "defaults": {"shadow_rate": 0.0, "sparsity": 0.5}},
         gateway={"max_request_tokens": 8192})
@@ -78,25 +58,9 @@ def svc(tiny_model_dir, registry_uri, tmp_path_factory):
     # a small drift reference: these tests never run the drift check
     v1 = ensure_champion(registry, str(tiny_model_dir), loaded, per_family=4, epochs=3, reference_per_family=20)
     v2 = registry.register(registry.download(v1), tags={"source": "test-challenger"})
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 << 20, log_to_driver=False)
-    deploy(settings)
-    base = f"http://127.0.0.1:{port}"
-    state = {"redis": rproc}
-    with httpx.Client(base_url=base, timeout=120) as http:
-        for _ in range(240):
-            try:
-                if http.get("/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    with rserver, serve_app(settings) as base, httpx.Client(base_url=base, timeout=120) as http:
         yield {"http": http, "base": base, "settings": settings, "admin": admin, "small": small, "v1": v1,
-               "v2": v2, "rport": rport, "work": work, "state": state, "tokenizer": loaded.tokenizer}
-    serve.shutdown()
-    ray.shutdown()
-    state["redis"].terminate()
-    state["redis"].wait(10)
+               "v2": v2, "redis": rserver, "work": work, "tokenizer": loaded.tokenizer}
 
 
 def auth(key=KEY):
@@ -122,16 +86,8 @@ def still_serving(svc):
 
 
 def put_state(svc, **change):
-    r = svc["http"].put("/admin/state", json=change, headers=auth(svc["admin"]))
-    assert r.status_code == 200, r.text
-    gen = r.json()["state"]["generation"]
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        reps = svc["http"].get("/admin/state", headers=auth(svc["admin"])).json()["replicas"]
-        if reps and all(rep["generation"] >= gen for rep in reps):
-            return gen
-        time.sleep(0.2)
-    raise AssertionError(f"replicas did not converge on generation {gen}")
+    """The generation, once every replica applied the change."""
+    return put_admin_state(svc["http"], svc["admin"], **change)[0]
 
 
 def metric(svc, name: str) -> float:
@@ -374,37 +330,46 @@ def test_schemathesis_full_run(svc):
     assert out["server_errors"] == []
 
 
-def test_redis_down_gives_503_json_and_serving_resumes(svc):
-    http, state = svc["http"], svc["state"]
-    state["redis"].terminate()
-    state["redis"].wait(10)
+def test_redis_killed_gives_503_json_and_its_aof_brings_the_state_back(svc):
+    """SIGKILL of the redis-server (a crash: nothing flushed on the way out) just after a state
+    change and a request: 503 JSON while it is down, clients served meanwhile; restarted, the
+    same document (same epoch, the non-default sparsity) and the request's record are there,
+    which only its append-only file can give back (replicas re-seeding a lost document would
+    start a new epoch)."""
+    http, server, admin = svc["http"], svc["redis"], auth(svc["admin"])
+    gen = put_state(svc, sparsity=0.37)  # the default is 0.5
+    before = http.get("/admin/state", headers=admin).json()["state"]
+    assert before["sparsity"] == 0.37 and before["generation"] == gen
+    rid = complete(svc).json()["shadowgate"]["request_id"]
+    created = wait_until(lambda: http.get(f"/v1/requests/{rid}", headers=auth()).json().get("created"), 10,
+                         what="the request's record")
+    server.kill()
     try:
         for method, body in (("GET", None), ("PUT", {"sparsity": 0.4})):
-            r = http.request(method, "/admin/state", json=body, headers=auth(svc["admin"]))
+            r = http.request(method, "/admin/state", json=body, headers=admin)
             assert "unavailable" in assert_json_error(r, 503)
         # client requests are served: a rate limit is counted per gateway replica meanwhile
         assert complete(svc, key=LIMITED).status_code == 200
-        assert complete(svc).status_code == 200
+        assert complete(svc).json()["shadowgate"]["sparsity"] == 0.37  # the replicas serve what they had
     finally:
-        state["redis"] = start_redis(svc["rport"], svc["work"])
-    deadline = time.time() + 30
-    while http.get("/admin/state", headers=auth(svc["admin"])).status_code != 200:
-        assert time.time() < deadline
-        time.sleep(0.5)
-    assert http.get("/admin/state", headers=auth(svc["admin"])).json()["state"]["sparsity"] == 0.5
+        server.start()
+    after = wait_until(lambda: (lambda r: r.status_code == 200 and r.json()["state"])(
+        http.get("/admin/state", headers=admin)), 30, what="a control document after the restart")
+    assert (after["epoch"], after["generation"], after["sparsity"]) == (before["epoch"], gen, 0.37)
+    assert http.get(f"/v1/requests/{rid}", headers=auth()).json()["created"] == created
+    put_state(svc, sparsity=0.5)
     still_serving(svc)
 
 
 def llm_pid(svc) -> int:
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        reps = svc["http"].get("/admin/state", headers=auth(svc["admin"])).json()["replicas"]
-        pids = [r["pid"] for r in reps if r["role"] == "llm"]
-        alive = [p for p in pids if os.path.exists(f"/proc/{p}")]
-        if len(alive) == 1:
-            return alive[0]
-        time.sleep(0.5)
-    raise AssertionError(f"no single live GatedLLM replica: {reps}")
+    def replicas():
+        return svc["http"].get("/admin/state", headers=auth(svc["admin"])).json()["replicas"]
+
+    def single_live():
+        alive = [r["pid"] for r in replicas() if r["role"] == "llm" and os.path.exists(f"/proc/{r['pid']}")]
+        return alive[0] if len(alive) == 1 else None
+
+    return wait_until(single_live, 30, interval=0.5, what="a single live GatedLLM replica", detail=replicas)
 
 
 def test_requests_in_flight_when_a_replica_dies_are_retried(svc):
@@ -426,7 +391,6 @@ def test_requests_in_flight_when_a_replica_dies_are_retried(svc):
     one = time.perf_counter() - t0
     retries0 = metric(svc, "shadowgate_replica_retries_total")
     events: list[str] = []
-    running = 0
     with ThreadPoolExecutor(4) as pool, httpx.Client(base_url=svc["base"], timeout=300) as c:
         futures = [pool.submit(lambda: httpx.post(svc["base"] + "/v1/completions", json=long, headers=auth(),
                                                   timeout=300)) for _ in range(3)]
@@ -439,15 +403,14 @@ def test_requests_in_flight_when_a_replica_dies_are_retried(svc):
             # kill only once all four sequences are in the replica's batch: a request still in
             # the proxy or the router would be routed to the restarted replica by Ray itself,
             # and the test would not exercise the gateway's retry
-            deadline = time.time() + 30
-            while running < 4 and time.time() < deadline:
-                running = llm.stats.remote().result()["running"]
+            in_batch = wait_until(lambda: llm.stats.remote().result()["running"] == 4, 30, interval=0.01,
+                                  required=False)
             t_kill = time.perf_counter()
             os.kill(pid, signal.SIGKILL)
             events += [line[6:] for line in lines if line.startswith("data: ")]
         results = [f.result() for f in futures]
         served = time.perf_counter() - t_kill
-    assert running == 4, f"the four sequences never ran together on the replica ({running})"
+    assert in_batch, "the four sequences never ran together on the replica"
     assert [r.status_code for r in results] == [200, 200, 200], [r.text[:200] for r in results]
     assert all(r.json()["usage"]["completion_tokens"] == 220 for r in results)
     assert "choices" in json.loads(events[0])

@@ -1,10 +1,6 @@
 """The `shadowgate` CLI and its settings, run as a user runs them (subprocess)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,20 +8,14 @@ from transformers import AutoTokenizer
 
 from adapter.embedded.recipe import default_model_path
 from serving.settings import ConfigError, load_settings
-from tests.conftest import tiny_llama
+from tests.support import shadowgate, tiny_llama
 
-BIN = Path(sys.executable).parent / "shadowgate"
 KEYS = {"text", "token_ids", "sparsity", "effective_sparsity", "method"}
-
-
-def run_cli(*args, env=None):
-    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run([str(BIN), *args], capture_output=True, text=True, env=full_env, timeout=300)
 
 
 @pytest.mark.parametrize("method", ["dense", "shadowllm", "dejavu", "static"])
 def test_generate_json_on_default_model(method):
-    proc = run_cli("generate", "--model", "default", "--prompt", "3 + 4 = 7 ; 2 + 2 =",
+    proc = shadowgate("generate", "--model", "default", "--prompt", "3 + 4 = 7 ; 2 + 2 =",
                    "--max-tokens", "3", "--sparsity", "0.5", "--method", method, "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -38,7 +28,7 @@ def test_generate_json_on_default_model(method):
 
 
 def test_default_model_solves_an_easy_prompt_densely():
-    proc = run_cli("generate", "--prompt", "3 + 4 = 7 ; 1 + 1 = 2 ; 5 + 2 = 7 ; 0 + 6 = 6 ; 2 + 3 = 5 ; 4 + 4 =",
+    proc = shadowgate("generate", "--prompt", "3 + 4 = 7 ; 1 + 1 = 2 ; 5 + 2 = 7 ; 0 + 6 = 6 ; 2 + 3 = 5 ; 4 + 4 =",
                    "--max-tokens", "1", "--method", "dense", "--json")
     assert json.loads(proc.stdout)["text"] == "8"
 
@@ -49,13 +39,13 @@ def test_user_checkpoint_saved_with_save_pretrained_loads_and_runs(tmp_path):
     model.resize_token_embeddings(len(tokenizer))
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    proc = run_cli("generate", "--model", str(tmp_path), "--prompt", "the cat sees", "--max-tokens", "5",
+    proc = shadowgate("generate", "--model", str(tmp_path), "--prompt", "the cat sees", "--max-tokens", "5",
                    "--method", "shadowllm", "--sparsity", "0.3", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert len(out["token_ids"]) >= 1 and out["effective_sparsity"] > 0.0
     # the dense path through the CLI equals transformers' own greedy generate
-    proc = run_cli("generate", "--model", str(tmp_path), "--prompt", "the cat sees", "--max-tokens", "5",
+    proc = shadowgate("generate", "--model", str(tmp_path), "--prompt", "the cat sees", "--max-tokens", "5",
                    "--method", "dense", "--json")
     ids = tokenizer.encode("the cat sees")
     want = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False,
@@ -69,7 +59,7 @@ def test_user_checkpoint_saved_with_save_pretrained_loads_and_runs(tmp_path):
     (["--model", "/nonexistent/model"], "does not exist"),
 ])
 def test_bad_input_gets_a_clear_message(args, message):
-    proc = run_cli("generate", "--prompt", "1 + 1 =", *args)
+    proc = shadowgate("generate", "--prompt", "1 + 1 =", *args)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
@@ -82,7 +72,7 @@ def test_bad_input_gets_a_clear_message(args, message):
 ])
 def test_model_build_resume_needs_a_saved_model_and_one_family(args, message, tmp_path):
     family = [] if "--family" in args else ["--family", "llama"]
-    proc = run_cli("model", "build", "--out", str(tmp_path), *family, *args)
+    proc = shadowgate("model", "build", "--out", str(tmp_path), *family, *args)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing was trained or written
@@ -105,5 +95,5 @@ def test_settings_yaml_and_env_overrides(tmp_path, monkeypatch):
 def test_bad_config_file_is_reported_without_traceback(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("runtime:\n  gather_cache_mb: -5\n")
-    proc = run_cli("generate", "--prompt", "1 + 1 =", "--config", str(cfg))
+    proc = shadowgate("generate", "--prompt", "1 + 1 =", "--config", str(cfg))
     assert proc.returncode == 2 and "gather_cache_mb" in proc.stderr and "Traceback" not in proc.stderr

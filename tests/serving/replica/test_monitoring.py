@@ -11,24 +11,20 @@ fallback still applies."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import redis
 
 from adapter.embedded import suite as tasks
 from monitor.alerts import verify
-from serving.bench.monitor import (Driver, Receiver, dense_texts, drift_scenario, fallback_scenario,
-                                   mlflow_down_scenario, restart_scenario, reversed_predictor, suite_prompts,
-                                   wait_until)
+from serving.bench.harness import Driver, suite_prompts
+from serving.bench.monitor import (dense_texts, drift_scenario, fallback_scenario, mlflow_down_scenario,
+                                   restart_scenario, reversed_predictor)
 from serving.ops.stack import private_stack
+from tests.support import Receiver, operator_cli, wait_until
 
 pytestmark = pytest.mark.service
 SECRET = "test-webhook-secret"
-BIN = Path(sys.executable).parent / "shadowgate"
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +35,7 @@ def stack(tmp_path_factory):
                            "reconcile_s": 1.0},
                  "monitor": {"slo": {"min_samples": 10, "window": 200}, "lease_ttl_s": 3, "claim_idle_s": 3,
                              "drift": {"window": 40, "every_requests": 20, "min_rows": 20}},
-                 "alerts": {"webhooks": [{"url": receiver.url, "secret": SECRET}], "backoff_s": 0.2},
+                 "alerts": {"webhooks": [{"url": receiver.url + "/alerts", "secret": SECRET}], "backoff_s": 0.2},
                  "mlflow": {"reference_per_family": 170}, "runtime": {"threads": 1}}
     with private_stack(work, **overrides) as st:
         with st.client() as c, st.client(admin=True) as a:
@@ -74,7 +70,7 @@ def test_broken_champion_falls_back_with_a_signed_alert_and_dense_answers(stack)
     dense = dense_texts(d, prompts[:6])
     try:
         res = fallback_scenario(d, bad, prompts, dense, max_requests=40)
-        wait_until(lambda: d.window(bad), 30)  # the monitor's next summary holds the window
+        wait_until(lambda: d.window(bad), 30, what="the broken version's window in the monitor's summary")
         metrics = d.admin.get("/metrics").text
     finally:  # the end is explicit, and an alert
         d.put_state(champion=st.champion, fallback="none")
@@ -83,22 +79,23 @@ def test_broken_champion_falls_back_with_a_signed_alert_and_dense_answers(stack)
     assert res["window_kl_mean"] > st.settings.monitor.slo.kl_mean_max or \
         res["window_top1"] < st.settings.monitor.slo.top1_min
     assert res["after_dense_equal"] == res["after_checked"] == 6
-    hook = wait_until(lambda: [r for r in receiver.requests if json.loads(r["body"])["kind"] == "fallback"], 30)
-    assert hook, "the fallback alert did not reach the receiver"
+    hook = wait_until(lambda: [r for r in receiver.requests if json.loads(r["body"])["kind"] == "fallback"], 30,
+                      what="the fallback alert at the receiver")
     h = hook[0]["headers"]
     assert verify(SECRET, h["x-shadowgate-timestamp"], hook[0]["body"], h["x-shadowgate-signature"])
     assert not verify("wrong", h["x-shadowgate-timestamp"], hook[0]["body"], h["x-shadowgate-signature"])
     assert json.loads(hook[0]["body"])["predictor_version"] == bad
     # prometheus_client writes labels in sorted order
     assert f'shadowgate_fidelity_kl_mean{{arm="champion",version="{bad}"}}' in metrics
-    rec = wait_until(lambda: d.alerts("recovered"), 30)
-    assert rec and rec[0]["evidence"]["updated_by"] == "admin-api"
+    rec = wait_until(lambda: d.alerts("recovered"), 30, what="a recovered alert")
+    assert rec[0]["evidence"]["updated_by"] == "admin-api"
     assert d.failed == 0
 
 
 def test_monitor_sigkilled_mid_stream_loses_and_double_counts_nothing(stack):
     d = stack["driver"]
-    wait_until(lambda: d.alerts("recovered"), 30)
+    # the previous test's recovery settles first, where it ran (alone, nothing to wait for)
+    wait_until(lambda: d.alerts("recovered"), 30, required=False)
     res = restart_scenario(d, suite_prompts("test", None, 30, offset=40), stack["redis"],
                            stack["stack"].settings.redis.prefix)
     assert res["new_pid"] is not None and res["new_pid"] != res["killed_pid"]
@@ -109,14 +106,7 @@ def test_monitor_sigkilled_mid_stream_loses_and_double_counts_nothing(stack):
 
 def test_operator_cli_shows_windows_and_alerts_and_clears_a_fallback(stack):
     st, d = stack["stack"], stack["driver"]
-    env = {**os.environ, "SHADOWGATE_ADMIN_KEY": st.admin_key, "PYTHONWARNINGS": "ignore"}
-
-    def cli(*args):
-        out = subprocess.run([str(BIN), *args, "--url", st.base], env=env, capture_output=True, text=True,
-                             timeout=120)
-        assert out.returncode == 0, out.stderr
-        return out.stdout
-
+    cli = operator_cli(st.base, st.admin_key)
     status = json.loads(cli("monitor", "status", "--json"))
     api = d.monitor()["summary"]
     assert status["active"] and status["summary"]["slo"] == api["slo"]
@@ -131,7 +121,7 @@ def test_operator_cli_shows_windows_and_alerts_and_clears_a_fallback(stack):
     d.put_state(fallback="dense")
     assert "fallback cleared" in cli("fallback", "clear")
     assert d.admin.get("/admin/state").json()["state"]["fallback"] == "none"
-    assert wait_until(lambda: len(d.alerts("recovered")) > recovered, 30)
+    wait_until(lambda: len(d.alerts("recovered")) > recovered, 30, what="a recovered alert for the cleared fallback")
 
 
 def test_mlflow_stopped_requests_answered_and_fallback_applies(stack):
