@@ -279,8 +279,13 @@ def test_two_nodes_serve_deploy_and_a_node_stopped(cluster):
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
-    wait_until(lambda: httpx.get(base + "/readyz", timeout=5).status_code == 200, 420, interval=1, what="/readyz",
-               ignore=(httpx.HTTPError,))
+    def ready():
+        try:
+            return httpx.get(base + "/readyz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(ready, 420, interval=1, what="/readyz")
     placed = wait_until(lambda: (c := gated_replicas(cluster["dashboard"], nodes)) == {"head": 1, "worker": 1} and c,
                         240, interval=1, what="one GatedLLM replica per node")
     deploy_s = time.time() - t0
