@@ -24,6 +24,15 @@ class RuntimeConfig(BaseModel):
         "top groups and heads inside them only, so that under GQA the nominal sparsity is also "
         "the KV-cache saving (adapter/runtime/masks.py)")
 
+    batch_heads: bool = Field(
+        False, description="a decode step over rows with distinct masks may run attention on the "
+        "batch's own heads (as many as a row keeps, those most rows keep; each row attends with "
+        "those of its cached KV groups) when the byte model says so: the shared projections read "
+        "fewer bytes, and a row's heads depend on its batch (docs/SERVING.md)")
+    batch_neurons: bool = Field(
+        False, description="the same for FFN neurons: every row of such a step runs the batch's "
+        "most-kept neurons instead of its own or the union")
+
     def resolved_device(self) -> str:
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"

@@ -108,6 +108,9 @@ class GatedModel:
         # decode plans of batch compositions (content-keyed values, like the gather cache)
         self.plans = PlanCache(self.config.gather_cache_mb << 20)
         self.plan_horizon = UNION_HORIZON_STEPS
+        # parts a decode step of distinct masks may run on the batch's own units
+        self.batch_parts = frozenset(p for p, on in (("attn", self.config.batch_heads),
+                                                     ("ffn", self.config.batch_neurons)) if on)
         self.scale = self.shape.head_dim ** -0.5
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self._dejavu_t: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -310,7 +313,7 @@ class GatedModel:
         def build() -> BatchPlan:
             return build_plan(self.view.layers, self.shape, [st.mask for st in seqs],
                               [st.method.per_token for st in seqs], max(1, horizon or self.plan_horizon),
-                              force, [st.gathered for st in seqs])
+                              force, [st.gathered for st in seqs], self.batch_parts)
 
         if force is not None:
             return build()
@@ -388,8 +391,8 @@ class GatedModel:
         if ap.kind == "per_mask":
             return self._per_mask(ap.groups, x, rope, lambda g, xs, rs: self._attn_rows(
                 [seqs[j] for j in g.members], layer, xs, rs, self._group_weights(seqs, g, layer).attn))
-        # one projection over the layout's heads (union or all); each row takes its own
-        # heads and groups out of it, in its own mask's order, and attends over its own cache
+        # one projection over the layout's heads (union, all, or the batch's); each row takes
+        # its heads and groups out of it and attends over its own cache
         w, n = ap.weights, x.shape[0]
         q, k, v = self._qkv(w, x)  # (n, Hu*Dh), (n, Gu*Dh), (n, Gu*Dh)
         qs = q.reshape(-1).index_select(0, ap.q_idx).split(ap.q_split)
@@ -398,8 +401,10 @@ class GatedModel:
         outs = []
         for j, st in enumerate(seqs):
             own = st.attn_layout(layer)
-            outs.append(self._attend(st, layer, qs[j][None], ks[j][None], vs[j][None], own.n_heads,
-                                     own.n_groups, own.q2g, self._rope_row(rope, j), st.length))
+            # batch: the batch's heads of this row's cached groups; else its own heads
+            n_heads, q2g = ap.row_heads[j] if ap.row_heads else (own.n_heads, own.q2g)
+            outs.append(self._attend(st, layer, qs[j][None], ks[j][None], vs[j][None], n_heads,
+                                     own.n_groups, q2g, self._rope_row(rope, j), st.length))
         # skipped heads' outputs stay zero: o reads each row's own heads only
         o = x.new_zeros(n * w.q_width).index_copy_(0, ap.q_idx, torch.cat(outs, dim=1)[0])
         return F.linear(o.view(n, w.q_width), w.wo, w.bo)

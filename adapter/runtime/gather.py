@@ -23,9 +23,16 @@ the union once, charged as GATHER_READS step-reads spread over UNION_HORIZON_STE
 A sequence's own copy is made lazily (a sequence admitted into a busy batch is prefilled on
 the full weights with its mask applied, and never needs one while it shares products), so
 per_mask is charged the same for each mask not gathered yet.
-Attention stays per sequence whatever the plan: each row attends with its own kept heads
-over its own cache, which holds only its kept KV groups (Polar Sparsity, NeurIPS 2025:
-head sparsity is batch-invariant, while the union of FFN neurons approaches dense).
+Attention stays per sequence whatever the plan: each row attends over its own cache, which
+holds only its kept KV groups, with its own kept heads (per_mask, union, dense), or with
+  batch     (optional, runtime.batch_heads / batch_neurons) the batch's own units: as many
+            heads (neurons) as a row keeps on average, those most rows keep, gathered once
+            per batch composition. Every row runs the batch's neurons, and attends with the
+            batch's heads of the KV groups its cache holds (k/v are computed for the union of
+            the rows' groups, so every cache stays complete). The shared products then read
+            about (1 - s) of the bytes at any batch size, where the union nears dense (Polar
+            Sparsity, NeurIPS 2025, selects heads per batch for this reason); the price is that
+            a row's units depend on its batch, so it no longer equals the row alone.
 
 Shapes: B batch rows, D model dim, Dh head dim, Kh kept heads, Kg kept KV groups, K kept
 neurons; Hu/Gu/U the union's heads, groups and neurons.
@@ -232,8 +239,9 @@ class GatherCache:
 
 # ---- batch plans: one decode step over rows with distinct masks -----------------------------
 
-PlanKind = Literal["per_mask", "union", "dense"]
-PLAN_KINDS: tuple[PlanKind, ...] = ("per_mask", "dense", "union")  # tie order: no copy first
+PlanKind = Literal["per_mask", "union", "dense", "batch"]
+# tie order: no copy first, and the exact kinds before "batch" (which changes rows' units)
+PLAN_KINDS: tuple[PlanKind, ...] = ("per_mask", "dense", "union", "batch")
 UNION_HORIZON_STEPS = 32  # decode steps a batch composition is expected to last
 GATHER_READS = 2  # a union gather reads and writes each byte of the union once
 
@@ -256,6 +264,9 @@ class AttnPlan:
     kv_idx: torch.Tensor | None  # (sum_b Kg_b*Dh,) each row's own groups in the flat k/v (B*Gu*Dh,)
     q_split: tuple[int, ...] = ()  # Kh_b*Dh per row
     kv_split: tuple[int, ...] = ()  # Kg_b*Dh per row
+    # batch: per row, the heads it attends with (n_heads, q2g over its cached groups);
+    # () for union / dense, where each row attends with its own mask's heads
+    row_heads: tuple[tuple[int, torch.Tensor | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -305,7 +316,7 @@ def unit_bytes(ref: LayerRefs, shape: Shape) -> tuple[int, int, int]:
 
 
 def _choose(costs: dict[str, float], force: PlanKind | None) -> PlanKind:
-    if force is not None:
+    if force is not None and (force != "batch" or "batch" in costs):
         return force
     return min((k for k in PLAN_KINDS if k in costs), key=lambda k: costs[k])  # min keeps the first of ties
 
@@ -328,18 +339,55 @@ def _slots(size: int, layout: torch.Tensor):
     return lambda idx: table[idx]
 
 
+def _most_kept(size: int, parts: list[torch.Tensor], k: int, tie: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch's own units: the k indices (< size) that most rows keep (each row's kept
+    indices in `parts`), ties to the higher `tie` score, then to the lower index; sorted."""
+    votes = torch.zeros(size, dtype=torch.long)
+    for idx in parts:
+        votes[idx] += 1
+    score = votes * (len(parts) + 1) + (tie if tie is not None else 0)
+    order = torch.sort(score, descending=True, stable=True).indices
+    return torch.sort(order[:k]).values
+
+
+def _batch_heads(shape: Shape, lms: list[LayerMask]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Batch-invariant heads for one layer: as many heads as the rows keep on average,
+    those most rows keep (ties to those more rows hold the KV group of), and per row the
+    batch heads it can attend with: those of the KV groups its cache holds (a row's cache
+    has only its own mask's groups). A row left without any gets its most-kept own head
+    added to the batch's. Returns (the batch's heads, per row its heads)."""
+    gs = shape.group_size
+    k = max(1, round(sum(lm.heads.numel() for lm in lms) / len(lms)))
+    holds = torch.zeros(shape.heads, dtype=torch.long)
+    for lm in lms:
+        holds += torch.isin(torch.arange(shape.heads) // gs, lm.groups).long()
+    votes = torch.zeros(shape.heads, dtype=torch.long)
+    for lm in lms:
+        votes[lm.heads] += 1
+    chosen = _most_kept(shape.heads, [lm.heads for lm in lms], k, holds)
+    flags = torch.zeros(shape.heads, dtype=torch.bool)
+    flags[chosen] = True
+    for lm in lms:
+        if not torch.isin(chosen // gs, lm.groups).any():
+            flags[lm.heads[votes[lm.heads].argmax()]] = True
+    chosen = flags.nonzero().squeeze(1)
+    return chosen, [chosen[torch.isin(chosen // gs, lm.groups)] for lm in lms]
+
+
 def _layer_key(lm: LayerMask) -> bytes:
     return lm.heads.cpu().numpy().tobytes() + b"|" + lm.neurons.cpu().numpy().tobytes()
 
 
 def build_plan(layers: list[LayerRefs], shape: Shape, row_masks: list[Mask], per_token: list[bool],
                horizon: int = UNION_HORIZON_STEPS, force: PlanKind | None = None,
-               has_copy: list[bool] | None = None) -> BatchPlan:
+               has_copy: list[bool] | None = None, batch: frozenset[str] = frozenset()) -> BatchPlan:
     """The plan of one decode step for rows with these masks.
 
     Host work (coverage flags, slot tables, copies of the unions): run it when the batch's
     composition changes, not per token. `force` makes every layer take one kind (tests).
-    `has_copy`: per row, whether its mask's own copy exists (default: all do)."""
+    `has_copy`: per row, whether its mask's own copy exists (default: all do). `batch`: the
+    parts ("attn", "ffn") that may run on the batch's own units (kind "batch") when the
+    byte model says so; rows then get the batch's units instead of their own."""
     has_copy = has_copy if has_copy is not None else [True] * len(row_masks)
     b = len(row_masks)
     token_rows = tuple(i for i in range(b) if per_token[i])
@@ -349,7 +397,7 @@ def build_plan(layers: list[LayerRefs], shape: Shape, row_masks: list[Mask], per
         # layer 0 is dense for every method, per-token ones included
         members = list(range(b)) if layer == 0 else planned
         lp, nbytes = _plan_layer(ref, shape, [row_masks[i].layers[layer] for i in members], horizon, force,
-                                 [has_copy[i] for i in members])
+                                 [has_copy[i] for i in members], batch if layer > 0 else frozenset())
         device = ref.wq.device
         rows = None if members == list(range(b)) else torch.tensor(members, dtype=torch.long, device=device)
         out.append(LayerPlan(rows=rows, members=tuple(members), **lp))
@@ -358,7 +406,7 @@ def build_plan(layers: list[LayerRefs], shape: Shape, row_masks: list[Mask], per
 
 
 def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int,
-                force: PlanKind | None, has_copy: list[bool]) -> tuple[dict, int]:
+                force: PlanKind | None, has_copy: list[bool], batch: frozenset[str] = frozenset()) -> tuple[dict, int]:
     device, dh = ref.wq.device, shape.head_dim
     per_head, per_group, per_neuron = unit_bytes(ref, shape)
     if not lms:  # every row is per-token at this layer
@@ -399,11 +447,21 @@ def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int
         attn_bytes["union"] = heads_u.numel() * per_head + groups_u.numel() * per_group
     if not full_ffn:
         ffn_bytes["union"] = neurons_u.numel() * per_neuron
+    # batch-invariant units, where rows differ: the batch's own heads (and KV groups every
+    # row's cache needs) / neurons, as many as a row keeps on average
+    distinct = len(by_key) > 1 and not any(lms[j].full for j in firsts)
+    if "attn" in batch and distinct:
+        heads_b, row_heads = _batch_heads(shape, lms)
+        attn_bytes["batch"] = heads_b.numel() * per_head + groups_u.numel() * per_group
+    if "ffn" in batch and distinct:
+        neurons_b = _most_kept(shape.ffn, [lm.neurons for lm in lms],
+                               max(1, round(sum(lm.neurons.numel() for lm in lms) / n)))
+        ffn_bytes["batch"] = neurons_b.numel() * per_neuron
 
     def costs(nbytes: dict, part: str) -> dict:
         # a copy (the union's, or the masks' own not made yet) is made once per batch
         # composition: charge it over the horizon
-        out = {k: v * (1 + GATHER_READS / horizon) if k == "union" else v for k, v in nbytes.items()}
+        out = {k: v * (1 + GATHER_READS / horizon) if k in ("union", "batch") else v for k, v in nbytes.items()}
         out["per_mask"] += copies[part] * GATHER_READS / horizon
         return out
 
@@ -415,6 +473,19 @@ def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int
     gathered = 0
     if attn_kind == "per_mask":
         attn = AttnPlan("per_mask", groups, None, None, None)
+    elif attn_kind == "batch":
+        w = gather_attn(ref, heads_b.to(device), groups_u.to(device), shape)
+        gathered += sum(t.numel() * t.element_size() for t in (w.qkv[0][0], w.wo))
+        at_h, at_g = _slots(shape.heads, heads_b), _slots(shape.kv_heads, groups_u)
+        wq, wkv = heads_b.numel() * dh, groups_u.numel() * dh
+        q_idx = torch.cat([j * wq + head_rows(at_h(hs), dh) for j, hs in enumerate(row_heads)])
+        kv_idx = torch.cat([j * wkv + head_rows(at_g(lm.groups), dh) for j, lm in enumerate(lms)])
+        layouts = [attn_layout(hs, lm.groups, shape) for hs, lm in zip(row_heads, lms)]
+        attn = AttnPlan("batch", (), w, q_idx.to(device), kv_idx.to(device),
+                        q_split=tuple(hs.numel() * dh for hs in row_heads),
+                        kv_split=tuple(lm.groups.numel() * dh for lm in lms),
+                        row_heads=tuple((lay.n_heads, None if lay.q2g is None else lay.q2g.to(device))
+                                        for lay in layouts))
     else:
         if attn_kind == "union" and not full_attn:
             w = gather_attn(ref, heads_u.to(device), groups_u.to(device), shape)
@@ -432,6 +503,10 @@ def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int
                         kv_split=tuple(lm.groups.numel() * dh for lm in lms))
     if ffn_kind == "per_mask":
         ffn = FfnPlan("per_mask", groups, None, None)
+    elif ffn_kind == "batch":  # every row runs the batch's neurons: no per-row mask
+        w = gather_ffn(ref, neurons_b.to(device))
+        gathered += sum(t.numel() * t.element_size() for t in (w.inp[0][0], w.w_down))
+        ffn = FfnPlan("batch", (), w, None)
     else:
         if ffn_kind == "union" and not full_ffn:
             w = gather_ffn(ref, neurons_u.to(device))

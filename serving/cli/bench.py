@@ -85,6 +85,73 @@ def bench_speed(
     console.print(table)
 
 
+@bench_app.command("batch-quality")
+def bench_batch_quality(
+    as_json: bool = JsonObjectOpt,
+    model: Optional[str] = typer.Option(None, "--model", help="Default: the configured model."),
+    predictors: Optional[Path] = typer.Option(None, "--predictors", help="Folder of trained predictors."),
+    predictor: str = typer.Option("shadowllm-plainact", "--predictor", help="Its subfolder."),
+    per_family: int = typer.Option(50, "--per-family", min=1, help="Test prompts per family."),
+    batch: str = typer.Option("1,4,8", "--batch", help="Batch sizes, a comma list."),
+    sparsities: list[float] = typer.Option([], "--sparsity", help="Repeatable (default 0.5 and 0.7)."),
+    tokens: int = typer.Option(16, "--tokens", min=1, help="Greedy tokens per prompt compared with dense."),
+    out: Optional[Path] = ReportOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Quality of batch-invariant heads and neurons: test prompts generated in batches of
+    distinct prompts on each row's own mask vs the batch's units (accuracy, agreement with dense)."""
+    from adapter.benchmarks import batch_quality
+    from adapter.embedded.recipe import default_predictor_dir
+    from adapter.evaluation.sweep import load_set
+    from adapter.pipeline import traces
+    from adapter.runtime.loading import ModelLoadError, load
+    from adapter.selection.artifact import PredictorMismatch
+
+    try:
+        sizes = tuple(int(b) for b in batch.split(","))
+    except ValueError:
+        fail(f"--batch {batch!r}: give batch sizes as a comma list, like 1,4,8")
+    if any(not 1 <= b <= 64 for b in sizes):
+        fail(f"--batch {batch!r}: every batch size must be in [1, 64]")
+    if any(not 0 < s < 1 for s in sparsities):
+        fail("--sparsity must be in (0, 1)")
+    settings = settings_or_exit(config)
+    settings.runtime.apply_threads()
+    name = model or settings.model.name
+    try:
+        loaded = load(name, settings.runtime)
+        preds = load_set(predictors or default_predictor_dir(name), loaded.runtime.shape,
+                         traces.model_fingerprint(loaded.runtime.model))
+    except (ModelLoadError, FileNotFoundError, PredictorMismatch) as exc:
+        fail(str(exc))
+    if predictor not in preds:
+        fail(f"--predictor {predictor!r}: not among {', '.join(sorted(preds))}")
+    report = batch_quality.run(loaded.runtime, loaded.tokenizer, preds[predictor], tuple(sparsities) or (0.5, 0.7),
+                               sizes, per_family, tokens, settings.runtime.mode)
+    report.update(model=name, machine=_machine(settings.runtime))
+    _emit(report, out, as_json)
+    if as_json:
+        return
+    table = Table(title=f"{name}, {predictor} ({report['mode']}): {report['prompts']} test prompts, "
+                        f"{tokens} greedy tokens")
+    for col in ("sparsity", "batch", "units", "accuracy", "% of dense", "agreement with dense"):
+        table.add_column(col, justify="right")
+    for r in report["results"]:
+        table.add_row(f"{r['sparsity']:.1f}", str(r["batch"]), r["units"], f"{r['accuracy']:.3f}",
+                      f"{100 * r['accuracy_vs_dense']:.1f}%", f"{r['agreement']:.3f}")
+    console.print(table)
+
+
+def _machine(runtime) -> dict:
+    import os
+    import platform
+
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "device": runtime.resolved_device(), "dtype": runtime.dtype}
+
+
 @bench_app.command("monitor")
 def bench_monitor(
     as_json: bool = JsonObjectOpt,

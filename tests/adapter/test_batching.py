@@ -289,3 +289,79 @@ def test_rows_prefilled_without_a_copy_share_products_and_gather_only_when_alone
     # one step left: the copy would not pay for itself, the full weights serve it
     last = gm.batch_plan([batch[1]], horizon=1)
     assert {lp.ffn.kind for lp in last.layers[1:]} == {"dense"}
+
+
+def _batch_model(heads: bool, neurons: bool) -> GatedModel:
+    from adapter.config import RuntimeConfig
+
+    return GatedModel(tiny_llama(kv_heads=2), RuntimeConfig(batch_heads=heads, batch_neurons=neurons))
+
+
+def test_batch_units_are_off_by_default_and_exact_kinds_win_ties():
+    gm = GatedModel(tiny_llama(kv_heads=2))
+    assert gm.batch_parts == frozenset()
+    methods = [P.ShadowLLM(P.random_unified(gm.shape, 32, seed=i), 0.5) for i in range(4)]
+    states = [gm.prefill(prompt(seed=i), m, 4)[0] for i, m in enumerate(methods)]
+    assert "batch" not in {lp.attn.kind for lp in gm.batch_plan(states).layers}
+    # one shared mask: the batch's units are that mask's, and its own product stays
+    gm = _batch_model(True, True)
+    method = P.random_static(gm.shape, 0.5)
+    states = [gm.prefill(prompt(seed=i), method, 2)[0] for i in range(3)]
+    assert {(lp.attn.kind, lp.ffn.kind) for lp in gm.batch_plan(states).layers} == {("per_mask", "per_mask")}
+
+
+def test_batch_heads_rows_with_equal_heads_equal_alone():
+    """Distinct masks that keep the same heads (uneven over the two KV groups) and differ in
+    neurons: the batch's heads are those heads, so every row attends exactly as alone."""
+    gm = _batch_model(True, False)
+    shape = gm.shape  # H=8 over G=2, F=96
+    heads = [[0, 1, 2, 5]] * (shape.layers - 1)
+    ms = [masks.from_indices(shape, heads, [list(range(10 * i, 10 * i + 48))] * (shape.layers - 1))
+          for i in range(3)]
+    prompts = [prompt(n=9 + i, seed=20 + i) for i in range(3)]
+    plan, _, got, want = run_both(gm, prompts, [P.Static(m, 0.5) for m in ms], steps=4, force="batch")
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    for lp in plan.layers[1:]:
+        assert lp.attn.kind == "batch" and lp.attn.row_heads[0][0] == 4
+        assert lp.ffn.kind != "batch"  # neurons stay each row's own (union, dense or per mask)
+
+
+def test_batch_neurons_rows_with_equal_neurons_equal_alone():
+    gm = _batch_model(False, True)
+    shape = gm.shape
+    neurons = [list(range(0, 96, 2))] * (shape.layers - 1)
+    ms = [masks.from_indices(shape, [[i, 4 + i]] * (shape.layers - 1), neurons) for i in range(3)]
+    prompts = [prompt(n=9 + i, seed=30 + i) for i in range(3)]
+    plan, _, got, want = run_both(gm, prompts, [P.Static(m, 0.5) for m in ms], steps=4, force="batch")
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert {lp.ffn.kind for lp in plan.layers[1:]} == {"batch"}
+
+
+def test_batch_heads_are_the_most_kept_and_every_row_attends_within_its_cached_groups():
+    from adapter.runtime.gather import _batch_heads
+
+    gm = _batch_model(True, True)
+    shape = gm.shape  # group g holds heads 4g..4g+3
+    lms = [masks.from_indices(shape, [hs] * (shape.layers - 1), [list(range(48))] * (shape.layers - 1)).layers[1]
+           for hs in ([0, 1, 2, 3], [0, 1, 2, 4], [0, 1, 5, 6], [4, 5, 6, 7])]
+    chosen, rows = _batch_heads(shape, lms)
+    assert chosen.tolist() == [0, 1, 2, 4]  # 4 heads (the mean kept), by votes 3, 3, 2, 2 (4 beats 5, 6)
+    assert [r.tolist() for r in rows] == [[0, 1, 2], [0, 1, 2, 4], [0, 1, 2, 4], [4]]
+    # a row none of whose groups the batch's heads touch gets its most-kept own head added
+    lms = [masks.from_indices(shape, [hs] * (shape.layers - 1), [list(range(48))] * (shape.layers - 1)).layers[1]
+           for hs in ([0, 1], [0, 1], [0, 2], [5])]
+    chosen, rows = _batch_heads(shape, lms)
+    assert chosen.tolist() == [0, 1, 5] and rows[3].tolist() == [5]
+
+
+def test_batch_units_read_fewer_bytes_than_the_union_of_distinct_masks():
+    gm = _batch_model(True, True)
+    methods = [P.ShadowLLM(P.random_unified(gm.shape, 32, seed=i), 0.5) for i in range(6)]
+    states = [gm.prefill(prompt(seed=40 + i), m, 8)[0] for i, m in enumerate(methods)]
+    plan = gm.batch_plan(states, horizon=32)
+    out = gm.decode(states, torch.tensor([5] * 6), plan)
+    assert out.isfinite().all()
+    for lp in plan.layers[1:]:
+        assert lp.attn.kind == lp.ffn.kind == "batch"
+        assert lp.bytes["ffn"]["batch"] < min(lp.bytes["ffn"].get("union", 1 << 62), lp.bytes["ffn"]["dense"])
+        assert lp.bytes["attn"]["batch"] <= lp.bytes["attn"].get("union", lp.bytes["attn"]["dense"])
