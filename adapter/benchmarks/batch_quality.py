@@ -22,9 +22,10 @@ from tqdm import tqdm
 
 from adapter.embedded import suite as tasks
 from adapter.evaluation.scoring import encode_pairs
-from adapter.runtime.gated import GatedModel, pick_tokens, SamplingParams
+from adapter.runtime.gated import GatedModel, SamplingParams, pick_tokens
+from adapter.runtime.gather import BATCH_UNITS
 
-MODES = {"per_request": frozenset(), "heads": frozenset({"attn"}), "heads_neurons": frozenset({"attn", "ffn"})}
+MODES = BATCH_UNITS
 
 
 def _generate(runtime: GatedModel, prompts: list[list[int]], method, steps: int, parts: frozenset) -> list[list[int]]:

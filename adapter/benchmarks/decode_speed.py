@@ -35,7 +35,7 @@ from adapter.selection import predictors as P
 from adapter.selection.methods import make_method
 from adapter.config import PredictorConfig, RuntimeConfig
 from adapter.runtime.gated import GatedModel
-from adapter.runtime.gather import BatchPlan
+from adapter.runtime.gather import BATCH_UNITS, BatchPlan
 
 ARCHS = {
     "llama-gqa": dict(family="llama", hidden=1024, layers=16, heads=16, kv_heads=4, ffn=4096),
@@ -44,6 +44,7 @@ ARCHS = {
 }
 SPARSITIES = (0.3, 0.5, 0.7)
 METHODS = ("shadowllm", "dejavu", "static")
+UNITS = BATCH_UNITS
 PROMPT_TOKENS, REQUEST_TOKENS, VOCAB = 128, 32, 32000
 
 
@@ -192,10 +193,13 @@ def _predictor_seconds(gm: GatedModel, method, rng: torch.Generator) -> float:
 def run_speed(runtime: RuntimeConfig, arch: str = "llama-gqa", quick: bool = False,
               batch_size: int | Sequence[int] = 1, predictor: PredictorConfig = PredictorConfig(),
               methods: Sequence[str] | None = None, sparsities: Sequence[float] | None = None,
-              repeats: int | None = None, steps: int | None = None) -> dict:
+              repeats: int | None = None, steps: int | None = None,
+              units: Sequence[str] = ("per_request",)) -> dict:
     """batch_size: one size or several (each row of `results` says its own). methods and
     sparsities: a subset of METHODS and of (0, 1) (default: all METHODS at SPARSITIES).
-    repeats and steps (decode steps timed per repeat) default to 5 x 32, quick 3 x 16."""
+    repeats and steps (decode steps timed per repeat) default to 5 x 32, quick 3 x 16.
+    units: the shadowllm rows' batch units, each a row of its own: per_request (the
+    runtime's exact plans), heads, heads_neurons (batch-invariant units, gather.py)."""
     batches = (batch_size,) if isinstance(batch_size, int) else tuple(batch_size)
     methods = METHODS if methods is None else tuple(methods)
     sparsities = SPARSITIES if sparsities is None else tuple(sparsities)
@@ -208,6 +212,8 @@ def run_speed(runtime: RuntimeConfig, arch: str = "llama-gqa", quick: bool = Fal
         raise ValueError(f"unknown method {bad[0]!r}: use {', '.join(METHODS)} (dense always runs)")
     if any(not 0.0 < s < 1.0 for s in sparsities):
         raise ValueError(f"sparsities must be in (0, 1), got {list(sparsities)}")
+    if not units or (bad := [u for u in units if u not in UNITS]):
+        raise ValueError(f"unknown units {bad[0] if units else None!r}: use {', '.join(UNITS)}")
     runtime.apply_threads()
     model, spec = bench_model(arch, quick)
     # room for the static masks and the union copies; per-request shadowllm masks churn
@@ -221,18 +227,21 @@ def run_speed(runtime: RuntimeConfig, arch: str = "llama-gqa", quick: bool = Fal
 
     unified = P.random_unified(shape, predictor.hidden, predictor.rank_for(shape.layers, shape.ffn))
     dejavu_preds = P.random_dejavu(shape, predictor.dejavu_rank)
-    configs: list[tuple[str, float, object]] = [("dense", 0.0, make_method("dense", 0.0))]
+    # (method, sparsity, its object, the batch units its decode steps may use)
+    configs: list[tuple[str, float, object, str]] = [("dense", 0.0, make_method("dense", 0.0), "per_request")]
     for method in methods:
         for s in sparsities:
             if method == "shadowllm":
-                configs.append((method, s, make_method("shadowllm", s, shape, unified, mode=runtime.mode,
-                                                          head_selection=runtime.head_selection)))
+                for u in units:
+                    configs.append((method, s, make_method("shadowllm", s, shape, unified, mode=runtime.mode,
+                                                              head_selection=runtime.head_selection), u))
             elif method == "dejavu":
                 # decode speed: the prompt runs densely, as in DejaVu's own implementation
-                configs.append((method, s, make_method("dejavu", s, shape, dejavu_preds, sparse_prompt=False)))
+                configs.append((method, s, make_method("dejavu", s, shape, dejavu_preds, sparse_prompt=False),
+                                "per_request"))
             else:
                 configs.append((method, s, make_method("static", s, shape, P.random_static_scores(shape),
-                                                          head_selection=runtime.head_selection)))
+                                                          head_selection=runtime.head_selection), "per_request"))
     hf = _HFDecoder(model)
     cells = [(b, i) for b in batches for i in range(len(configs))]
     decode = {c: [] for c in cells}  # seconds per step; (b, 0): every dense step at batch b
@@ -245,7 +254,8 @@ def run_speed(runtime: RuntimeConfig, arch: str = "llama-gqa", quick: bool = Fal
     hf_decode: list[float] = []
     with torch.inference_mode():  # warm-up: allocator, kernels, gathered static masks
         for b in batches:
-            for _, _, method in configs:
+            for _, _, method, u in configs:
+                gm.batch_parts = UNITS[u]
                 gm.generate(prompts(b), method, 2)
         hf.per_token_seconds(prompts(1)[0], 2)
     for _ in tqdm(range(repeats), desc=f"bench {arch}", disable=None):
@@ -259,6 +269,7 @@ def run_speed(runtime: RuntimeConfig, arch: str = "llama-gqa", quick: bool = Fal
                 dense_run[b] = [dense_seqs, dense_tok]
                 continue
             method = configs[i][2]
+            gm.batch_parts = UNITS[configs[i][3]]
             # fresh prompts: per-request masks differ, their gathers and plans are not cached
             seqs, tok, plan, plan_s = _prepared(gm, prompts(b), method, steps)
             d, c = _paired_steps(gm, dense_run[b], (seqs, tok), steps)
@@ -281,11 +292,11 @@ def run_speed(runtime: RuntimeConfig, arch: str = "llama-gqa", quick: bool = Fal
             dense.append({"batch_size": b, "ms_per_token": round(_median_ms(decode[b, 0]), 3),
                           "request_ms": round(_median_ms(request[b, 0]), 1) if request[b, 0] else None})
             continue
-        name, s, method = configs[i]
+        name, s, method, u = configs[i]
         ms, dense_ms = _median_ms(decode[b, i]), _median_ms(paired[b, i])
         ideal = dense_bytes / statistics.mean(p["bytes"] for p in plans[b, i])
         results.append({
-            "method": name, "sparsity": s, "batch_size": b, "ms_per_token": round(ms, 3),
+            "method": name, "sparsity": s, "batch_size": b, "units": u, "ms_per_token": round(ms, 3),
             "dense_ms_per_token": round(dense_ms, 3),  # the dense steps it alternated with
             "speedup": round(dense_ms / ms, 3),
             "ideal_speedup": round(ideal, 3),  # dense bytes / bytes of the plan it chose

@@ -317,7 +317,8 @@ class GatedModel:
 
         if force is not None:
             return build()
-        return self.plans.get(tuple("token" if st.method.per_token else st.mask.key for st in seqs), build)
+        return self.plans.get((self.batch_parts, *("token" if st.method.per_token else st.mask.key for st in seqs)),
+                              build)
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], tokens: torch.Tensor, plan: BatchPlan | None = None,

@@ -242,6 +242,8 @@ class GatherCache:
 PlanKind = Literal["per_mask", "union", "dense", "batch"]
 # tie order: no copy first, and the exact kinds before "batch" (which changes rows' units)
 PLAN_KINDS: tuple[PlanKind, ...] = ("per_mask", "dense", "union", "batch")
+# the batch units a decode step may run on, by name: the parts that may take kind "batch"
+BATCH_UNITS = {"per_request": frozenset(), "heads": frozenset({"attn"}), "heads_neurons": frozenset({"attn", "ffn"})}
 UNION_HORIZON_STEPS = 32  # decode steps a batch composition is expected to last
 GATHER_READS = 2  # a union gather reads and writes each byte of the union once
 

@@ -48,6 +48,8 @@ def bench_speed(
     repeats: Optional[int] = typer.Option(None, "--repeats", min=1, help="Repeats (default 5, quick 3)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Timed decode steps per repeat "
                                         "(default 32, quick 16)."),
+    units: list[str] = typer.Option([], "--units", help="The shadowllm rows' batch units (repeatable): "
+                                    "per_request (default), heads, heads_neurons: a row each."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Decode speed of dense vs shadowllm / dejavu / static on a realistic random-weight model."""
@@ -65,7 +67,7 @@ def bench_speed(
     try:
         result = bench.run_speed(settings.runtime, arch=arch, quick=quick, batch_size=sizes,
                                  methods=methods or None, sparsities=sparsities or None,
-                                 repeats=repeats, steps=steps)
+                                 repeats=repeats, steps=steps, units=tuple(units) or ("per_request",))
     except ValueError as exc:
         fail(str(exc))
     if as_json:
@@ -75,13 +77,13 @@ def bench_speed(
     table = Table(title=f"decode speed, {result['device']}, {result['threads']} threads, "
                         f"{result['dtype']}, dense ms/token by batch: "
                         + ", ".join(f"{b}: {ms:.1f}" for b, ms in dense.items()))
-    for col in ("batch", "method", "sparsity", "ms/token", "speedup", "ideal", "% of ideal",
+    for col in ("batch", "method", "units", "sparsity", "ms/token", "speedup", "ideal", "% of ideal",
                 "predictor ms", "request ms"):
         table.add_column(col, justify="right")
     for r in result["results"]:
-        table.add_row(str(r["batch_size"]), r["method"], f"{r['sparsity']:.1f}", f"{r['ms_per_token']:.2f}",
+        table.add_row(str(r["batch_size"]), r["method"], r["units"], f"{r['sparsity']:.1f}", f"{r['ms_per_token']:.2f}",
                       f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x", f"{r['pct_of_ideal']:.0f}%",
-                      f"{r['predictor_ms']:.3f}", f"{r['request_ms']:.0f}")
+                      f"{r['predictor_ms']:.3f}", "-" if r["request_ms"] is None else f"{r['request_ms']:.0f}")
     console.print(table)
 
 

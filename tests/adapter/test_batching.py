@@ -230,6 +230,48 @@ def test_bench_speed_reports_each_batch_against_its_plan(monkeypatch):
     assert rows["shadowllm", 1]["request_ms"] is not None and rows["shadowllm", 3]["request_ms"] is None
 
 
+def test_bench_speed_rows_per_batch_units(monkeypatch):
+    """--units per_request --units heads_neurons: a shadowllm row each; at batch 3 the batch's
+    units read fewer bytes (a higher ideal) than the exact plan, at batch 1 the same."""
+    from adapter.benchmarks import decode_speed as bench
+    from adapter.config import PredictorConfig, RuntimeConfig
+
+    monkeypatch.setitem(bench.ARCHS, "tiny", dict(family="llama", hidden=64, layers=3, heads=8,
+                                                  kv_heads=2, ffn=96))
+    out = bench.run_speed(RuntimeConfig(), arch="tiny", quick=True, batch_size=[1, 3],
+                          predictor=PredictorConfig(hidden=32), methods=["shadowllm"], sparsities=[0.5],
+                          repeats=1, steps=3, units=("per_request", "heads_neurons"))
+    rows = {(r["units"], r["batch_size"]): r for r in out["results"]}
+    assert set(rows) == {(u, b) for u in ("per_request", "heads_neurons") for b in (1, 3)}
+    assert rows["heads_neurons", 1]["ideal_speedup"] == rows["per_request", 1]["ideal_speedup"]
+    assert rows["heads_neurons", 3]["ideal_speedup"] > rows["per_request", 3]["ideal_speedup"]
+    assert {p["ffn"] for p in rows["heads_neurons", 3]["plan"][1:]} == {"batch"}
+    with pytest.raises(ValueError, match="unknown units 'all'"):
+        bench.run_speed(RuntimeConfig(), arch="tiny", units=("all",))
+
+
+def test_batch_quality_per_request_rows_equal_alone_and_batch_units_are_measured():
+    """`shadowgate bench batch-quality` on the embedded model: per-request rows in batches of
+    two generate exactly what they generate alone; the batch-unit rows are reported."""
+    from adapter.benchmarks import batch_quality
+    from adapter.embedded.recipe import default_predictor_dir
+    from adapter.evaluation.sweep import load_set
+    from adapter.pipeline import traces
+    from adapter.runtime.loading import load
+
+    loaded = load("default")
+    preds = load_set(default_predictor_dir("default"), loaded.runtime.shape,
+                     traces.model_fingerprint(loaded.runtime.model))
+    out = batch_quality.run(loaded.runtime, loaded.tokenizer, preds["shadowllm-plainact"], sparsities=(0.5,),
+                            batches=(1, 2), per_family=2, tokens=4)
+    rows = {(r["units"], r["batch"]): r for r in out["results"]}
+    assert rows["dense", 8]["accuracy"] == rows["dense", 8]["agreement"] == 1.0
+    assert {k: v for k, v in rows["per_request", 2].items() if k != "batch"} == \
+        {k: v for k, v in rows["per_request", 1].items() if k != "batch"}
+    assert {("heads", 2), ("heads_neurons", 2)} <= set(rows) and out["prompts"] == 12
+    assert loaded.runtime.batch_parts == frozenset()  # restored
+
+
 def test_a_short_horizon_does_not_pay_for_a_union_copy():
     gm = GatedModel(tiny_llama(kv_heads=2))
     methods = [P.Static(m, 0.5) for m in overlapping_masks(gm.shape, 4)]
