@@ -204,6 +204,9 @@ def bench_serve(
     bootstrap_per_family: int = typer.Option(4, "--bootstrap-per-family", min=1,
                                              help="With --model: suite instances per family to train "
                                                   "its first predictor on."),
+    units: Optional[str] = typer.Option(None, "--units", help="With --model: the replicas' batch units, "
+                                        "per_request | heads | heads_neurons (default: runtime.batch_heads "
+                                        "and batch_neurons of the settings)."),
     out: Optional[Path] = ReportOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
@@ -224,6 +227,16 @@ def bench_serve(
     if 0.0 not in sparsities:
         sparsities = (0.0,) + sparsities  # the ratios are against dense
     levels = tuple(concurrency) or (1, 4, 16)
+    if units is not None:
+        from adapter.runtime.gather import BATCH_UNITS
+
+        if model is None:
+            fail("--units needs --model: a running service keeps its own runtime settings")
+        if units not in BATCH_UNITS:
+            fail(f"--units {units!r}: use {', '.join(BATCH_UNITS)}")
+        parts = BATCH_UNITS[units]
+        settings = settings.model_copy(update={"runtime": settings.runtime.model_copy(
+            update={"batch_heads": "attn" in parts, "batch_neurons": "ffn" in parts})})
     if model is not None and not Path(model).exists() and ("/" in model or model.startswith(".")):
         from adapter.runtime.loading import ModelLoadError, load
 
@@ -264,6 +277,7 @@ def bench_serve(
             fail(f"cannot drive the service at {base}: {exc} (is `shadowgate up` running?)", 1)
     result["model"] = given or settings.model.name
     result["settings"] = {"threads": s.runtime.threads, "dtype": s.runtime.dtype, "mode": s.runtime.mode,
+                          "batch_heads": s.runtime.batch_heads, "batch_neurons": s.runtime.batch_neurons,
                           "llm_replicas": s.serve.llm_replicas, "max_ongoing_requests": s.serve.max_ongoing_requests}
     result["machine"] = machine()
     result["seconds"] = round(time.time() - t0, 1)

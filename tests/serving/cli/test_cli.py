@@ -97,3 +97,16 @@ def test_bad_config_file_is_reported_without_traceback(tmp_path):
     cfg.write_text("runtime:\n  gather_cache_mb: -5\n")
     proc = shadowgate("generate", "--prompt", "1 + 1 =", "--config", str(cfg))
     assert proc.returncode == 2 and "gather_cache_mb" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "serve", "--units", "heads"], "--units needs --model"),
+    (["bench", "serve", "--units", "all", "--model", "default"], "--units 'all': use per_request, heads, heads_neurons"),
+    (["bench", "batch-quality", "--batch", "1,x"], "give batch sizes as a comma list"),
+    (["bench", "batch-quality", "--predictor", "nope"], "--predictor 'nope': not among"),
+    (["bench", "speed", "--units", "all", "--quick"], "unknown units 'all'"),
+])
+def test_batch_unit_options_refuse_bad_values_with_a_message(args, message):
+    proc = shadowgate(*args)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr
