@@ -111,6 +111,7 @@ class GatedModel:
         # parts a decode step of distinct masks may run on the batch's own units
         self.batch_parts = frozenset(p for p, on in (("attn", self.config.batch_heads),
                                                      ("ffn", self.config.batch_neurons)) if on)
+        self.batch_kept: dict = {}  # the last batch units per (part, layer), with their copies
         self.scale = self.shape.head_dim ** -0.5
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self._dejavu_t: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -313,7 +314,7 @@ class GatedModel:
         def build() -> BatchPlan:
             return build_plan(self.view.layers, self.shape, [st.mask for st in seqs],
                               [st.method.per_token for st in seqs], max(1, horizon or self.plan_horizon),
-                              force, [st.gathered for st in seqs], self.batch_parts)
+                              force, [st.gathered for st in seqs], self.batch_parts, self.batch_kept)
 
         if force is not None:
             return build()

@@ -352,6 +352,27 @@ def _most_kept(size: int, parts: list[torch.Tensor], k: int, tie: torch.Tensor |
     return torch.sort(order[:k]).values
 
 
+STICKY_VOTES = 0.95  # kept batch units stay while they hold this share of the best set's votes
+
+
+@dataclass(frozen=True)
+class KeptUnits:
+    """The batch units a runtime last gathered for one part of one layer, with their copy."""
+
+    units: torch.Tensor  # heads or neurons, sorted
+    groups: torch.Tensor | None  # attention: the KV groups its k/v rows cover
+    weights: AttnWeights | FfnWeights
+
+
+def _keeps(old: torch.Tensor, best: torch.Tensor, parts: list[torch.Tensor], size: int) -> bool:
+    """Whether the kept units `old` hold nearly the rows' votes for the best set `best`
+    (no fewer units, at least STICKY_VOTES of its votes)."""
+    votes = torch.zeros(size, dtype=torch.long)
+    for idx in parts:
+        votes[idx] += 1
+    return old.numel() >= best.numel() and int(votes[old].sum()) >= STICKY_VOTES * int(votes[best].sum())
+
+
 def _batch_heads(shape: Shape, lms: list[LayerMask]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Batch-invariant heads for one layer: as many heads as the rows keep on average,
     those most rows keep (ties to those more rows hold the KV group of), and per row the
@@ -382,14 +403,18 @@ def _layer_key(lm: LayerMask) -> bytes:
 
 def build_plan(layers: list[LayerRefs], shape: Shape, row_masks: list[Mask], per_token: list[bool],
                horizon: int = UNION_HORIZON_STEPS, force: PlanKind | None = None,
-               has_copy: list[bool] | None = None, batch: frozenset[str] = frozenset()) -> BatchPlan:
+               has_copy: list[bool] | None = None, batch: frozenset[str] = frozenset(),
+               kept: dict | None = None) -> BatchPlan:
     """The plan of one decode step for rows with these masks.
 
     Host work (coverage flags, slot tables, copies of the unions): run it when the batch's
     composition changes, not per token. `force` makes every layer take one kind (tests).
     `has_copy`: per row, whether its mask's own copy exists (default: all do). `batch`: the
     parts ("attn", "ffn") that may run on the batch's own units (kind "batch") when the
-    byte model says so; rows then get the batch's units instead of their own."""
+    byte model says so; rows then get the batch's units instead of their own. `kept`: the
+    caller's last batch units per (part, layer) with their copies (read and updated): a new
+    composition keeps them, copy and all, while they hold nearly the votes of the best set
+    (STICKY_VOTES), so batch units pay even where compositions change every step."""
     has_copy = has_copy if has_copy is not None else [True] * len(row_masks)
     b = len(row_masks)
     token_rows = tuple(i for i in range(b) if per_token[i])
@@ -399,7 +424,8 @@ def build_plan(layers: list[LayerRefs], shape: Shape, row_masks: list[Mask], per
         # layer 0 is dense for every method, per-token ones included
         members = list(range(b)) if layer == 0 else planned
         lp, nbytes = _plan_layer(ref, shape, [row_masks[i].layers[layer] for i in members], horizon, force,
-                                 [has_copy[i] for i in members], batch if layer > 0 else frozenset())
+                                 [has_copy[i] for i in members], batch if layer > 0 else frozenset(),
+                                 kept, layer)
         device = ref.wq.device
         rows = None if members == list(range(b)) else torch.tensor(members, dtype=torch.long, device=device)
         out.append(LayerPlan(rows=rows, members=tuple(members), **lp))
@@ -408,7 +434,8 @@ def build_plan(layers: list[LayerRefs], shape: Shape, row_masks: list[Mask], per
 
 
 def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int,
-                force: PlanKind | None, has_copy: list[bool], batch: frozenset[str] = frozenset()) -> tuple[dict, int]:
+                force: PlanKind | None, has_copy: list[bool], batch: frozenset[str] = frozenset(),
+                kept: dict | None = None, layer: int = 0) -> tuple[dict, int]:
     device, dh = ref.wq.device, shape.head_dim
     per_head, per_group, per_neuron = unit_bytes(ref, shape)
     if not lms:  # every row is per-token at this layer
@@ -452,18 +479,31 @@ def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int
     # batch-invariant units, where rows differ: the batch's own heads (and KV groups every
     # row's cache needs) / neurons, as many as a row keeps on average
     distinct = len(by_key) > 1 and not any(lms[j].full for j in firsts)
+    kept = kept if kept is not None else {}
+    reuse = {}  # part -> the kept batch units' copy, where this composition keeps them
     if "attn" in batch and distinct:
         heads_b, row_heads = _batch_heads(shape, lms)
-        attn_bytes["batch"] = heads_b.numel() * per_head + groups_u.numel() * per_group
+        groups_b = groups_u
+        old = kept.get(("attn", layer))
+        if old is not None and _keeps(old.units, heads_b, [lm.heads for lm in lms], shape.heads) \
+                and bool(torch.isin(groups_u, old.groups).all()):
+            usable = [old.units[torch.isin(old.units // shape.group_size, lm.groups)] for lm in lms]
+            if all(u.numel() for u in usable):
+                heads_b, row_heads, groups_b, reuse["attn"] = old.units, usable, old.groups, old.weights
+        attn_bytes["batch"] = heads_b.numel() * per_head + groups_b.numel() * per_group
     if "ffn" in batch and distinct:
         neurons_b = _most_kept(shape.ffn, [lm.neurons for lm in lms],
                                max(1, round(sum(lm.neurons.numel() for lm in lms) / n)))
+        old = kept.get(("ffn", layer))
+        if old is not None and _keeps(old.units, neurons_b, [lm.neurons for lm in lms], shape.ffn):
+            neurons_b, reuse["ffn"] = old.units, old.weights
         ffn_bytes["batch"] = neurons_b.numel() * per_neuron
 
     def costs(nbytes: dict, part: str) -> dict:
         # a copy (the union's, or the masks' own not made yet) is made once per batch
         # composition: charge it over the horizon
-        out = {k: v * (1 + GATHER_READS / horizon) if k in ("union", "batch") else v for k, v in nbytes.items()}
+        out = {k: v * (1 + GATHER_READS / horizon) if k == "union" or (k == "batch" and part not in reuse) else v
+               for k, v in nbytes.items()}
         out["per_mask"] += copies[part] * GATHER_READS / horizon
         return out
 
@@ -476,10 +516,13 @@ def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int
     if attn_kind == "per_mask":
         attn = AttnPlan("per_mask", groups, None, None, None)
     elif attn_kind == "batch":
-        w = gather_attn(ref, heads_b.to(device), groups_u.to(device), shape)
-        gathered += sum(t.numel() * t.element_size() for t in (w.qkv[0][0], w.wo))
-        at_h, at_g = _slots(shape.heads, heads_b), _slots(shape.kv_heads, groups_u)
-        wq, wkv = heads_b.numel() * dh, groups_u.numel() * dh
+        w = reuse.get("attn")
+        if w is None:
+            w = gather_attn(ref, heads_b.to(device), groups_b.to(device), shape)
+            gathered += sum(t.numel() * t.element_size() for t in (w.qkv[0][0], w.wo))
+            kept[("attn", layer)] = KeptUnits(heads_b, groups_b, w)
+        at_h, at_g = _slots(shape.heads, heads_b), _slots(shape.kv_heads, groups_b)
+        wq, wkv = heads_b.numel() * dh, groups_b.numel() * dh
         q_idx = torch.cat([j * wq + head_rows(at_h(hs), dh) for j, hs in enumerate(row_heads)])
         kv_idx = torch.cat([j * wkv + head_rows(at_g(lm.groups), dh) for j, lm in enumerate(lms)])
         layouts = [attn_layout(hs, lm.groups, shape) for hs, lm in zip(row_heads, lms)]
@@ -506,8 +549,11 @@ def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int
     if ffn_kind == "per_mask":
         ffn = FfnPlan("per_mask", groups, None, None)
     elif ffn_kind == "batch":  # every row runs the batch's neurons: no per-row mask
-        w = gather_ffn(ref, neurons_b.to(device))
-        gathered += sum(t.numel() * t.element_size() for t in (w.inp[0][0], w.w_down))
+        w = reuse.get("ffn")
+        if w is None:
+            w = gather_ffn(ref, neurons_b.to(device))
+            gathered += sum(t.numel() * t.element_size() for t in (w.inp[0][0], w.w_down))
+            kept[("ffn", layer)] = KeptUnits(neurons_b, None, w)
         ffn = FfnPlan("batch", (), w, None)
     else:
         if ffn_kind == "union" and not full_ffn:

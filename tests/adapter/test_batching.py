@@ -407,3 +407,31 @@ def test_batch_units_read_fewer_bytes_than_the_union_of_distinct_masks():
         assert lp.attn.kind == lp.ffn.kind == "batch"
         assert lp.bytes["ffn"]["batch"] < min(lp.bytes["ffn"].get("union", 1 << 62), lp.bytes["ffn"]["dense"])
         assert lp.bytes["attn"]["batch"] <= lp.bytes["attn"].get("union", lp.bytes["attn"]["dense"])
+
+
+def test_batch_units_are_kept_across_compositions_while_they_hold_the_votes():
+    """Rows come and go: a new composition whose best batch units nearly equal the kept ones
+    reuses them and their copy (no gather); one that votes elsewhere gathers its own."""
+    gm = _batch_model(True, True)
+    shape = gm.shape
+    layers = shape.layers - 1
+    common = list(range(40))
+    ms = [masks.from_indices(shape, [[0, 1, 2, 4 + i % 2]] * layers, [common + list(range(40 + i, 48 + i))] * layers)
+          for i in range(6)]
+    states = [gm.prefill(prompt(seed=50 + i), P.Static(m, 0.5), 8)[0] for i, m in enumerate(ms)]
+    first = gm.batch_plan(states[:4], horizon=32)
+    assert {lp.attn.kind for lp in first.layers[1:]} == {lp.ffn.kind for lp in first.layers[1:]} == {"batch"}
+    assert first.gathered_bytes > 0
+    again = gm.batch_plan(states[1:5], horizon=32)  # one row left, another joined
+    assert again.gathered_bytes == 0
+    assert all(a.ffn.weights is b.ffn.weights and a.attn.weights is b.attn.weights
+               for a, b in zip(first.layers[1:], again.layers[1:]))
+    out = gm.decode(states[1:5], torch.tensor([5] * 4), again)
+    assert out.isfinite().all()
+    # rows that keep other heads and neurons: the kept units no longer hold the votes
+    far = [masks.from_indices(shape, [[5, 6, 7, 3 - i % 2]] * layers, [list(range(50, 90)) + list(range(i, i + 8))] * layers)
+           for i in range(3)]
+    others = [gm.prefill(prompt(seed=60 + i), P.Static(m, 0.5), 8)[0] for i, m in enumerate(far)]
+    moved = gm.batch_plan(others, horizon=32)
+    assert moved.gathered_bytes > 0
+    assert gm.batch_kept["ffn", 1].weights is moved.layers[1].ffn.weights
