@@ -47,6 +47,7 @@ class Outcome:
     status: int | None
     error: str | None = None
     body: dict | None = None
+    client: int = -1
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Load:
         self.prompts = suite_prompts("test", None, 60)
 
     def start(self) -> "Load":
+        self.started_at = time.time()
         for i in range(self.clients):
             t = threading.Thread(target=self._client, args=(i,), name=f"load-{i}", daemon=True)
             t.start()
@@ -82,9 +84,9 @@ class Load:
                                                         "temperature": 0})
                     ok = r.status_code == 200
                     out = Outcome(t0, time.time(), ok, r.status_code, None if ok else r.text[:300],
-                                  r.json().get("shadowgate") if ok else None)
+                                  r.json().get("shadowgate") if ok else None, i)
                 except Exception as exc:  # a connection error, a timeout, a body that is not JSON
-                    out = Outcome(t0, time.time(), False, None, f"{type(exc).__name__}: {exc}"[:300])
+                    out = Outcome(t0, time.time(), False, None, f"{type(exc).__name__}: {exc}"[:300], None, i)
                 with self._lock:
                     self.outcomes.append(out)
 
@@ -147,8 +149,30 @@ def _replacement_startup(stack, before: set[int], t_kill: float) -> dict | None:
             "ready_after_kill_s": round(report["ready_at"] - t_kill, 2)}
 
 
+def _served_again(load: Load, t_kill: float, t_back: float) -> dict:
+    """How the service carried the load while a replica was missing: when every client had
+    again an answer (200) to a request it began after the kill, when the last request in flight
+    at the kill ended (the gateway retries one whose replica died on another), and the rate of
+    answers before the kill and until the replacement was in (a death costs capacity)."""
+    rows = load.between(t_kill - 20, time.time())
+    first: dict[int, float] = {}
+    for o in rows:
+        if o.ok and o.t0 >= t_kill:
+            first[o.client] = min(first.get(o.client, o.t1), o.t1)
+    in_flight = [o.t1 for o in rows if o.t0 <= t_kill <= o.t1]
+    w = max(1e-3, min(20.0, t_kill - load.started_at))
+    return {"served_again_s": round(max(first.values()) - t_kill, 2) if len(first) == load.clients else None,
+            "in_flight_done_s": round(max(in_flight) - t_kill, 2) if in_flight else None,
+            "ok_per_s_before": round(sum(o.ok and t_kill - w <= o.t1 <= t_kill for o in rows) / w, 2),
+            "ok_per_s_until_replaced": round(sum(o.ok and t_kill <= o.t1 <= t_back for o in rows)
+                                             / max(1e-3, t_back - t_kill), 2)}
+
+
 def replica_kill(stack, load: Load, settle_s: float = 5.0) -> dict:
-    """SIGKILL one GatedLLM replica under load."""
+    """SIGKILL one GatedLLM replica under load. Two figures: when the service answered every
+    client again (`served_again_s`: with a spare replica the survivor takes the traffic at once)
+    and when the replica was replaced (`recovery_s`: Serve runs every replica again and the
+    replacement has reported to the control state)."""
     wanted = stack.settings.serve.llm_replicas
     assert wait_until(lambda: _serve_running()[0] >= wanted, 120), "not every replica is running"
     time.sleep(settle_s)
@@ -166,7 +190,7 @@ def replica_kill(stack, load: Load, settle_s: float = 5.0) -> dict:
     time.sleep(settle_s)
     out = load.summary(t_kill, time.time())
     failed = [o for o in load.between(t_kill, time.time()) if not o.ok]
-    return {**out, "killed_pid": victim["pid"], "replicas": wanted,
+    return {**out, "killed_pid": victim["pid"], "replicas": wanted, **_served_again(load, t_kill, t_back),
             "recovery_s": round(t_back - t_kill, 2) if back else None,
             "serve_noticed_s": round(t_noticed - t_kill, 2) if noticed else None,
             "replacement": _replacement_startup(stack, before, t_kill),
@@ -175,6 +199,17 @@ def replica_kill(stack, load: Load, settle_s: float = 5.0) -> dict:
 
 def _stream_ids(r, key: str) -> set[str]:
     return {(e[0].decode() if isinstance(e[0], bytes) else e[0]) for e in r.xrange(key, "-", "+")}
+
+
+def _writes_after(r, prefix: str, written: dict, last: int = 50) -> list[str]:
+    """Who wrote the control document after `written` (same epoch, later generations), from
+    the newest entries of its history: "generation by writer"."""
+    out = []
+    for _, fields in r.xrevrange(Keys(prefix).control_history, count=last):
+        s = json.loads(fields.get(b"state") or fields["state"])
+        if s["epoch"] == written["epoch"] and s["generation"] > written["generation"]:
+            out.append(f"{s['generation']} by {s['updated_by']}")
+    return sorted(out)
 
 
 def redis_kill(stack, load: Load, down_s: float = 5.0, settle_s: float = 5.0) -> dict:
@@ -219,34 +254,54 @@ def redis_kill(stack, load: Load, down_s: float = 5.0, settle_s: float = 5.0) ->
     t_restart = time.time()
     stack.restart_redis()
     t_up = time.time()
-    # the control state followed again: one write, served by every replica
+    # the control state followed again: one write, served by every replica. Another writer
+    # may come after it (the monitor pulls the fallback lever when the champion breaks the
+    # fidelity SLO, the rollout controller): a replica serving a later generation of the same
+    # document has applied this one too (generations are applied in order within an epoch)
     with _admin(stack) as a:
         new_sparsity = 0.35 if state_before["sparsity"] != 0.35 else 0.4
         put = a.put("/admin/state", json={"sparsity": new_sparsity})
-        gen = put.json()["state"]["generation"] if put.status_code == 200 else None
-    followed = wait_until(lambda: gen is not None and all(
-        rep["generation"] == gen for rep in _replicas(stack, "llm") + _replicas(stack, "gateway")), 30, 0.05)
+        written = put.json()["state"] if put.status_code == 200 else None
+    gen = written["generation"] if written else None
+    reports: list[dict] = []
+
+    def every_replica_follows() -> bool:
+        reports[:] = _replicas(stack, "llm") + _replicas(stack, "gateway")
+        return bool(reports) and all(rep["epoch"] == written["epoch"] and rep["generation"] >= gen
+                                     for rep in reports)
+
+    followed = wait_until(lambda: written is not None and every_replica_follows(), 30, 0.05)
     t_followed = time.time()
     time.sleep(settle_s)
     stop.set()
     w.join(10)
+    writer_stuck = w.is_alive()  # a write still in flight would be acknowledged after the read below
     r = stack.redis()
     after = {"samples": _stream_ids(r, samples_key), "alerts": _stream_ids(r, alerts_key),
              "probe": _stream_ids(r, probe_key)}
     state_after = json.loads(r.get(Keys(p).control_state))
-    lost = {"shadow_samples": len(before["samples"] - after["samples"]),
-            "alerts": len((before["alerts"] | set(acked["alerts"])) - after["alerts"]),
-            "probe_entries": len(set(acked["probe"]) - after["probe"])}
+    lost_ids = {"shadow_samples": before["samples"] - after["samples"],
+                "alerts": (before["alerts"] | set(acked["alerts"])) - after["alerts"],
+                "probe_entries": set(acked["probe"]) - after["probe"]}
+    lost = {k: len(v) for k, v in lost_ids.items()}
+    # when each lost entry was written (its id's milliseconds), relative to the kill: a loss
+    # just before the kill is a write Redis acknowledged before it reached the AOF file
+    lost_at = {k: sorted(round(int(i.split("-")[0]) / 1000 - t_kill, 3) for i in v)[:20]
+               for k, v in lost_ids.items() if v}
+    later = _writes_after(r, p, written) if written else None
     with _admin(stack) as a:
         a.put("/admin/state", json={"sparsity": state_before["sparsity"]})
     return {**load.summary(t_kill, time.time()), "down_s": round(t_restart - t_kill, 2),
             "restart_s": round(t_up - t_restart, 2), "put_status": put.status_code,
             "followed_after_restart_s": round(t_followed - t_up, 2) if followed else None,
+            "put_generation": gen, "later_writes": later,
+            "replicas_when_checked": [(rep["role"], rep["generation"]) for rep in reports],
             "epoch_kept": state_after["epoch"] == state_before["epoch"],
             "acknowledged": {"probe_entries": len(acked["probe"]), "alerts": len(acked["alerts"]),
                              "shadow_samples_before_kill": len(before["samples"]),
                              "alerts_before_kill": len(before["alerts"])},
-            "probe_write_failures": write_failures["n"], "lost": lost}
+            "probe_write_failures": write_failures["n"], "lost": lost, "lost_written_after_kill_s": lost_at,
+            "probe_writer_stuck": writer_stuck}
 
 
 def _job_failures(stack, since: float) -> list[dict]:
@@ -311,6 +366,15 @@ def _broken(src: Path, dst: Path, how: str) -> Path:
     return dst
 
 
+def _served_by(bodies: list[dict]) -> dict[str, int]:
+    """Responses counted by what they say served them: "version/arm/fallback"."""
+    counts: dict[str, int] = {}
+    for b in bodies:
+        key = f"{b['predictor_version']}/{b['arm']}/{b['fallback']}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def bad_artifact(stack, load: Load, work: Path, settle_s: float = 3.0) -> dict:
     """A corrupt and a mismatched version approved; then one forced in as challenger."""
     registry = stack.registry()
@@ -333,17 +397,41 @@ def bad_artifact(stack, load: Load, work: Path, settle_s: float = 3.0) -> dict:
                 "decided_after_s": round(time.time() - t_approve, 2) if decided else None,
                 "alert": any(x["predictor_version"] == version for x in alerts),
                 "challenger_after": state["challenger"], "champion_alias": registry.aliases().get("champion")}
-        # straight past the controller: the replicas refuse it at load and keep the champion
+        # straight past the controller: the replicas refuse it at load and keep the champion.
+        # The state under test is named whole: the champion's arm serving its predictor (no
+        # fallback: the monitor pulls that lever when the champion breaks the fidelity SLO, and
+        # the champion's arm then serves dense, naming no version), the bad version as
+        # challenger for half the requests.
         forced = out["approved"]["corrupt"]["version"]
-        put = a.put("/admin/state", json={"challenger": forced, "canary_share": 0.5})
+        before = a.get("/admin/state").json()["state"]
         t_put = time.time()
+        put = a.put("/admin/state", json={"challenger": forced, "canary_share": 0.5, "fallback": "none"})
+        written = put.json()["state"] if put.status_code == 200 else None
+        # counted from the moment every GatedLLM replica has applied it (or refused its challenger)
+        applied = written is not None and wait_until(lambda: all(
+            rep["epoch"] == written["epoch"] and rep["generation"] >= written["generation"]
+            for rep in _replicas(stack)), 60, 0.1)
+        t_applied = time.time()
         time.sleep(settle_s + 2)
-        served = [o.body for o in load.between(t_put + 1, time.time()) if o.ok and o.t0 > t_put + 1]
+        after_put = [o.body for o in load.between(t_put, time.time()) if o.ok and o.t0 > t_put]
+        gen = written["generation"] if written else None
+        # responses of the forced generation begun once every replica had it; a later
+        # generation is another writer's (reported apart)
+        served = [o.body for o in load.between(t_applied, time.time())
+                  if o.ok and o.t0 > t_applied and o.body["generation"] == gen]
         out["forced_challenger"] = {
-            "put_status": put.status_code, "responses": len(served),
-            "served_by_bad": sum(b["predictor_version"] == forced for b in served),
-            "served_by_champion": sum(b["predictor_version"] == champion for b in served)}
-        a.put("/admin/state", json={"challenger": "none", "canary_share": 0.0})
+            "put_status": put.status_code, "generation": gen, "applied_by_every_replica": bool(applied),
+            "fallback_before": before["fallback"] if before else None, "responses": len(served),
+            "served_by_bad": sum(b["predictor_version"] == forced for b in after_put),
+            "served_by_champion": sum(b["predictor_version"] == champion and b["arm"] == "champion"
+                                      for b in served),
+            "later_generation_responses": sum(b["generation"] > gen for b in after_put) if written else None,
+            # what the responses said: "version/arm/fallback" -> count, so a miss is readable
+            "served": _served_by(after_put)}
+        restore = {"challenger": "none", "canary_share": 0.0}
+        if before and before["fallback"] != "none":
+            restore["fallback"] = before["fallback"]
+        a.put("/admin/state", json=restore)
     out.update(load.summary(t0, time.time()))
     return out
 

@@ -113,11 +113,14 @@ def _spawn_redis(settings: Settings, host: str, port: int) -> subprocess.Popen:
                           "SHADOWGATE_REDIS__URL at a running Redis)")
     folder = (settings.state_dir / "redis").resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    # append-only file (fsync every second; a killed process loses no acknowledged write, the
-    # kernel holds what was written): control state, samples and alerts survive a restart.
+    # append-only file, written and fsynced before the replies of each event-loop turn go out:
+    # control state, samples and alerts survive a restart, and a killed process (or a power
+    # cut) loses nothing it acknowledged. Under `everysec` Redis postpones the write while the
+    # previous second's fsync is still running and replies anyway: a SIGKILL then lost an
+    # acknowledged alert (docs/RELIABILITY.md). `always` costs a few ms per write on a busy disk.
     # The settings go in a file only the owner reads: a password never shows in `ps`.
     conf = folder / "redis.conf"
-    lines = [f"bind {host}", f"port {port}", f"dir {folder}", "appendonly yes", "appendfsync everysec",
+    lines = [f"bind {host}", f"port {port}", f"dir {folder}", "appendonly yes", "appendfsync always",
              'save ""']
     if settings.redis.password is not None:
         user = settings.redis.username
