@@ -35,6 +35,7 @@ class TrainConfig:
     dejavu_rank: int = 64
     dejavu_neuron_input: str = "layer_input"  # or "ffn_input" (P.NEURON_INPUTS)
     seed: int = 0
+    smooth_k: int = 0  # shadowllm: > 0 trains on targets averaged over k neighbours (neighbour_mean)
 
 
 def normalise(t: torch.Tensor) -> torch.Tensor:
@@ -94,8 +95,36 @@ def _unified_targets(ts: TraceSet, criterion: str):
     return normalise(ts.heads(criterion)[:, 1:]), normalise(ts.neurons(criterion)[:, 1:])
 
 
+def neighbour_mean(x: torch.Tensor, ys: tuple[torch.Tensor, ...], k: int, chunk: int = 1024) -> tuple[torch.Tensor, ...]:
+    """Each example's targets replaced by their mean over the k examples whose predictor
+    inputs are nearest to its own, itself included. x (N, D) raw predictor inputs; each y
+    (N, ...). Nearness: cosine of the min-max normalised (as the predictor reads them) and
+    centred inputs.
+
+    Why: one prompt's first-order importance is a poor mask on its own. On the embedded
+    default's test prompts the masks of each prompt's own plainact (the oracle of the
+    criterion) keep less accuracy at 0.7 than the mean importance of the prompt's task
+    family (docs/RESULTS.md, "The ceiling of the criterion"): the per-prompt part of the
+    target costs accuracy, and a predictor that fits it well is the worse for it. Averaging
+    over neighbours in input space keeps what prompts of a kind share, without labels."""
+    if not 1 <= k <= x.shape[0]:
+        raise ValueError(f"smooth_k must be in [1, {x.shape[0]}] (the training examples), got {k}")
+    z = P.minmax(x.float())
+    z = torch.nn.functional.normalize(z - z.mean(-1, keepdim=True), dim=-1)
+    n = z.shape[0]
+    out = [torch.empty_like(y) for y in ys]
+    for start in range(0, n, chunk):
+        nearest = (z[start:start + chunk] @ z.T).topk(k, dim=1).indices  # (C, k)
+        weights = torch.zeros(nearest.shape[0], n).scatter_(1, nearest, 1.0 / k)  # (C, N)
+        for o, y in zip(out, ys):
+            o[start:start + chunk] = (weights @ y.reshape(n, -1)).view(-1, *y.shape[1:])
+    return tuple(out)
+
+
 def train_shadowllm(train: TraceSet, val: TraceSet, shape: Shape, criterion: str, cfg: TrainConfig):
     x, yh, yn = train.tensors["predictor_input"], *_unified_targets(train, criterion)
+    if cfg.smooth_k:
+        yh, yn = neighbour_mean(x, (yh, yn), cfg.smooth_k)
     vx, vh, vn = val.tensors["predictor_input"], *_unified_targets(val, criterion)
     rank = cfg.neuron_rank if (shape.layers - 1) * shape.ffn > 4 * cfg.hidden else 0
     torch.manual_seed(cfg.seed)  # the initial weights too: the same data and config train the same predictor
