@@ -4,6 +4,9 @@ Targets are normalised per example and per layer to [0, 1] (min-max), the loss i
 the optimiser AdamW with a cosine schedule, and training stops early on the validation
 Spearman rho (mean over examples and layers of the rank correlation between predicted and
 true scores of one layer's units: the ranking that per-layer selection uses).
+TrainConfig.smooth_k > 0 trains the shadowllm predictor on targets averaged over each
+example's nearest neighbours in input space (neighbour_mean); the validation rho stays
+against the unsmoothed targets.
 
 What is trained here is saved and loaded by adapter.selection.artifact.
 """
@@ -104,9 +107,8 @@ def neighbour_mean(x: torch.Tensor, ys: tuple[torch.Tensor, ...], k: int, chunk:
     Why: one prompt's first-order importance is a poor mask on its own. On the embedded
     default's test prompts the masks of each prompt's own plainact (the oracle of the
     criterion) keep less accuracy at 0.7 than the mean importance of the prompt's task
-    family (docs/RESULTS.md, "The ceiling of the criterion"): the per-prompt part of the
-    target costs accuracy, and a predictor that fits it well is the worse for it. Averaging
-    over neighbours in input space keeps what prompts of a kind share, without labels."""
+    family (docs/RESULTS.md, "The ceiling of the criterion"). Averaging over neighbours in
+    input space keeps what prompts of a kind share, without labels."""
     if not 1 <= k <= x.shape[0]:
         raise ValueError(f"smooth_k must be in [1, {x.shape[0]}] (the training examples), got {k}")
     z = P.minmax(x.float())
