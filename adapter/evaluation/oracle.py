@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from adapter.embedded import suite as tasks
 from adapter.evaluation import scoring
-from adapter.pipeline import criteria, targets
+from adapter.pipeline import criteria as unit_criteria
+from adapter.pipeline import targets
 from adapter.pipeline.collect import suite_specs
 from adapter.pipeline.criteria import CRITERIA
 from adapter.pipeline.targets import TargetPolicy
@@ -89,7 +90,7 @@ def masked_score_fn(model, shape, mask_of: Callable[[list[int]], masks.Mask]) ->
     """Score with the plain model, batched, each example with only its mask's units: a skipped
     head's output (its slice of the o_proj input) and a skipped neuron's activation (the
     down_proj input) are zeroed. mask_of(prompt_ids) -> Mask."""
-    _, o_projs, downs, _ = criteria._modules(model)
+    _, o_projs, downs, _ = unit_criteria._modules(model)
 
     @torch.no_grad()
     def score(pairs):
@@ -131,7 +132,7 @@ def mask_score_fn(runtime, mask_of: Callable[[list[int]], masks.Mask], scorer: s
 
 
 def run_oracle(runtime, tokenizer, per_family: int = 100, sparsities=(0.5, 0.7),
-               modes=("per_layer", "global"), criteria_=("plainact",), scales=("layer",),
+               modes=("per_layer", "global"), criteria=("plainact",), scales=("layer",),
                policy: TargetPolicy | None = None, scorer: str = "masked") -> dict:
     """Accuracy of the oracle masks on `per_family` test prompts per family, with dense
     beside it; rows as `shadowgate eval`'s (method "oracle", plus scale)."""
@@ -139,7 +140,7 @@ def run_oracle(runtime, tokenizer, per_family: int = 100, sparsities=(0.5, 0.7),
     truth = truths(runtime.model, tokenizer, runtime.shape, instances, policy)
     dense = scoring.accuracy(mask_score_fn(runtime, lambda p: masks.full_mask(runtime.shape), scorer),
                              tokenizer, instances)
-    configs = [(c, m, s, sc) for c in criteria_ for m in modes for s in sparsities
+    configs = [(c, m, s, sc) for c in criteria for m in modes for s in sparsities
                for sc in (scales if m == "global" else ("layer",))]
     rows = []
     for criterion, mode, s, scale in tqdm(configs, desc="oracle eval", unit="config"):
