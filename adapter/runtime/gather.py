@@ -341,13 +341,18 @@ def _slots(size: int, layout: torch.Tensor):
     return lambda idx: table[idx]
 
 
-def _most_kept(size: int, parts: list[torch.Tensor], k: int, tie: torch.Tensor | None = None) -> torch.Tensor:
-    """The batch's own units: the k indices (< size) that most rows keep (each row's kept
-    indices in `parts`), ties to the higher `tie` score, then to the lower index; sorted."""
+def _votes(size: int, parts: list[torch.Tensor]) -> torch.Tensor:
+    """(size,) how many of the rows' kept indices `parts` hold each index."""
     votes = torch.zeros(size, dtype=torch.long)
     for idx in parts:
         votes[idx] += 1
-    score = votes * (len(parts) + 1) + (tie if tie is not None else 0)
+    return votes
+
+
+def _most_kept(size: int, parts: list[torch.Tensor], k: int, tie: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch's own units: the k indices (< size) that most rows keep (each row's kept
+    indices in `parts`), ties to the higher `tie` score, then to the lower index; sorted."""
+    score = _votes(size, parts) * (len(parts) + 1) + (tie if tie is not None else 0)
     order = torch.sort(score, descending=True, stable=True).indices
     return torch.sort(order[:k]).values
 
@@ -367,9 +372,7 @@ class KeptUnits:
 def _keeps(old: torch.Tensor, best: torch.Tensor, parts: list[torch.Tensor], size: int) -> bool:
     """Whether the kept units `old` hold nearly the rows' votes for the best set `best`
     (no fewer units, at least STICKY_VOTES of its votes)."""
-    votes = torch.zeros(size, dtype=torch.long)
-    for idx in parts:
-        votes[idx] += 1
+    votes = _votes(size, parts)
     return old.numel() >= best.numel() and int(votes[old].sum()) >= STICKY_VOTES * int(votes[best].sum())
 
 
@@ -384,9 +387,7 @@ def _batch_heads(shape: Shape, lms: list[LayerMask]) -> tuple[torch.Tensor, list
     holds = torch.zeros(shape.heads, dtype=torch.long)
     for lm in lms:
         holds += torch.isin(torch.arange(shape.heads) // gs, lm.groups).long()
-    votes = torch.zeros(shape.heads, dtype=torch.long)
-    for lm in lms:
-        votes[lm.heads] += 1
+    votes = _votes(shape.heads, [lm.heads for lm in lms])
     chosen = _most_kept(shape.heads, [lm.heads for lm in lms], k, holds)
     flags = torch.zeros(shape.heads, dtype=torch.bool)
     flags[chosen] = True

@@ -145,13 +145,12 @@ def bench_batch_quality(
 
 
 def _machine(runtime) -> dict:
-    import os
-    import platform
-
     import torch
 
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "device": runtime.resolved_device(), "dtype": runtime.dtype}
+    from serving.bench.harness import machine
+
+    return {**machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": runtime.resolved_device(), "dtype": runtime.dtype}
 
 
 @bench_app.command("monitor")
