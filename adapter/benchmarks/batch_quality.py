@@ -4,8 +4,11 @@ batch's heads and neurons (heads_neurons); `shadowgate bench batch-quality`.
 
 Every batch's decode steps are forced onto the batch's units wherever the rows' masks differ
 (`force="batch"`), so the figures are what a row gets whenever the byte model picks them in
-serving; per_request runs the runtime's exact plan. A row's first token comes from its own
-prefill in every mode; the batch's units act from the second token on.
+serving; per_request runs the runtime's exact plan. In a batch of more than one, every row
+is prefilled as a request joining a busy batch is in serving (no copy of its own): with
+batch units on, the layers the runtime holds batch units for (those the previous batch left,
+as the rows decoding when a request arrives would) run on them, so the batch's units act
+from the first token on; a batch of one is prefilled on its own mask.
 
 Per configuration: task accuracy (the greedy continuation starts with the answer, as a served
 completion would be judged) and agreement with dense (the share of the first `tokens` greedy
@@ -29,15 +32,16 @@ MODES = BATCH_UNITS
 
 
 def _generate(runtime: GatedModel, prompts: list[list[int]], method, steps: int, parts: frozenset) -> list[list[int]]:
-    """Greedy tokens of one batch: own prefill per row, then batched decode steps."""
+    """Greedy tokens of one batch: a prefill per row (on the batch units the runtime holds,
+    where `parts` has them, in a batch of more than one), then batched decode steps."""
+    runtime.batch_parts = parts
     states, last = [], []
     for ids in prompts:
-        st, logits = runtime.prefill(ids, method, steps)
+        st, logits = runtime.prefill(ids, method, steps, gather=len(prompts) == 1)
         states.append(st)
         last.append(logits[0])
     logits = torch.stack(last)
     out: list[list[int]] = [[] for _ in prompts]
-    runtime.batch_parts = parts
     plan = runtime.batch_plan(states, force="batch" if parts else None)
     greedy = [SamplingParams()] * len(prompts)
     for step in range(steps):
@@ -75,6 +79,7 @@ def run(runtime: GatedModel, tokenizer, predictor, sparsities=(0.5, 0.7), batche
             outs = [row for i in range(0, len(pairs), b)
                     for row in _generate(runtime, [p for p, _ in pairs[i:i + b]], method, tokens, MODES[m])]
             results.append({"sparsity": s, "batch": b, "units": m, **score(outs)})
+            runtime.batch_kept.clear()  # each configuration starts without batch units
     finally:
         runtime.batch_parts = saved
         runtime.plans.clear()

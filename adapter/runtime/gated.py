@@ -34,7 +34,8 @@ from adapter.runtime.model_view import ModelView, Shape
 from adapter.config import RuntimeConfig
 from adapter.runtime.gather import (UNION_HORIZON_STEPS, AttnLayout, AttnPlan, AttnWeights, BatchPlan,
                                     FfnPlan, FfnWeights, GatherCache, LayerPlan, LayerWeights, MaskGroup,
-                                    PlanCache, PlanKind, build_plan, head_rows, mask_layouts)
+                                    PlanCache, PlanKind, attn_layout, build_plan, head_rows,
+                                    mask_layouts)
 from adapter.selection.base import SelectionMethod
 
 
@@ -198,29 +199,66 @@ class GatedModel:
         h, _ = self._block(h, ref.ffn_norm, lambda x: self._ffn(layer, w.ffn, x), ref.pre_norm)
         return h, attn_out
 
-    def _masked_layer(self, st: Sequence, layer: int, h: torch.Tensor, rope, pos0: int) -> torch.Tensor:
+    def _masked_layer(self, st: Sequence, layer: int, h: torch.Tensor, rope, pos0: int,
+                      batch: frozenset[str] = frozenset()) -> torch.Tensor:
         """One sequence through one layer on the model's own weights with its mask applied:
         the kept heads' q/k/v taken out of the full projections (the cache holds only the
         kept groups, as on gathered weights), the skipped heads' outputs left zero before o,
         the skipped neurons' activations zeroed before down. The same result as the gathered
         layer up to float reassociation, at the dense FLOPs and without a copy: for the
-        prefill of a sequence that will decode inside a batch's shared products."""
+        prefill of a sequence that will decode inside a batch's shared products.
+
+        `batch`: the parts ("attn", "ffn") that run on the batch's kept units instead, where
+        the runtime holds them for this layer (`batch_kept`, the copies the batch's decode
+        steps read): (1 - s) of the FLOPs and no copy, and the units the sequence's decode
+        steps get inside that batch (its own mask then no longer applies to that part)."""
         lm, dense = st.mask.layers[layer], self.cache.dense()[layer]
         if lm.full:
             return self._seq_layer(st, layer, h, rope, pos0, dense)[0]
         ref, lay = self.view.layers[layer], st.layouts[layer]
+        kept_attn = self._kept_attn(lm, layer) if "attn" in batch else None
+        kept_ffn = self.batch_kept.get(("ffn", layer)) if "ffn" in batch else None
 
         def attn(x):
-            q, k, v = self._qkv(dense.attn, x)  # (T, H*Dh), (T, G*Dh), (T, G*Dh)
-            q, k, v = q.index_select(1, lay.rows_q), k.index_select(1, lay.rows_kv), v.index_select(1, lay.rows_kv)
-            o = self._attend(st, layer, q, k, v, lay.n_heads, lay.n_groups, lay.q2g, rope, pos0)
-            full = o.new_zeros(o.shape[0], dense.attn.q_width).index_copy_(1, lay.rows_q, o)
-            return F.linear(full, dense.attn.wo, dense.attn.bo)
+            if kept_attn is not None:  # the batch's heads of this sequence's groups
+                w, rows_q, rows_kv, row = kept_attn
+            else:
+                w, rows_q, rows_kv, row = dense.attn, lay.rows_q, lay.rows_kv, lay
+            q, k, v = self._qkv(w, x)  # (T, Hw*Dh), (T, Gw*Dh), (T, Gw*Dh)
+            q, k, v = q.index_select(1, rows_q), k.index_select(1, rows_kv), v.index_select(1, rows_kv)
+            o = self._attend(st, layer, q, k, v, row.n_heads, lay.n_groups, row.q2g, rope, pos0)
+            full = o.new_zeros(o.shape[0], w.q_width).index_copy_(1, rows_q, o)
+            return F.linear(full, w.wo, w.bo)
 
-        keep = h.new_zeros(self.shape.ffn).index_fill_(0, lm.neurons.to(h.device), 1)
+        def ffn(x):
+            if kept_ffn is not None:  # every row of the batch runs its neurons
+                return self._ffn(layer, kept_ffn.weights, x)
+            keep = x.new_zeros(self.shape.ffn).index_fill_(0, lm.neurons.to(x.device), 1)
+            return self._ffn(layer, dense.ffn, x, keep)
+
         h, _ = self._block(h, ref.attn_norm, attn, ref.pre_norm)
-        h, _ = self._block(h, ref.ffn_norm, lambda x: self._ffn(layer, dense.ffn, x, keep), ref.pre_norm)
+        h, _ = self._block(h, ref.ffn_norm, ffn, ref.pre_norm)
         return h
+
+    def _kept_attn(self, lm: masks.LayerMask, layer: int):
+        """The batch's kept heads of one layer as a sequence with layer mask `lm` attends
+        with them inside that batch: (their copy, its q columns of the sequence's heads, its
+        k/v columns of the sequence's groups, the heads' layout), or None where there are no
+        kept heads, the copy lacks one of the sequence's KV groups, or none of its heads
+        falls in them."""
+        kept = self.batch_kept.get(("attn", layer))
+        if kept is None or not bool(torch.isin(lm.groups, kept.groups).all()):
+            return None
+        gs, dh = self.shape.group_size, self.shape.head_dim
+        in_groups = torch.isin(kept.units // gs, lm.groups)
+        heads = kept.units[in_groups]
+        if heads.numel() == 0:
+            return None
+        device = kept.weights.wo.device
+        at_h = in_groups.nonzero().squeeze(1)  # the heads' slots in the copy
+        at_g = torch.searchsorted(kept.groups, lm.groups)
+        row = attn_layout(heads.to(device), lm.groups.to(device), self.shape)
+        return kept.weights, head_rows(at_h, dh).to(device), head_rows(at_g, dh).to(device), row
 
     # ---- prefill --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -274,7 +312,7 @@ class GatedModel:
             elif st.gathered:
                 h, _ = self._seq_layer(st, layer, h, rope, 0)
             else:
-                h = self._masked_layer(st, layer, h, rope, 0)
+                h = self._masked_layer(st, layer, h, rope, 0, self.batch_parts)
         st.length = t
         return st, self.view.logits(h if all_logits else h[-1:])
 

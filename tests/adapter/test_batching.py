@@ -435,3 +435,47 @@ def test_batch_units_are_kept_across_compositions_while_they_hold_the_votes():
     moved = gm.batch_plan(others, horizon=32)
     assert moved.gathered_bytes > 0
     assert gm.batch_kept["ffn", 1].weights is moved.layers[1].ffn.weights
+
+
+def test_a_row_joining_a_busy_batch_is_prefilled_on_the_batch_units():
+    """With batch units on, a prefill without a copy runs the layers the batch holds units
+    for on those units (their copies, no new one): the same logits and KV cache as a
+    prefill whose mask keeps exactly the batch's heads (of the row's groups) and neurons."""
+    gm = _batch_model(True, True)
+    shape = gm.shape  # H=8 over G=2, F=96
+    layers = shape.layers - 1
+    ms = [masks.from_indices(shape, [hs] * layers, [list(range(8 * i, 8 * i + 48))] * layers)
+          for i, hs in enumerate(([0, 1, 4, 5], [0, 1, 4, 6], [0, 2, 4, 5]))]
+    states = [gm.prefill(prompt(seed=70 + i), P.Static(m, 0.5), 8)[0] for i, m in enumerate(ms)]
+    plan = gm.batch_plan(states, force="batch")
+    assert {(lp.attn.kind, lp.ffn.kind) for lp in plan.layers[1:]} == {("batch", "batch")}
+    kept_h, kept_n = gm.batch_kept["attn", 1].units, gm.batch_kept["ffn", 1].units
+    assert kept_h.tolist() == [0, 1, 4, 5]
+    misses = gm.cache.stats()["misses"]
+    joiner = masks.from_indices(shape, [[1, 3, 6, 7]] * layers, [list(range(40, 88))] * layers)
+    ids = prompt(n=11, seed=77)
+    lazy, got = gm.prefill(ids, P.Static(joiner, 0.5), 4, all_logits=True, gather=False)
+    assert gm.cache.stats()["misses"] == misses and not lazy.gathered  # no copy made
+    as_batch = masks.from_indices(shape, [kept_h.tolist()] * layers, [kept_n.tolist()] * layers)
+    ref = GatedModel(gm.model)
+    eager, want = ref.prefill(ids, P.Static(as_batch, 0.5), 4, all_logits=True)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    for layer in range(shape.layers):
+        torch.testing.assert_close(lazy.k[layer][:, :len(ids)], eager.k[layer][:, :len(ids)], atol=ATOL, rtol=0)
+    # the row then decodes inside the batch on those units
+    out = gm.decode(states + [lazy], torch.tensor([5] * 4), horizon=32)
+    assert out.isfinite().all()
+    # a row whose KV group the kept heads' copy lacks keeps its own heads there
+    only0 = masks.from_indices(shape, [[0, 1]] * layers, [list(range(48))] * layers)
+    gm.batch_kept["attn", 1] = type(gm.batch_kept["attn", 1])(
+        torch.tensor([0, 1]), torch.tensor([0]), gm.batch_kept["attn", 1].weights)
+    assert gm._kept_attn(only0.layers[1], 1) is not None
+    assert gm._kept_attn(joiner.layers[1], 1) is None
+
+
+def test_without_batch_units_a_prefill_without_a_copy_ignores_kept_units():
+    gm = GatedModel(tiny_llama(kv_heads=2))
+    ms = overlapping_masks(gm.shape, 2)
+    lazy, got = gm.prefill(prompt(n=9, seed=3), P.Static(ms[0], 0.5), 2, gather=False)
+    _, want = gm.prefill(prompt(n=9, seed=3), P.Static(ms[0], 0.5), 2)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
