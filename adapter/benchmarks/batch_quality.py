@@ -28,8 +28,6 @@ from adapter.evaluation.scoring import encode_pairs
 from adapter.runtime.gated import GatedModel, SamplingParams, pick_tokens
 from adapter.runtime.gather import BATCH_UNITS
 
-MODES = BATCH_UNITS
-
 
 def _generate(runtime: GatedModel, prompts: list[list[int]], method, steps: int, parts: frozenset) -> list[list[int]]:
     """Greedy tokens of one batch: a prefill per row (on the batch units the runtime holds,
@@ -73,11 +71,11 @@ def run(runtime: GatedModel, tokenizer, predictor, sparsities=(0.5, 0.7), batche
             return {"accuracy": round(sum(acc) / len(acc), 4), "agreement": round(sum(agree) / len(agree), 4)}
 
         results = [{"sparsity": 0.0, "batch": 8, "units": "dense", **score(dense)}]
-        configs = [(s, b, m) for s in sparsities for b in batches for m in MODES if b > 1 or m == "per_request"]
+        configs = [(s, b, m) for s in sparsities for b in batches for m in BATCH_UNITS if b > 1 or m == "per_request"]
         for s, b, m in tqdm(configs, desc="batch quality", unit="config"):
             method = predictor.method(s, mode)
             outs = [row for i in range(0, len(pairs), b)
-                    for row in _generate(runtime, [p for p, _ in pairs[i:i + b]], method, tokens, MODES[m])]
+                    for row in _generate(runtime, [p for p, _ in pairs[i:i + b]], method, tokens, BATCH_UNITS[m])]
             results.append({"sparsity": s, "batch": b, "units": m, **score(outs)})
             runtime.batch_kept.clear()  # each configuration starts without batch units
     finally:

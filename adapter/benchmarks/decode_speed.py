@@ -44,7 +44,6 @@ ARCHS = {
 }
 SPARSITIES = (0.3, 0.5, 0.7)
 METHODS = ("shadowllm", "dejavu", "static")
-UNITS = BATCH_UNITS
 PROMPT_TOKENS, REQUEST_TOKENS, VOCAB = 128, 32, 32000
 
 
@@ -212,8 +211,8 @@ def run_speed(runtime: RuntimeConfig, arch: str = "llama-gqa", quick: bool = Fal
         raise ValueError(f"unknown method {bad[0]!r}: use {', '.join(METHODS)} (dense always runs)")
     if any(not 0.0 < s < 1.0 for s in sparsities):
         raise ValueError(f"sparsities must be in (0, 1), got {list(sparsities)}")
-    if not units or (bad := [u for u in units if u not in UNITS]):
-        raise ValueError(f"unknown units {bad[0] if units else None!r}: use {', '.join(UNITS)}")
+    if not units or (bad := [u for u in units if u not in BATCH_UNITS]):
+        raise ValueError(f"unknown units {bad[0] if units else None!r}: use {', '.join(BATCH_UNITS)}")
     runtime.apply_threads()
     model, spec = bench_model(arch, quick)
     # room for the static masks and the union copies; per-request shadowllm masks churn
@@ -255,7 +254,7 @@ def run_speed(runtime: RuntimeConfig, arch: str = "llama-gqa", quick: bool = Fal
     with torch.inference_mode():  # warm-up: allocator, kernels, gathered static masks
         for b in batches:
             for _, _, method, u in configs:
-                gm.batch_parts = UNITS[u]
+                gm.batch_parts = BATCH_UNITS[u]
                 gm.generate(prompts(b), method, 2)
         hf.per_token_seconds(prompts(1)[0], 2)
     for _ in tqdm(range(repeats), desc=f"bench {arch}", disable=None):
@@ -269,7 +268,7 @@ def run_speed(runtime: RuntimeConfig, arch: str = "llama-gqa", quick: bool = Fal
                 dense_run[b] = [dense_seqs, dense_tok]
                 continue
             method = configs[i][2]
-            gm.batch_parts = UNITS[configs[i][3]]
+            gm.batch_parts = BATCH_UNITS[configs[i][3]]
             # fresh prompts: per-request masks differ, their gathers and plans are not cached
             seqs, tok, plan, plan_s = _prepared(gm, prompts(b), method, steps)
             d, c = _paired_steps(gm, dense_run[b], (seqs, tok), steps)

@@ -273,7 +273,9 @@ class GatedModel:
         what a sequence that decodes alone needs; False runs it on the full weights with the
         mask applied (no copy) when the gathered ones are not cached, for a sequence that
         joins a busy batch, whose decode steps share union or dense products; its copy is
-        made later only if a plan asks for it (`Sequence.weights`)."""
+        made later only if a plan asks for it (`Sequence.weights`). With batch units on
+        (`batch_parts`), such a prompt runs the layers the batch holds units for on those
+        units' copies instead (no copy, (1 - s) of the FLOPs; `_masked_layer`)."""
         t = len(ids)
         if t == 0:
             raise RequestError("the prompt is empty")

@@ -32,7 +32,9 @@ holds only its kept KV groups, with its own kept heads (per_mask, union, dense),
             the rows' groups, so every cache stays complete). The shared products then read
             about (1 - s) of the bytes at any batch size, where the union nears dense (Polar
             Sparsity, NeurIPS 2025, selects heads per batch for this reason); the price is that
-            a row's units depend on its batch, so it no longer equals the row alone.
+            a row's units depend on its batch, so it no longer equals the row alone. A
+            sequence admitted into the batch is prefilled on the same kept copies
+            (GatedModel._masked_layer), so its prompt too costs (1 - s) of the FLOPs.
 
 Shapes: B batch rows, D model dim, Dh head dim, Kh kept heads, Kg kept KV groups, K kept
 neurons; Hu/Gu/U the union's heads, groups and neurons.

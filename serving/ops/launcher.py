@@ -80,7 +80,8 @@ def _wait(check, what: str, timeout: float, proc: subprocess.Popen | None = None
         if check():
             return
         if proc is not None and proc.poll() is not None:
-            break
+            hint = f"; see {log_path}" if log_path else ""
+            raise LaunchError(f"{what} exited with code {proc.returncode} before it came up{hint}")
         time.sleep(0.3)
     hint = f"; see {log_path}" if log_path else ""
     raise LaunchError(f"{what} did not come up within {timeout:.0f} s{hint}")

@@ -5,6 +5,7 @@ with the launcher's own functions and torn down in order."""
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import signal
 import socket
@@ -19,10 +20,23 @@ import httpx
 from serving.settings import Settings, load_settings
 
 
+# Ports for the stack's servers, below Linux's ephemeral range (32768-60999): a port the
+# kernel hands out (bind to 0) is also what any outgoing connection may take as its local
+# port, so a server that binds it seconds later (MLflow starts in about 7 s) could find it
+# taken; and above Ray's default worker ports (10002-19999).
+PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A local port nothing listens on or is connected from now, outside the ephemeral range."""
+    for port in random.sample(PORTS, 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free local port in {PORTS.start}-{PORTS.stop - 1}")
 
 
 @dataclass
