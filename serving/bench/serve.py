@@ -117,6 +117,18 @@ class ReplicaTiming:
         return row
 
 
+async def _published(timing: ReplicaTiming, before: dict | None, n: int, timeout: float = 6.0) -> dict | None:
+    """The replicas' counters once they include a level's n requests (they publish every
+    second; a busy replica can publish late), or the last read after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        await asyncio.sleep(1.2)
+        after = await asyncio.to_thread(timing.read)
+        done = before is None or after is None or after["requests"] - before["requests"] >= n
+        if done or time.monotonic() > deadline:
+            return after
+
+
 async def _level(client: httpx.AsyncClient, headers: dict, prompts: list[str], concurrency: int, requests: int,
                  max_tokens: int) -> dict:
     latencies, failed, tokens, effective = [], 0, 0, []
@@ -199,8 +211,7 @@ async def run(base: str, api_key: str, admin_key: str, concurrencies=(1, 4, 16),
                         m0 = (await client.get("/metrics", headers=admin)).text  # /metrics: admin key
                         row = await _level(client, headers, level_prompts, c, n, max_tokens)
                         m1 = (await client.get("/metrics", headers=admin)).text
-                        await asyncio.sleep(1.2)
-                        t_after = await asyncio.to_thread(timing.read)
+                        t_after = await _published(timing, t_before, n)
                         row.update(round=rnd, sparsity=s, shadow_rate=shadow_rate,
                                    shadow_sampled=int(_counter(m1, "shadowgate_shadow_sampled_total")
                                                       - _counter(m0, "shadowgate_shadow_sampled_total")),

@@ -87,6 +87,43 @@ def bench_speed(
     console.print(table)
 
 
+@bench_app.command("step-profile")
+def bench_step_profile(
+    as_json: bool = JsonObjectOpt,
+    quick: bool = typer.Option(False, "--quick", help="Smaller model (8 layers)."),
+    arch: str = typer.Option("llama-gqa", "--arch", help="llama-gqa | llama-mha | opt"),
+    batch: int = typer.Option(1, "--batch", min=1, max=64, help="Rows, each with its own prompt."),
+    sparsity: float = typer.Option(0.5, "--sparsity"),
+    units: str = typer.Option("per_request", "--units", help="per_request | heads | heads_neurons"),
+    steps: int = typer.Option(20, "--steps", min=1, help="Decode steps timed and profiled."),
+    out: Optional[Path] = ReportOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Where a decode step's time goes, dense vs shadowllm: matmuls (what the byte model
+    counts) against the other operators, and the wall time."""
+    from adapter.benchmarks import step_profile
+
+    settings = settings_or_exit(config)
+    try:
+        report = step_profile.run(settings.runtime, arch, batch, sparsity, units, steps, quick)
+    except ValueError as exc:
+        fail(str(exc))
+    report.update(machine=_machine(settings.runtime))
+    _emit(report, out, as_json)
+    if as_json:
+        return
+    table = Table(title=f"decode step, {arch}, batch {batch}, shadowllm {sparsity} ({units}), {steps} steps")
+    for col in ("", "wall ms", "profiled ms", "matmul ms", "other ms", "weight MB read"):
+        table.add_column(col, justify="right")
+    for name in ("dense", "shadowllm"):
+        r = report[name]
+        table.add_row(name, str(r["wall_ms"]), str(r["profiled_ms"]), str(r["matmul_ms"]), str(r["other_ms"]),
+                      f"{r['bytes'] / 2**20:.0f}")
+    console.print(table)
+    console.print(f"speedup: ideal (bytes) {report['ideal_speedup']}x, matmuls {report['matmul_speedup']}x, "
+                  f"profiled {report['profiled_speedup']}x, wall {report['wall_speedup']}x")
+
+
 @bench_app.command("batch-quality")
 def bench_batch_quality(
     as_json: bool = JsonObjectOpt,

@@ -479,3 +479,22 @@ def test_without_batch_units_a_prefill_without_a_copy_ignores_kept_units():
     lazy, got = gm.prefill(prompt(n=9, seed=3), P.Static(ms[0], 0.5), 2, gather=False)
     _, want = gm.prefill(prompt(n=9, seed=3), P.Static(ms[0], 0.5), 2)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_step_profile_splits_a_step_into_matmuls_and_the_rest(monkeypatch):
+    """`shadowgate bench step-profile` on a tiny shape: per step, matmuls plus the other
+    operators make the profiled time, and the ideal is the plan's bytes against dense."""
+    from adapter.benchmarks import decode_speed, step_profile
+    from adapter.config import RuntimeConfig
+
+    monkeypatch.setitem(decode_speed.ARCHS, "tiny", dict(family="llama", hidden=64, layers=3, heads=8,
+                                                         kv_heads=2, ffn=96))
+    out = step_profile.run(RuntimeConfig(), arch="tiny", batch=2, units="heads_neurons", steps=3, quick=True)
+    for name in ("dense", "shadowllm"):
+        r = out[name]
+        assert r["matmul_ms"] > 0 and r["other_ms"] >= 0 and r["wall_ms"] > 0
+        assert r["profiled_ms"] == pytest.approx(r["matmul_ms"] + r["other_ms"], abs=0.02)
+    assert out["dense"]["bytes"] > out["shadowllm"]["bytes"]
+    assert out["ideal_speedup"] == round(out["dense"]["bytes"] / out["shadowllm"]["bytes"], 3)
+    with pytest.raises(ValueError, match="unknown units 'all'"):
+        step_profile.run(RuntimeConfig(), arch="tiny", units="all", quick=True)

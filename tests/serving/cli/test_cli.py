@@ -105,6 +105,8 @@ def test_bad_config_file_is_reported_without_traceback(tmp_path):
     (["bench", "batch-quality", "--batch", "1,x"], "give batch sizes as a comma list"),
     (["bench", "batch-quality", "--predictor", "nope"], "--predictor 'nope': not among"),
     (["bench", "speed", "--units", "all", "--quick"], "unknown units 'all'"),
+    (["bench", "step-profile", "--units", "all"], "unknown units 'all'"),
+    (["bench", "step-profile", "--sparsity", "1.5"], "sparsity must be in (0, 1)"),
 ])
 def test_batch_unit_options_refuse_bad_values_with_a_message(args, message):
     proc = shadowgate(*args)
