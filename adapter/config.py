@@ -28,7 +28,8 @@ class RuntimeConfig(BaseModel):
         False, description="a decode step over rows with distinct masks may run attention on the "
         "batch's own heads (as many as a row keeps, those most rows keep; each row attends with "
         "those of its cached KV groups) when the byte model says so: the shared projections read "
-        "fewer bytes, and a row's heads depend on its batch (docs/SERVING.md)")
+        "fewer bytes, and a row's heads depend on its batch; a request joining a busy batch is "
+        "prefilled on them too (docs/SERVING.md)")
     batch_neurons: bool = Field(
         False, description="the same for FFN neurons: every row of such a step runs the batch's "
         "most-kept neurons instead of its own or the union")
