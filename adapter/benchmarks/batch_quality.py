@@ -73,14 +73,15 @@ def run(runtime: GatedModel, tokenizer, predictor, sparsities=(0.5, 0.7), batche
         results = [{"sparsity": 0.0, "batch": 8, "units": "dense", **score(dense)}]
         configs = [(s, b, m) for s in sparsities for b in batches for m in BATCH_UNITS if b > 1 or m == "per_request"]
         for s, b, m in tqdm(configs, desc="batch quality", unit="config"):
+            runtime.batch_kept.clear()  # each configuration starts without batch units
             method = predictor.method(s, mode)
             outs = [row for i in range(0, len(pairs), b)
                     for row in _generate(runtime, [p for p, _ in pairs[i:i + b]], method, tokens, BATCH_UNITS[m])]
             results.append({"sparsity": s, "batch": b, "units": m, **score(outs)})
-            runtime.batch_kept.clear()  # each configuration starts without batch units
     finally:
         runtime.batch_parts = saved
         runtime.plans.clear()
+        runtime.batch_kept.clear()
     dense_acc = results[0]["accuracy"]
     for r in results:
         r["accuracy_vs_dense"] = round(r["accuracy"] / dense_acc, 4) if dense_acc else None

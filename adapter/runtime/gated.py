@@ -35,7 +35,7 @@ from adapter.config import RuntimeConfig
 from adapter.runtime.gather import (UNION_HORIZON_STEPS, AttnLayout, AttnPlan, AttnWeights, BatchPlan,
                                     FfnPlan, FfnWeights, GatherCache, LayerPlan, LayerWeights, MaskGroup,
                                     PlanCache, PlanKind, attn_layout, build_plan, head_rows,
-                                    mask_layouts)
+                                    in_groups, mask_layouts)
 from adapter.selection.base import SelectionMethod
 
 
@@ -199,8 +199,7 @@ class GatedModel:
         h, _ = self._block(h, ref.ffn_norm, lambda x: self._ffn(layer, w.ffn, x), ref.pre_norm)
         return h, attn_out
 
-    def _masked_layer(self, st: Sequence, layer: int, h: torch.Tensor, rope, pos0: int,
-                      batch: frozenset[str] = frozenset()) -> torch.Tensor:
+    def _masked_layer(self, st: Sequence, layer: int, h: torch.Tensor, rope, pos0: int) -> torch.Tensor:
         """One sequence through one layer on the model's own weights with its mask applied:
         the kept heads' q/k/v taken out of the full projections (the cache holds only the
         kept groups, as on gathered weights), the skipped heads' outputs left zero before o,
@@ -208,16 +207,16 @@ class GatedModel:
         layer up to float reassociation, at the dense FLOPs and without a copy: for the
         prefill of a sequence that will decode inside a batch's shared products.
 
-        `batch`: the parts ("attn", "ffn") that run on the batch's kept units instead, where
-        the runtime holds them for this layer (`batch_kept`, the copies the batch's decode
+        With batch units on (`batch_parts`), those parts run on the batch's kept units instead,
+        where the runtime holds them for this layer (`batch_kept`, the copies the batch's decode
         steps read): (1 - s) of the FLOPs and no copy, and the units the sequence's decode
         steps get inside that batch (its own mask then no longer applies to that part)."""
         lm, dense = st.mask.layers[layer], self.cache.dense()[layer]
         if lm.full:
             return self._seq_layer(st, layer, h, rope, pos0, dense)[0]
         ref, lay = self.view.layers[layer], st.layouts[layer]
-        kept_attn = self._kept_attn(lm, layer) if "attn" in batch else None
-        kept_ffn = self.batch_kept.get(("ffn", layer)) if "ffn" in batch else None
+        kept_attn = self._kept_attn(lm, layer) if "attn" in self.batch_parts else None
+        kept_ffn = self.batch_kept.get(("ffn", layer)) if "ffn" in self.batch_parts else None
 
         def attn(x):
             if kept_attn is not None:  # the batch's heads of this sequence's groups
@@ -249,13 +248,13 @@ class GatedModel:
         kept = self.batch_kept.get(("attn", layer))
         if kept is None or not bool(torch.isin(lm.groups, kept.groups).all()):
             return None
-        gs, dh = self.shape.group_size, self.shape.head_dim
-        in_groups = torch.isin(kept.units // gs, lm.groups)
-        heads = kept.units[in_groups]
+        dh = self.shape.head_dim
+        ours = in_groups(kept.units, lm.groups, self.shape)
+        heads = kept.units[ours]
         if heads.numel() == 0:
             return None
         device = kept.weights.wo.device
-        at_h = in_groups.nonzero().squeeze(1)  # the heads' slots in the copy
+        at_h = ours.nonzero().squeeze(1)  # the heads' slots in the copy
         at_g = torch.searchsorted(kept.groups, lm.groups)
         row = attn_layout(heads.to(device), lm.groups.to(device), self.shape)
         return kept.weights, head_rows(at_h, dh).to(device), head_rows(at_g, dh).to(device), row
@@ -314,7 +313,7 @@ class GatedModel:
             elif st.gathered:
                 h, _ = self._seq_layer(st, layer, h, rope, 0)
             else:
-                h = self._masked_layer(st, layer, h, rope, 0, self.batch_parts)
+                h = self._masked_layer(st, layer, h, rope, 0)
         st.length = t
         return st, self.view.logits(h if all_logits else h[-1:])
 

@@ -378,26 +378,30 @@ def _keeps(old: torch.Tensor, best: torch.Tensor, parts: list[torch.Tensor], siz
     return old.numel() >= best.numel() and int(votes[old].sum()) >= STICKY_VOTES * int(votes[best].sum())
 
 
+def in_groups(heads: torch.Tensor, groups: torch.Tensor, shape: Shape) -> torch.Tensor:
+    """(len(heads),) whether each query head belongs to one of the KV groups `groups`."""
+    return torch.isin(heads // shape.group_size, groups)
+
+
 def _batch_heads(shape: Shape, lms: list[LayerMask]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Batch-invariant heads for one layer: as many heads as the rows keep on average,
     those most rows keep (ties to those more rows hold the KV group of), and per row the
     batch heads it can attend with: those of the KV groups its cache holds (a row's cache
     has only its own mask's groups). A row left without any gets its most-kept own head
     added to the batch's. Returns (the batch's heads, per row its heads)."""
-    gs = shape.group_size
     k = max(1, round(sum(lm.heads.numel() for lm in lms) / len(lms)))
     holds = torch.zeros(shape.heads, dtype=torch.long)
     for lm in lms:
-        holds += torch.isin(torch.arange(shape.heads) // gs, lm.groups).long()
+        holds += in_groups(torch.arange(shape.heads), lm.groups, shape).long()
     votes = _votes(shape.heads, [lm.heads for lm in lms])
     chosen = _most_kept(shape.heads, [lm.heads for lm in lms], k, holds)
     flags = torch.zeros(shape.heads, dtype=torch.bool)
     flags[chosen] = True
     for lm in lms:
-        if not torch.isin(chosen // gs, lm.groups).any():
+        if not in_groups(chosen, lm.groups, shape).any():
             flags[lm.heads[votes[lm.heads].argmax()]] = True
     chosen = flags.nonzero().squeeze(1)
-    return chosen, [chosen[torch.isin(chosen // gs, lm.groups)] for lm in lms]
+    return chosen, [chosen[in_groups(chosen, lm.groups, shape)] for lm in lms]
 
 
 def _layer_key(lm: LayerMask) -> bytes:
@@ -490,7 +494,7 @@ def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int
         old = kept.get(("attn", layer))
         if old is not None and _keeps(old.units, heads_b, [lm.heads for lm in lms], shape.heads) \
                 and bool(torch.isin(groups_u, old.groups).all()):
-            usable = [old.units[torch.isin(old.units // shape.group_size, lm.groups)] for lm in lms]
+            usable = [old.units[in_groups(old.units, lm.groups, shape)] for lm in lms]
             if all(u.numel() for u in usable):
                 heads_b, row_heads, groups_b, reuse["attn"] = old.units, usable, old.groups, old.weights
         attn_bytes["batch"] = heads_b.numel() * per_head + groups_b.numel() * per_group
