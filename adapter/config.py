@@ -33,6 +33,11 @@ class RuntimeConfig(BaseModel):
     batch_neurons: bool = Field(
         False, description="the same for FFN neurons: every row of such a step runs the batch's "
         "most-kept neurons instead of its own or the union")
+    batch_keep: float = Field(
+        1.0, ge=1.0, le=8.0, description="how many units the batch keeps where it runs on its own "
+        "units, as a multiple of what its rows keep on average (at most the union of their units): "
+        "1.0 saves the most bytes; more keeps more of each row's own heads and neurons, for quality, "
+        "at fewer bytes saved (docs/SERVING.md)")
 
     def resolved_device(self) -> str:
         if self.device == "auto":

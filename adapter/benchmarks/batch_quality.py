@@ -52,12 +52,15 @@ def _generate(runtime: GatedModel, prompts: list[list[int]], method, steps: int,
 
 
 def run(runtime: GatedModel, tokenizer, predictor, sparsities=(0.5, 0.7), batches=(1, 4, 8),
-        per_family: int = 50, tokens: int = 16, mode: str = "global", seed: int = 0) -> dict:
-    """The report: per sparsity, batch size and unit mode, accuracy and agreement with dense."""
+        per_family: int = 50, tokens: int = 16, mode: str = "global", seed: int = 0,
+        keeps=(1.0,)) -> dict:
+    """The report: per sparsity, batch size and unit mode (and, for batch units, each
+    `keeps`: units per a row's kept units, runtime.batch_keep), accuracy and agreement with
+    dense."""
     instances = tasks.split("test", per_family)
     random.Random(seed).shuffle(instances)  # batches mix families, as traffic does
     pairs = encode_pairs(tokenizer, instances)
-    saved = runtime.batch_parts
+    saved = runtime.batch_parts, runtime.batch_keep
     started = time.time()
     try:
         from adapter.selection.predictors import Dense
@@ -71,15 +74,17 @@ def run(runtime: GatedModel, tokenizer, predictor, sparsities=(0.5, 0.7), batche
             return {"accuracy": round(sum(acc) / len(acc), 4), "agreement": round(sum(agree) / len(agree), 4)}
 
         results = [{"sparsity": 0.0, "batch": 8, "units": "dense", **score(dense)}]
-        configs = [(s, b, m) for s in sparsities for b in batches for m in BATCH_UNITS if b > 1 or m == "per_request"]
-        for s, b, m in tqdm(configs, desc="batch quality", unit="config"):
+        configs = [(s, b, m, k) for s in sparsities for b in batches for m in BATCH_UNITS
+                   for k in ((None,) if m == "per_request" else keeps) if b > 1 or m == "per_request"]
+        for s, b, m, k in tqdm(configs, desc="batch quality", unit="config"):
             runtime.batch_kept.clear()  # each configuration starts without batch units
+            runtime.batch_keep = k or 1.0
             method = predictor.method(s, mode)
             outs = [row for i in range(0, len(pairs), b)
                     for row in _generate(runtime, [p for p, _ in pairs[i:i + b]], method, tokens, BATCH_UNITS[m])]
-            results.append({"sparsity": s, "batch": b, "units": m, **score(outs)})
+            results.append({"sparsity": s, "batch": b, "units": m, "batch_keep": k, **score(outs)})
     finally:
-        runtime.batch_parts = saved
+        runtime.batch_parts, runtime.batch_keep = saved
         runtime.plans.clear()
         runtime.batch_kept.clear()
     dense_acc = results[0]["accuracy"]

@@ -24,6 +24,7 @@ from adapter.runtime.gather import BATCH_UNITS
 from adapter.selection import predictors as P
 from adapter.selection.methods import make_method
 
+TOP_OTHER = 12
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
 
 
@@ -46,11 +47,18 @@ def _profile(gm: GatedModel, method, prompts: list[list[int]], steps: int) -> di
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             gm.decode(seqs, toks, plan)
-    total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1000.0
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1000.0
     matmul = _matmul_ms(prof)
+    others = sorted((e for e in events if e.key not in MATMULS and e.self_cpu_time_total > 0),
+                    key=lambda e: e.self_cpu_time_total, reverse=True)
     return {"wall_ms": round(1000 * statistics.median(wall), 2),
             "profiled_ms": round(total / steps, 2), "matmul_ms": round(matmul / steps, 2),
-            "other_ms": round((total - matmul) / steps, 2), "bytes": plan_step_bytes(gm, plan)}
+            "other_ms": round((total - matmul) / steps, 2), "bytes": plan_step_bytes(gm, plan),
+            "calls": round(sum(e.count for e in events) / steps),
+            # the other operators that take the most time: per step, their self ms and calls
+            "top_other": [{"op": e.key, "ms": round(e.self_cpu_time_total / 1000.0 / steps, 3),
+                           "calls": round(e.count / steps)} for e in others[:TOP_OTHER]]}
 
 
 def run(runtime: RuntimeConfig, arch: str = "llama-gqa", batch: int = 1, sparsity: float = 0.5,

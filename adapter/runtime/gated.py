@@ -113,6 +113,7 @@ class GatedModel:
         self.batch_parts = frozenset(p for p, on in (("attn", self.config.batch_heads),
                                                      ("ffn", self.config.batch_neurons)) if on)
         self.batch_kept: dict = {}  # the last batch units per (part, layer), with their copies
+        self.batch_keep = self.config.batch_keep  # batch units per a row's kept units
         self.scale = self.shape.head_dim ** -0.5
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self._dejavu_t: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -353,11 +354,12 @@ class GatedModel:
         def build() -> BatchPlan:
             return build_plan(self.view.layers, self.shape, [st.mask for st in seqs],
                               [st.method.per_token for st in seqs], max(1, horizon or self.plan_horizon),
-                              force, [st.gathered for st in seqs], self.batch_parts, self.batch_kept)
+                              force, [st.gathered for st in seqs], self.batch_parts, self.batch_kept,
+                              self.batch_keep)
 
         if force is not None:
             return build()
-        return self.plans.get((self.batch_parts, *("token" if st.method.per_token else st.mask.key for st in seqs)),
+        return self.plans.get((self.batch_parts, self.batch_keep, *("token" if st.method.per_token else st.mask.key for st in seqs)),
                               build)
 
     @torch.inference_mode()

@@ -26,7 +26,8 @@ per_mask is charged the same for each mask not gathered yet.
 Attention stays per sequence whatever the plan: each row attends over its own cache, which
 holds only its kept KV groups, with its own kept heads (per_mask, union, dense), or with
   batch     (optional, runtime.batch_heads / batch_neurons) the batch's own units: as many
-            heads (neurons) as a row keeps on average, those most rows keep, gathered once
+            heads (neurons) as a row keeps on average (times runtime.batch_keep, at most the
+            union), those most rows keep, gathered once
             per batch composition. Every row runs the batch's neurons, and attends with the
             batch's heads of the KV groups its cache holds (k/v are computed for the union of
             the rows' groups, so every cache stays complete). The shared products then read
@@ -383,13 +384,20 @@ def in_groups(heads: torch.Tensor, groups: torch.Tensor, shape: Shape) -> torch.
     return torch.isin(heads // shape.group_size, groups)
 
 
-def _batch_heads(shape: Shape, lms: list[LayerMask]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Batch-invariant heads for one layer: as many heads as the rows keep on average,
-    those most rows keep (ties to those more rows hold the KV group of), and per row the
+def _batch_count(parts: list[torch.Tensor], union: int, keep: float) -> int:
+    """How many units the batch keeps: `keep` times what its rows keep on average, at least
+    one, at most the union of the rows' units."""
+    return max(1, min(union, round(keep * sum(p.numel() for p in parts) / len(parts))))
+
+
+def _batch_heads(shape: Shape, lms: list[LayerMask], keep: float = 1.0,
+                 union: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Batch-invariant heads for one layer: `keep` times as many heads as the rows keep on
+    average (at most `union`, the rows' distinct heads), those most rows keep (ties to those more rows hold the KV group of), and per row the
     batch heads it can attend with: those of the KV groups its cache holds (a row's cache
     has only its own mask's groups). A row left without any gets its most-kept own head
     added to the batch's. Returns (the batch's heads, per row its heads)."""
-    k = max(1, round(sum(lm.heads.numel() for lm in lms) / len(lms)))
+    k = _batch_count([lm.heads for lm in lms], shape.heads if union is None else union, keep)
     holds = torch.zeros(shape.heads, dtype=torch.long)
     for lm in lms:
         holds += in_groups(torch.arange(shape.heads), lm.groups, shape).long()
@@ -411,14 +419,15 @@ def _layer_key(lm: LayerMask) -> bytes:
 def build_plan(layers: list[LayerRefs], shape: Shape, row_masks: list[Mask], per_token: list[bool],
                horizon: int = UNION_HORIZON_STEPS, force: PlanKind | None = None,
                has_copy: list[bool] | None = None, batch: frozenset[str] = frozenset(),
-               kept: dict | None = None) -> BatchPlan:
+               kept: dict | None = None, batch_keep: float = 1.0) -> BatchPlan:
     """The plan of one decode step for rows with these masks.
 
     Host work (coverage flags, slot tables, copies of the unions): run it when the batch's
     composition changes, not per token. `force` makes every layer take one kind (tests).
     `has_copy`: per row, whether its mask's own copy exists (default: all do). `batch`: the
     parts ("attn", "ffn") that may run on the batch's own units (kind "batch") when the
-    byte model says so; rows then get the batch's units instead of their own. `kept`: the
+    byte model says so; rows then get the batch's units instead of their own, `batch_keep`
+    times as many as a row keeps on average (at most the union). `kept`: the
     caller's last batch units per (part, layer) with their copies (read and updated): a new
     composition keeps them, copy and all, while they hold nearly the votes of the best set
     (STICKY_VOTES), so batch units pay even where compositions change every step."""
@@ -432,7 +441,7 @@ def build_plan(layers: list[LayerRefs], shape: Shape, row_masks: list[Mask], per
         members = list(range(b)) if layer == 0 else planned
         lp, nbytes = _plan_layer(ref, shape, [row_masks[i].layers[layer] for i in members], horizon, force,
                                  [has_copy[i] for i in members], batch if layer > 0 else frozenset(),
-                                 kept, layer)
+                                 kept, layer, batch_keep)
         device = ref.wq.device
         rows = None if members == list(range(b)) else torch.tensor(members, dtype=torch.long, device=device)
         out.append(LayerPlan(rows=rows, members=tuple(members), **lp))
@@ -442,7 +451,7 @@ def build_plan(layers: list[LayerRefs], shape: Shape, row_masks: list[Mask], per
 
 def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int,
                 force: PlanKind | None, has_copy: list[bool], batch: frozenset[str] = frozenset(),
-                kept: dict | None = None, layer: int = 0) -> tuple[dict, int]:
+                kept: dict | None = None, layer: int = 0, batch_keep: float = 1.0) -> tuple[dict, int]:
     device, dh = ref.wq.device, shape.head_dim
     per_head, per_group, per_neuron = unit_bytes(ref, shape)
     if not lms:  # every row is per-token at this layer
@@ -484,12 +493,12 @@ def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int
     if not full_ffn:
         ffn_bytes["union"] = neurons_u.numel() * per_neuron
     # batch-invariant units, where rows differ: the batch's own heads (and KV groups every
-    # row's cache needs) / neurons, as many as a row keeps on average
+    # row's cache needs) / neurons, batch_keep times as many as a row keeps on average
     distinct = len(by_key) > 1 and not any(lms[j].full for j in firsts)
     kept = kept if kept is not None else {}
     reuse = {}  # part -> the kept batch units' copy, where this composition keeps them
     if "attn" in batch and distinct:
-        heads_b, row_heads = _batch_heads(shape, lms)
+        heads_b, row_heads = _batch_heads(shape, lms, batch_keep, heads_u.numel())
         groups_b = groups_u
         old = kept.get(("attn", layer))
         if old is not None and _keeps(old.units, heads_b, [lm.heads for lm in lms], shape.heads) \
@@ -499,8 +508,8 @@ def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int
                 heads_b, row_heads, groups_b, reuse["attn"] = old.units, usable, old.groups, old.weights
         attn_bytes["batch"] = heads_b.numel() * per_head + groups_b.numel() * per_group
     if "ffn" in batch and distinct:
-        neurons_b = _most_kept(shape.ffn, [lm.neurons for lm in lms],
-                               max(1, round(sum(lm.neurons.numel() for lm in lms) / n)))
+        parts_n = [lm.neurons for lm in lms]
+        neurons_b = _most_kept(shape.ffn, parts_n, _batch_count(parts_n, neurons_u.numel(), batch_keep))
         old = kept.get(("ffn", layer))
         if old is not None and _keeps(old.units, neurons_b, [lm.neurons for lm in lms], shape.ffn):
             neurons_b, reuse["ffn"] = old.units, old.weights

@@ -134,6 +134,8 @@ def bench_batch_quality(
     batch: str = typer.Option("1,4,8", "--batch", help="Batch sizes, a comma list."),
     sparsities: list[float] = typer.Option([], "--sparsity", help="Repeatable (default 0.5 and 0.7)."),
     tokens: int = typer.Option(16, "--tokens", min=1, help="Greedy tokens per prompt compared with dense."),
+    batch_keep: str = typer.Option("1.0", "--batch-keep", help="Batch units per a row's kept units "
+                                   "(runtime.batch_keep), a comma list of values in [1, 8], like 1,1.5."),
     out: Optional[Path] = ReportOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
@@ -154,6 +156,12 @@ def bench_batch_quality(
         fail(f"--batch {batch!r}: every batch size must be in [1, 64]")
     if any(not 0 < s < 1 for s in sparsities):
         fail("--sparsity must be in (0, 1)")
+    try:
+        keeps = tuple(float(k) for k in batch_keep.split(","))
+    except ValueError:
+        fail(f"--batch-keep {batch_keep!r}: give numbers as a comma list, like 1,1.5")
+    if any(not 1.0 <= k <= 8.0 for k in keeps):
+        fail(f"--batch-keep {batch_keep!r}: every value must be in [1, 8]")
     settings = settings_or_exit(config)
     settings.runtime.apply_threads()
     name = model or settings.model.name
@@ -166,17 +174,19 @@ def bench_batch_quality(
     if predictor not in preds:
         fail(f"--predictor {predictor!r}: not among {', '.join(sorted(preds))}")
     report = batch_quality.run(loaded.runtime, loaded.tokenizer, preds[predictor], tuple(sparsities) or (0.5, 0.7),
-                               sizes, per_family, tokens, settings.runtime.mode)
+                               sizes, per_family, tokens, settings.runtime.mode, keeps=keeps)
     report.update(model=name, machine=_machine(settings.runtime))
     _emit(report, out, as_json)
     if as_json:
         return
     table = Table(title=f"{name}, {predictor} ({report['mode']}): {report['prompts']} test prompts, "
                         f"{tokens} greedy tokens")
-    for col in ("sparsity", "batch", "units", "accuracy", "% of dense", "agreement with dense"):
+    for col in ("sparsity", "batch", "units", "keep", "accuracy", "% of dense", "agreement with dense"):
         table.add_column(col, justify="right")
     for r in report["results"]:
-        table.add_row(f"{r['sparsity']:.1f}", str(r["batch"]), r["units"], f"{r['accuracy']:.3f}",
+        keep = r.get("batch_keep")
+        table.add_row(f"{r['sparsity']:.1f}", str(r["batch"]), r["units"], "-" if keep is None else f"{keep:g}",
+                      f"{r['accuracy']:.3f}",
                       f"{100 * r['accuracy_vs_dense']:.1f}%", f"{r['agreement']:.3f}")
     console.print(table)
 
@@ -243,6 +253,9 @@ def bench_serve(
     units: Optional[str] = typer.Option(None, "--units", help="With --model: the replicas' batch units, "
                                         "per_request | heads | heads_neurons (default: runtime.batch_heads "
                                         "and batch_neurons of the settings)."),
+    batch_keep: Optional[float] = typer.Option(None, "--batch-keep", min=1.0, max=8.0,
+                                               help="With --model: the replicas' runtime.batch_keep (batch "
+                                                    "units per a row's kept units; default: the settings')."),
     out: Optional[Path] = ReportOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
@@ -273,6 +286,11 @@ def bench_serve(
         parts = BATCH_UNITS[units]
         settings = settings.model_copy(update={"runtime": settings.runtime.model_copy(
             update={"batch_heads": "attn" in parts, "batch_neurons": "ffn" in parts})})
+    if batch_keep is not None:
+        if model is None:
+            fail("--batch-keep needs --model: a running service keeps its own runtime settings")
+        settings = settings.model_copy(update={"runtime": settings.runtime.model_copy(
+            update={"batch_keep": batch_keep})})
     if model is not None and not Path(model).exists() and ("/" in model or model.startswith(".")):
         from adapter.runtime.loading import ModelLoadError, load
 
@@ -314,6 +332,7 @@ def bench_serve(
     result["model"] = given or settings.model.name
     result["settings"] = {"threads": s.runtime.threads, "dtype": s.runtime.dtype, "mode": s.runtime.mode,
                           "batch_heads": s.runtime.batch_heads, "batch_neurons": s.runtime.batch_neurons,
+                          "batch_keep": s.runtime.batch_keep,
                           "llm_replicas": s.serve.llm_replicas, "max_ongoing_requests": s.serve.max_ongoing_requests}
     result["machine"] = machine()
     result["seconds"] = round(time.time() - t0, 1)

@@ -263,13 +263,15 @@ def test_batch_quality_per_request_rows_equal_alone_and_batch_units_are_measured
     preds = load_set(default_predictor_dir("default"), loaded.runtime.shape,
                      traces.model_fingerprint(loaded.runtime.model))
     out = batch_quality.run(loaded.runtime, loaded.tokenizer, preds["shadowllm-plainact"], sparsities=(0.5,),
-                            batches=(1, 2), per_family=2, tokens=4)
-    rows = {(r["units"], r["batch"]): r for r in out["results"]}
+                            batches=(1, 2), per_family=2, tokens=4, keeps=(1.0, 2.0))
+    assert {(r["units"], r["batch_keep"]) for r in out["results"] if r["batch"] == 2} == \
+        {("per_request", None), ("heads", 1.0), ("heads", 2.0), ("heads_neurons", 1.0), ("heads_neurons", 2.0)}
+    rows = {(r["units"], r["batch"]): r for r in out["results"] if r.get("batch_keep") in (None, 1.0)}
     assert rows["dense", 8]["accuracy"] == rows["dense", 8]["agreement"] == 1.0
     assert {k: v for k, v in rows["per_request", 2].items() if k != "batch"} == \
         {k: v for k, v in rows["per_request", 1].items() if k != "batch"}
     assert {("heads", 2), ("heads_neurons", 2)} <= set(rows) and out["prompts"] == 12
-    assert loaded.runtime.batch_parts == frozenset()  # restored
+    assert loaded.runtime.batch_parts == frozenset() and loaded.runtime.batch_keep == 1.0  # restored
 
 
 def test_a_short_horizon_does_not_pay_for_a_union_copy():
@@ -396,6 +398,38 @@ def test_batch_heads_are_the_most_kept_and_every_row_attends_within_its_cached_g
     assert chosen.tolist() == [0, 1, 5] and rows[3].tolist() == [5]
 
 
+def test_batch_keep_widens_the_batch_units_up_to_the_union():
+    from adapter.runtime.gather import _batch_heads
+
+    gm = _batch_model(True, True)
+    shape = gm.shape
+    lms = [masks.from_indices(shape, [hs] * (shape.layers - 1), [list(range(48))] * (shape.layers - 1)).layers[1]
+           for hs in ([0, 1, 2, 3], [0, 1, 2, 4], [0, 1, 5, 6], [4, 5, 6, 7])]
+    # 1.5 x the 4 heads a row keeps: the 6 most voted (0, 1 by 3 votes; 2, 4, 5, 6 by 2)
+    chosen, rows = _batch_heads(shape, lms, 1.5, 8)
+    assert chosen.tolist() == [0, 1, 2, 4, 5, 6]
+    assert [r.tolist() for r in rows] == [[0, 1, 2], [0, 1, 2, 4, 5, 6], [0, 1, 2, 4, 5, 6], [4, 5, 6]]
+    # never more than the union: a unit no row keeps is never added
+    chosen, _ = _batch_heads(shape, lms, 8.0, 8)
+    assert chosen.tolist() == list(range(8))
+    methods = [P.ShadowLLM(P.random_unified(shape, 32, seed=i), 0.5) for i in range(6)]
+    states = [gm.prefill(prompt(seed=40 + i), m, 8)[0] for i, m in enumerate(methods)]
+    cached = gm.batch_plan(states)
+    narrow = gm.batch_plan(states, force="batch")
+    gm.batch_keep = 1.5
+    assert gm.batch_plan(states) is not cached  # the plan cache keys on batch_keep
+    gm.batch_kept.clear()
+    wide = gm.batch_plan(states, force="batch")
+    for n, w in zip(narrow.layers[1:], wide.layers[1:]):
+        assert w.ffn.kind == w.attn.kind == "batch"
+        union = round(n.density["neurons"] * shape.ffn)
+        kept_n, kept_w = n.ffn.weights.w_down.shape[1], w.ffn.weights.w_down.shape[1]
+        assert kept_w == min(union, round(1.5 * kept_n)) and kept_w > kept_n
+        assert n.bytes["ffn"]["batch"] < w.bytes["ffn"]["batch"] <= w.bytes["ffn"]["union"]
+    out = gm.decode(states, torch.tensor([5] * 6), wide)
+    assert out.isfinite().all()
+
+
 def test_batch_units_read_fewer_bytes_than_the_union_of_distinct_masks():
     gm = _batch_model(True, True)
     methods = [P.ShadowLLM(P.random_unified(gm.shape, 32, seed=i), 0.5) for i in range(6)]
@@ -494,6 +528,10 @@ def test_step_profile_splits_a_step_into_matmuls_and_the_rest(monkeypatch):
         r = out[name]
         assert r["matmul_ms"] > 0 and r["other_ms"] >= 0 and r["wall_ms"] > 0
         assert r["profiled_ms"] == pytest.approx(r["matmul_ms"] + r["other_ms"], abs=0.02)
+        top = r["top_other"]
+        assert top and all(not t["op"].endswith(("::mm", "::addmm", "::linear")) for t in top)
+        assert [t["ms"] for t in top] == sorted((t["ms"] for t in top), reverse=True)
+        assert sum(t["ms"] for t in top) <= r["other_ms"] + 0.01 and r["calls"] >= sum(t["calls"] for t in top)
     assert out["dense"]["bytes"] > out["shadowllm"]["bytes"]
     assert out["ideal_speedup"] == round(out["dense"]["bytes"] / out["shadowllm"]["bytes"], 3)
     with pytest.raises(ValueError, match="unknown units 'all'"):
