@@ -88,7 +88,7 @@ class ReplicaTiming:
         if not snaps:
             return None
         total = {"requests": 0, "replica_ms": 0.0, "steps": 0, "batch_sum": 0, "cancelled": 0,
-                 "max_batch": 0, "ms": {k: 0.0 for k in PHASES}}
+                 "max_batch": 0, "ms": {k: 0.0 for k in PHASES}, "pids": sorted(s.get("pid", 0) for s in snaps)}
         for s in snaps:
             for k in ("requests", "replica_ms", "steps", "batch_sum", "cancelled"):
                 total[k] += s[k]
@@ -218,6 +218,11 @@ async def run(base: str, api_key: str, admin_key: str, concurrencies=(1, 4, 16),
                                    shadow_dropped=int(_counter(m1, "shadowgate_shadow_dropped_total")
                                                       - _counter(m0, "shadowgate_shadow_dropped_total")),
                                    per_request=ReplicaTiming.per_request(t_before, t_after, row.pop("mean_ms")))
+                        if row["per_request"] is None and t_before is not None and t_after is not None:
+                            # why a level has no phases: what the replicas had published around it
+                            row["timing_missing"] = {"requests_before": t_before["requests"],
+                                                     "requests_after": t_after["requests"],
+                                                     "pids_before": t_before["pids"], "pids_after": t_after["pids"]}
                         results.append(row)
                         progress(f"round {rnd} concurrency {c} sparsity {s}: {row['throughput_rps']} req/s")
                     offset += n

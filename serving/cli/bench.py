@@ -50,6 +50,7 @@ def bench_speed(
                                         "(default 32, quick 16)."),
     units: list[str] = typer.Option([], "--units", help="The shadowllm rows' batch units (repeatable): "
                                     "per_request (default), heads, heads_neurons: a row each."),
+    out: Optional[Path] = ReportOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Decode speed of dense vs shadowllm / dejavu / static on a realistic random-weight model."""
@@ -70,8 +71,8 @@ def bench_speed(
                                  repeats=repeats, steps=steps, units=tuple(units) or ("per_request",))
     except ValueError as exc:
         fail(str(exc))
+    _emit(result, out, as_json)
     if as_json:
-        print(json.dumps(result))
         return
     dense = {d["batch_size"]: d["ms_per_token"] for d in result["dense"]}
     table = Table(title=f"decode speed, {result['device']}, {result['threads']} threads, "
