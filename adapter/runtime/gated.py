@@ -208,23 +208,19 @@ class GatedModel:
         layer up to float reassociation, at the dense FLOPs and without a copy: for the
         prefill of a sequence that will decode inside a batch's shared products.
 
-        Where the runtime holds a union copy for this layer (`batch_kept`, the one the batch's
-        decode steps read) that has all of the sequence's units, the part runs on that copy
-        with its own mask applied: the same result, at the union's FLOPs. With batch units on
-        (`batch_parts`), those parts run on the batch's kept units instead, where the runtime
-        holds them for this layer: (1 - s) of the FLOPs and no copy, and the units the
-        sequence's decode steps get inside that batch (its own mask then no longer applies to
-        that part)."""
+        With batch units on (`batch_parts`), those parts run on the batch's kept units instead,
+        where the runtime holds them for this layer (`batch_kept`, the copies the batch's decode
+        steps read): (1 - s) of the FLOPs and no copy, and the units the sequence's decode
+        steps get inside that batch (its own mask then no longer applies to that part)."""
         lm, dense = st.mask.layers[layer], self.cache.dense()[layer]
         if lm.full:
             return self._seq_layer(st, layer, h, rope, pos0, dense)[0]
         ref, lay = self.view.layers[layer], st.layouts[layer]
-        kept_attn = self._kept_attn(lm, layer) if "attn" in self.batch_parts else self._union_attn(lm, lay, layer)
+        kept_attn = self._kept_attn(lm, layer) if "attn" in self.batch_parts else None
         kept_ffn = self.batch_kept.get(("ffn", layer)) if "ffn" in self.batch_parts else None
-        union_ffn = None if "ffn" in self.batch_parts else self._union_ffn(lm, layer)
 
         def attn(x):
-            if kept_attn is not None:  # the batch's heads of this sequence's groups, or its own in the union
+            if kept_attn is not None:  # the batch's heads of this sequence's groups
                 w, rows_q, rows_kv, row = kept_attn
             else:
                 w, rows_q, rows_kv, row = dense.attn, lay.rows_q, lay.rows_kv, lay
@@ -237,37 +233,12 @@ class GatedModel:
         def ffn(x):
             if kept_ffn is not None:  # every row of the batch runs its neurons
                 return self._ffn(layer, kept_ffn.weights, x)
-            if union_ffn is not None:  # its own neurons, inside the batch's union copy
-                return self._ffn(layer, union_ffn[0], x, union_ffn[1])
             keep = x.new_zeros(self.shape.ffn).index_fill_(0, lm.neurons.to(x.device), 1)
             return self._ffn(layer, dense.ffn, x, keep)
 
         h, _ = self._block(h, self.view.norms[layer][0], attn, ref.pre_norm)
         h, _ = self._block(h, self.view.norms[layer][1], ffn, ref.pre_norm)
         return h
-
-    def _union_attn(self, lm: masks.LayerMask, lay: AttnLayout, layer: int):
-        """A sequence's own heads inside the union copy the batch holds for this layer, as
-        `_kept_attn` gives them (its layout `lay` unchanged), or None where there is no such
-        copy or it lacks one of the sequence's heads or groups."""
-        kept = self.batch_kept.get(("attn_union", layer))
-        if kept is None or not (bool(torch.isin(lm.heads, kept.units).all())
-                                and bool(torch.isin(lm.groups, kept.groups).all())):
-            return None
-        dh, device = self.shape.head_dim, kept.weights.wo.device
-        at_h = torch.searchsorted(kept.units, lm.heads)
-        at_g = torch.searchsorted(kept.groups, lm.groups)
-        return kept.weights, head_rows(at_h, dh).to(device), head_rows(at_g, dh).to(device), lay
-
-    def _union_ffn(self, lm: masks.LayerMask, layer: int):
-        """(the union copy's FFN weights, the (K,) flags of the sequence's own neurons in it),
-        or None where the batch holds no union copy for this layer or it lacks a neuron."""
-        kept = self.batch_kept.get(("ffn_union", layer))
-        if kept is None or not bool(torch.isin(lm.neurons, kept.units).all()):
-            return None
-        w = kept.weights
-        at = torch.searchsorted(kept.units, lm.neurons).to(w.w_down.device)
-        return w, w.w_down.new_zeros(w.width).index_fill_(0, at, 1)
 
     def _kept_attn(self, lm: masks.LayerMask, layer: int):
         """The batch's kept heads of one layer as a sequence with layer mask `lm` attends

@@ -20,12 +20,6 @@ and FFN, a byte model picks the cheapest of
 per_mask reads sum_m bytes(m) >= bytes(union of m), so it wins only where the batch has one
 layer mask, or where the union copy does not pay for itself: a union gather reads and writes
 the union once, charged as GATHER_READS step-reads spread over UNION_HORIZON_STEPS steps.
-In serving a composition lasts a few steps (rows join and leave), so a union copy per
-composition rarely pays; the runtime keeps the last union copy per layer instead, and a later
-composition whose union it holds reuses it at no copy (still exact: every row applies its own
-mask), as long as it reads at most UNION_SLACK times that union's bytes. A new copy takes in
-the kept copy's units too, within the same bound, so the units that rows commonly keep
-accumulate and the next joiners find theirs in it.
 A sequence's own copy is made lazily (a sequence admitted into a busy batch is prefilled on
 the full weights with its mask applied, and never needs one while it shares products), so
 per_mask is charged the same for each mask not gathered yet.
@@ -255,10 +249,6 @@ PLAN_KINDS: tuple[PlanKind, ...] = ("per_mask", "dense", "union", "batch")
 BATCH_UNITS = {"per_request": frozenset(), "heads": frozenset({"attn"}), "heads_neurons": frozenset({"attn", "ffn"})}
 UNION_HORIZON_STEPS = 32  # decode steps a batch composition is expected to last
 GATHER_READS = 2  # a union gather reads and writes each byte of the union once
-# a union copy kept from an earlier composition serves a later one it holds while it reads at
-# most this many times that one's union bytes; a new copy takes in the kept one's units too,
-# within the same bound, so that the next rows to join find theirs in it
-UNION_SLACK = 1.2
 
 
 @dataclass(frozen=True)
@@ -498,37 +488,14 @@ def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int
                   "dense": shape.heads * per_head + shape.kv_heads * per_group}
     ffn_bytes = {"per_mask": sum(ffn_of(j) for j in firsts), "dense": shape.ffn * per_neuron}
     copies = {"attn": sum(attn_of(j) for j in fresh), "ffn": sum(ffn_of(j) for j in fresh)}
-    kept = kept if kept is not None else {}
-    # the union's layout: the copy an earlier composition left where it holds this union
-    # (no copy), else this union grown by that copy's units (UNION_SLACK)
-    reuse_u = {}  # part -> the kept union copy this composition reuses
-    union_h, union_g, union_n = heads_u, groups_u, neurons_u
     if not full_attn:
-        old = kept.get(("attn_union", layer))
-        if old is not None:
-            old_bytes = old.units.numel() * per_head + old.groups.numel() * per_group
-            new_bytes = heads_u.numel() * per_head + groups_u.numel() * per_group
-            grown_h = _covered(shape.heads, [heads_u, old.units])
-            grown_g = _covered(shape.kv_heads, [grown_h // shape.group_size])
-            if bool(torch.isin(heads_u, old.units).all()) and bool(torch.isin(groups_u, old.groups).all()):
-                if old_bytes <= UNION_SLACK * new_bytes:
-                    union_h, union_g, reuse_u["attn"] = old.units, old.groups, old.weights
-            elif grown_h.numel() * per_head + grown_g.numel() * per_group <= UNION_SLACK * new_bytes:
-                union_h, union_g = grown_h, grown_g
-        attn_bytes["union"] = union_h.numel() * per_head + union_g.numel() * per_group
+        attn_bytes["union"] = heads_u.numel() * per_head + groups_u.numel() * per_group
     if not full_ffn:
-        old = kept.get(("ffn_union", layer))
-        if old is not None:
-            grown_n = _covered(shape.ffn, [neurons_u, old.units])
-            if grown_n.numel() == old.units.numel():  # the kept copy holds this union
-                if old.units.numel() <= UNION_SLACK * neurons_u.numel():
-                    union_n, reuse_u["ffn"] = old.units, old.weights
-            elif grown_n.numel() <= UNION_SLACK * neurons_u.numel():
-                union_n = grown_n
-        ffn_bytes["union"] = union_n.numel() * per_neuron
+        ffn_bytes["union"] = neurons_u.numel() * per_neuron
     # batch-invariant units, where rows differ: the batch's own heads (and KV groups every
     # row's cache needs) / neurons, batch_keep times as many as a row keeps on average
     distinct = len(by_key) > 1 and not any(lms[j].full for j in firsts)
+    kept = kept if kept is not None else {}
     reuse = {}  # part -> the kept batch units' copy, where this composition keeps them
     if "attn" in batch and distinct:
         heads_b, row_heads = _batch_heads(shape, lms, batch_keep, heads_u.numel())
@@ -551,8 +518,7 @@ def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int
     def costs(nbytes: dict, part: str) -> dict:
         # a copy (the union's, or the masks' own not made yet) is made once per batch
         # composition: charge it over the horizon
-        out = {k: v * (1 + GATHER_READS / horizon)
-               if (k == "union" and part not in reuse_u) or (k == "batch" and part not in reuse) else v
+        out = {k: v * (1 + GATHER_READS / horizon) if k == "union" or (k == "batch" and part not in reuse) else v
                for k, v in nbytes.items()}
         out["per_mask"] += copies[part] * GATHER_READS / horizon
         return out
@@ -583,12 +549,9 @@ def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int
                                         for lay in layouts))
     else:
         if attn_kind == "union" and not full_attn:
-            w = reuse_u.get("attn")
-            if w is None:
-                w = gather_attn(ref, union_h.to(device), union_g.to(device), shape)
-                gathered += sum(t.numel() * t.element_size() for t in (w.qkv[0][0], w.wo))
-                kept[("attn_union", layer)] = KeptUnits(union_h, union_g, w)
-            lay_h, lay_g = union_h, union_g
+            w = gather_attn(ref, heads_u.to(device), groups_u.to(device), shape)
+            gathered += sum(t.numel() * t.element_size() for t in (w.qkv[0][0], w.wo))
+            lay_h, lay_g = heads_u, groups_u
         else:
             w = dense_layer(ref, shape).attn
             lay_h, lay_g = torch.arange(shape.heads), torch.arange(shape.kv_heads)
@@ -610,12 +573,9 @@ def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int
         ffn = FfnPlan("batch", (), w, None)
     else:
         if ffn_kind == "union" and not full_ffn:
-            w = reuse_u.get("ffn")
-            if w is None:
-                w = gather_ffn(ref, union_n.to(device))
-                gathered += sum(t.numel() * t.element_size() for t in (w.inp[0][0], w.w_down))
-                kept[("ffn_union", layer)] = KeptUnits(union_n, None, w)
-            lay_n = union_n
+            w = gather_ffn(ref, neurons_u.to(device))
+            gathered += sum(t.numel() * t.element_size() for t in (w.inp[0][0], w.w_down))
+            lay_n = neurons_u
         else:
             w = dense_layer(ref, shape).ffn
             lay_n = torch.arange(shape.ffn)

@@ -94,70 +94,6 @@ def test_union_plan_rows_equal_alone_and_caches_stay_per_sequence():
             assert st.k[layer].shape[0] == m.layers[layer].groups.numel()
 
 
-def _drifting_masks(shape):
-    """Five masks over a common core whose fringes drift: rows 0-3 a batch, row 4 a joiner
-    with a neuron none of them keeps; rows 0, 2 and 4 lie inside the union of all five."""
-    layers = shape.layers - 1
-    heads = [[0, 1, 2, 4, 5, 6], [0, 1, 2, 4, 5, 6], [0, 1, 2, 4, 5, 7], [0, 1, 2, 4, 5, 6], [0, 1, 2, 4, 5, 6]]
-    return [masks.from_indices(shape, [heads[i]] * layers, [list(range(40)) + list(range(40 + i, 48 + i))] * layers)
-            for i in range(5)]
-
-
-def test_a_kept_union_copy_serves_later_compositions_exactly():
-    """Rows join and leave: a composition whose union the kept copy holds reuses it (no
-    gather, even when the composition is expected to last one step), a joiner outside it
-    gets a new copy grown by the kept units, and every row still gets what it gets alone."""
-    gm = GatedModel(tiny_llama(kv_heads=2))
-    ms = _drifting_masks(gm.shape)
-    methods = [P.Static(m, 0.5) for m in ms]
-    prompts = [prompt(n=8 + i, seed=70 + i) for i in range(5)]
-    batch = [gm.prefill(p, m, 6)[0] for p, m in zip(prompts, methods)]
-    solo = [gm.prefill(p, m, 6)[0] for p, m in zip(prompts, methods)]
-    first = gm.batch_plan(batch[:4], horizon=32)
-    assert {lp.ffn.kind for lp in first.layers[1:]} == {"union"} and first.gathered_bytes > 0
-    assert gm.batch_kept["ffn_union", 1].units.tolist() == list(range(51))
-    # the joiner keeps neuron 51: a new copy, grown by the kept units (40..50 and 51)
-    joined = gm.batch_plan(batch[1:5], horizon=32)
-    assert joined.gathered_bytes > 0
-    assert gm.batch_kept["ffn_union", 1].units.tolist() == list(range(52))
-    assert gm.batch_kept["attn_union", 1].units.tolist() == [0, 1, 2, 4, 5, 6, 7]
-    # rows 0, 2, 4: inside the kept copy, reused at a one-step horizon
-    rows = [0, 2, 4]
-    later = gm.batch_plan([batch[i] for i in rows], horizon=1)
-    assert later.gathered_bytes == 0
-    for layer, lp in enumerate(later.layers[1:], start=1):
-        assert lp.ffn.kind == lp.attn.kind == "union"
-        assert lp.ffn.weights is gm.batch_kept["ffn_union", layer].weights
-        assert lp.attn.weights is gm.batch_kept["attn_union", layer].weights
-    toks = torch.tensor([prompts[i][-1] for i in rows])
-    for _ in range(3):
-        got = gm.decode([batch[i] for i in rows], toks, later)
-        want = torch.cat([gm.decode([solo[i]], toks[j:j + 1]) for j, i in enumerate(rows)])
-        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-        toks = got.argmax(-1)
-
-
-def test_a_joiner_is_prefilled_on_the_kept_union_copy_with_its_own_mask():
-    """A request joining a busy batch whose union copy holds its units runs its prompt on that
-    copy (the union's FLOPs, no copy of its own) and gets what its gathered prefill gives."""
-    gm = GatedModel(tiny_llama(kv_heads=2))
-    ms = _drifting_masks(gm.shape)
-    batch = [gm.prefill(prompt(n=8 + i, seed=80 + i), P.Static(m, 0.5), 6)[0] for i, m in enumerate(ms[:4])]
-    gm.batch_plan(batch, horizon=32)
-    inside = masks.from_indices(gm.shape, [[0, 1, 2, 4, 5, 7]] * 2, [list(range(2, 50))] * 2)
-    for layer in (1, 2):
-        assert gm._union_ffn(inside.layers[layer], layer) is not None
-        assert gm._union_attn(inside.layers[layer], None, layer) is not None
-        assert gm._union_ffn(ms[4].layers[layer], layer) is None  # neuron 51 is not in it
-    ids, misses = prompt(n=11, seed=90), gm.cache.stats()["misses"]
-    lazy, got = gm.prefill(ids, P.Static(inside, 0.5), 3, all_logits=True, gather=False)
-    assert not lazy.gathered and gm.cache.stats()["misses"] == misses
-    eager, want = gm.prefill(ids, P.Static(inside, 0.5), 3, all_logits=True)
-    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-    for layer in range(gm.shape.layers):
-        torch.testing.assert_close(lazy.k[layer][:, :len(ids)], eager.k[layer][:, :len(ids)], atol=ATOL, rtol=0)
-
-
 def test_disjoint_masks_run_per_mask():
     """Two masks with no unit in common: the union reads what the two products read, and its
     copy would cost more, so each mask runs its own product on its own gathered weights."""
@@ -394,14 +330,9 @@ def test_rows_prefilled_without_a_copy_share_products_and_gather_only_when_alone
     out = gm.decode(batch[:1], toks[:1], alone)
     torch.testing.assert_close(out, ref.decode(solo[:1], toks[:1]), atol=ATOL, rtol=0)
     assert batch[0].gathered and gm.cache.stats()["misses"] == 1
-    # one step left: its own copy would not pay for itself; the batch's kept union copy,
-    # which holds its units, serves it at no copy (dense where there is none)
+    # one step left: the copy would not pay for itself, the full weights serve it
     last = gm.batch_plan([batch[1]], horizon=1)
-    assert {lp.ffn.kind for lp in last.layers[1:]} == {"union"} and last.gathered_bytes == 0
-    assert gm.cache.stats()["misses"] == 1
-    fresh = GatedModel(gm.model)
-    lone = fresh.prefill(prompts[1], methods[1], 4, gather=False)[0]
-    assert {lp.ffn.kind for lp in fresh.batch_plan([lone], horizon=1).layers[1:]} == {"dense"}
+    assert {lp.ffn.kind for lp in last.layers[1:]} == {"dense"}
 
 
 def _batch_model(heads: bool, neurons: bool) -> GatedModel:
