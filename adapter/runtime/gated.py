@@ -26,10 +26,11 @@ from typing import Callable, Sequence as Seq
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from adapter.pipeline import traces
 from adapter.runtime import masks
-from adapter.runtime.model_view import ModelView, Shape, rotate
+from adapter.runtime.model_view import ModelView, Shape
 from adapter.config import RuntimeConfig
 from adapter.runtime.gather import (UNION_HORIZON_STEPS, AttnLayout, AttnPlan, AttnWeights, BatchPlan,
                                     FfnPlan, FfnWeights, GatherCache, LayerPlan, LayerWeights, MaskGroup,
@@ -141,8 +142,7 @@ class GatedModel:
         k = k.view(t, n_groups, dh).transpose(0, 1)
         v = v.view(t, n_groups, dh).transpose(0, 1)
         if rope is not None:
-            cos, sin = rope[0][None], rope[1][None]
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            q, k = apply_rotary_pos_emb(q, k, rope[0], rope[1], unsqueeze_dim=0)
         end = pos0 + t
         st.k[layer][:, pos0:end] = k
         st.v[layer][:, pos0:end] = v
@@ -196,8 +196,8 @@ class GatedModel:
             o = self._attend(st, layer, q, k, v, w.attn.n_heads, w.attn.n_groups, w.attn.q2g, rope, pos0)
             return F.linear(o, w.attn.wo, w.attn.bo)
 
-        h, attn_out = self._block(h, self.view.norms[layer][0], attn, ref.pre_norm)
-        h, _ = self._block(h, self.view.norms[layer][1], lambda x: self._ffn(layer, w.ffn, x), ref.pre_norm)
+        h, attn_out = self._block(h, ref.attn_norm, attn, ref.pre_norm)
+        h, _ = self._block(h, ref.ffn_norm, lambda x: self._ffn(layer, w.ffn, x), ref.pre_norm)
         return h, attn_out
 
     def _masked_layer(self, st: Sequence, layer: int, h: torch.Tensor, rope, pos0: int) -> torch.Tensor:
@@ -236,8 +236,8 @@ class GatedModel:
             keep = x.new_zeros(self.shape.ffn).index_fill_(0, lm.neurons.to(x.device), 1)
             return self._ffn(layer, dense.ffn, x, keep)
 
-        h, _ = self._block(h, self.view.norms[layer][0], attn, ref.pre_norm)
-        h, _ = self._block(h, self.view.norms[layer][1], ffn, ref.pre_norm)
+        h, _ = self._block(h, ref.attn_norm, attn, ref.pre_norm)
+        h, _ = self._block(h, ref.ffn_norm, ffn, ref.pre_norm)
         return h
 
     def _kept_attn(self, lm: masks.LayerMask, layer: int):
@@ -408,8 +408,8 @@ class GatedModel:
     def _plan_layer(self, seqs: list[Sequence], layer: int, h: torch.Tensor, rope, lp: LayerPlan) -> torch.Tensor:
         """The layer's rows, one new token each: h (n, D) -> (n, D)."""
         ref = self.view.layers[layer]
-        h, _ = self._block(h, self.view.norms[layer][0], lambda x: self._plan_attn(seqs, layer, x, rope, lp.attn), ref.pre_norm)
-        h, _ = self._block(h, self.view.norms[layer][1], lambda x: self._plan_ffn(seqs, layer, x, lp.ffn), ref.pre_norm)
+        h, _ = self._block(h, ref.attn_norm, lambda x: self._plan_attn(seqs, layer, x, rope, lp.attn), ref.pre_norm)
+        h, _ = self._block(h, ref.ffn_norm, lambda x: self._plan_ffn(seqs, layer, x, lp.ffn), ref.pre_norm)
         return h
 
     def _group_weights(self, seqs: list[Sequence], g: MaskGroup, layer: int) -> LayerWeights:
@@ -502,9 +502,9 @@ class GatedModel:
             out = F.embedding_bag(neurons[None], wd_t, per_sample_weights=a, mode="sum")
             return out if ref.b_down is None else out + ref.b_down
 
-        h, _ = self._block(h, self.view.norms[layer][0], attn, ref.pre_norm)
+        h, _ = self._block(h, ref.attn_norm, attn, ref.pre_norm)
         neurons = method.ffn_units(layer, h[0], kf, neurons)  # h: the FFN block's input now
-        h, _ = self._block(h, self.view.norms[layer][1], ffn, ref.pre_norm)
+        h, _ = self._block(h, ref.ffn_norm, ffn, ref.pre_norm)
         return h
 
     # ---- whole requests ---------------------------------------------------------------------

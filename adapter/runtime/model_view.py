@@ -1,11 +1,7 @@
 """Views onto a loaded transformers model: the same weights and sub-modules, laid out the
 way the gated runtime reads them. Nothing here copies a modeling file; the runtime calls
 the model's own norms, embeddings, rotary embedding and lm_head, and reads the projection
-weights to gather the kept rows/columns from them. Two exceptions, for a decode step's
-fixed cost (docs/BENCHMARKS.md, step-profile): a Llama-family RMSNorm runs as torch's one
-rms_norm operator on its own weight and epsilon (its forward takes eight), and the rotary
-embedding hands out its sin with the sign of rotate_half folded in (`rope`), so a rotation
-is x * cos + roll(x) * sin, four operators instead of seven.
+weights to gather the kept rows/columns from them.
 
 Shapes: D model dim, H query heads, G KV heads (groups), Dh head dim, F FFN dim, V vocab.
 """
@@ -16,30 +12,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 LLAMA_FAMILY = {"llama", "mistral", "qwen2"}
 OPT_FAMILY = {"opt"}
-# RMSNorms whose forward is weight * (x / rms(x)) in float32, cast back: torch's rms_norm
-RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
-
-
-def norm_fn(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The norm as few operators: a known RMSNorm (RMS_NORMS) as torch's rms_norm on its
-    weight and epsilon (in float32, as its forward computes, then cast back and scaled);
-    any other norm is the module itself."""
-    if type(module).__name__ not in RMS_NORMS:
-        return module
-    weight, eps = module.weight, module.variance_epsilon
-    size = (weight.shape[-1],)
-
-    def norm(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and weight.dtype == torch.float32:
-            return F.rms_norm(x, size, weight, eps)
-        return weight * F.rms_norm(x.float(), size, eps=eps).to(x.dtype)
-
-    return norm
 
 
 class UnsupportedModel(ValueError):
@@ -88,12 +64,6 @@ class LayerRefs:
     pre_norm: bool  # False only for OPT-350m style post-norm layers
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """The rotary embedding applied to x (..., Dh): x * cos + rotate_half(x) * sin, with
-    rotate_half's sign in `signed_sin` (ModelView.rope), so that it is one roll."""
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
-
-
 class ModelView:
     """Family-specific plumbing around the loaded model: embedding, positions, final head."""
 
@@ -112,8 +82,6 @@ class ModelView:
                 f"model_type {kind!r} is not supported: the gated runtime knows the Llama family "
                 f"({', '.join(sorted(LLAMA_FAMILY))}) and OPT"
             )
-        # per layer, its attention and FFN norms as the runtime calls them (norm_fn)
-        self.norms = [(norm_fn(ref.attn_norm), norm_fn(ref.ffn_norm)) for ref in self.layers]
 
     # ---- Llama family: RMSNorm, RoPE, GQA, gated SiLU FFN -------------------------------
     def _build_llama(self, cfg) -> None:
@@ -142,7 +110,7 @@ class ModelView:
             raise UnsupportedModel("biased up_proj is not supported")
         self._embed = inner.embed_tokens
         self._rotary = inner.rotary_emb
-        self._final_norm = norm_fn(inner.norm)
+        self._final_norm = inner.norm
 
     def _build_opt(self, cfg) -> None:
         dec = self.model.model.decoder
@@ -181,14 +149,11 @@ class ModelView:
         return h
 
     def rope(self, h: torch.Tensor, positions: torch.Tensor):
-        """(cos, signed sin), each (N, Dh), for Llama: the model's rotary embedding, with the
-        first half of sin negated so that rotating x is `rotate(x, cos, sin)`; None for OPT
-        (learned absolute positions)."""
+        """(cos, sin), each (N, Dh), for Llama; None for OPT (learned absolute positions)."""
         if self.family != "llama":
             return None
         cos, sin = self._rotary(h[None], positions[None])
-        half = sin.shape[-1] // 2
-        return cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+        return cos[0], sin[0]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(N, D) final hidden -> (N, V)."""

@@ -72,7 +72,10 @@ def _counter(text: str, name: str) -> float:
 
 
 class ReplicaTiming:
-    """Sum of the GatedLLM replicas' published decode-loop counters (None without Redis)."""
+    """The GatedLLM replicas' published decode-loop counters, per replica pid (None without
+    Redis). A replica that is gone leaves its last snapshot for up to two minutes (the key's
+    expiry), and a new one starts from zero, so a level's figures are the differences of the
+    replicas alive at its end, each against its own earlier snapshot."""
 
     def __init__(self, redis_url: str | None, prefix: str):
         import redis
@@ -80,40 +83,42 @@ class ReplicaTiming:
         self.r = redis.Redis.from_url(redis_url) if redis_url else None
         self.prefix = prefix
 
-    def read(self) -> dict | None:
+    def read(self) -> dict[int, dict] | None:
         if self.r is None:
             return None
-        snaps = [json.loads(self.r.get(k)) for k in self.r.scan_iter(Keys(self.prefix).llm_timing("*"))]
-        snaps = [s for s in snaps if s]
-        if not snaps:
+        snaps = [json.loads(self.r.get(k) or "null") for k in self.r.scan_iter(Keys(self.prefix).llm_timing("*"))]
+        return {int(s.get("pid", i)): s for i, s in enumerate(snaps) if s} or None
+
+    @staticmethod
+    def delta(before: dict[int, dict] | None, after: dict[int, dict] | None) -> dict | None:
+        """The counters' growth between two reads, summed over the replicas in `after` (a
+        replica not in `before` counts from zero; one gone since is left out)."""
+        if before is None or after is None:
             return None
-        total = {"requests": 0, "replica_ms": 0.0, "steps": 0, "batch_sum": 0, "cancelled": 0,
-                 "max_batch": 0, "ms": {k: 0.0 for k in PHASES}, "pids": sorted(s.get("pid", 0) for s in snaps)}
-        for s in snaps:
-            for k in ("requests", "replica_ms", "steps", "batch_sum", "cancelled"):
-                total[k] += s[k]
-            total["max_batch"] = max(total["max_batch"], s["max_batch"])
+        total = {"requests": 0, "replica_ms": 0.0, "steps": 0, "batch_sum": 0, "ms": {k: 0.0 for k in PHASES}}
+        for pid, s in after.items():
+            b = before.get(pid)
+            for k in ("requests", "replica_ms", "steps", "batch_sum"):
+                total[k] += s[k] - (b[k] if b else 0)
             for k in PHASES:
-                total["ms"][k] += s["ms"][k]
+                total["ms"][k] += s["ms"][k] - (b["ms"][k] if b else 0.0)
         return total
 
     @staticmethod
-    def per_request(before: dict | None, after: dict | None, client_ms: float) -> dict | None:
+    def per_request(before: dict[int, dict] | None, after: dict[int, dict] | None, client_ms: float) -> dict | None:
         """Mean ms per request of each phase over a level (its requests only: the caller
         waits for the replicas' next publication on both sides)."""
-        if before is None or after is None:
+        d = ReplicaTiming.delta(before, after)
+        if d is None or d["requests"] <= 0:
             return None
-        n = after["requests"] - before["requests"]
-        if n <= 0:
-            return None
-        row = {f"{k}_ms": round((after["ms"][k] - before["ms"][k]) / n, 2) for k in PHASES}
-        replica = (after["replica_ms"] - before["replica_ms"]) / n
+        n = d["requests"]
+        row = {f"{k}_ms": round(d["ms"][k] / n, 2) for k in PHASES}
+        replica = d["replica_ms"] / n
         row["replica_ms"] = round(replica, 2)
         row["gateway_and_hops_ms"] = round(client_ms - replica, 2)
         row["client_ms"] = round(client_ms, 2)
-        steps = after["steps"] - before["steps"]
-        row["decode_steps"] = steps
-        row["mean_batch"] = round((after["batch_sum"] - before["batch_sum"]) / steps, 2) if steps else 0.0
+        row["decode_steps"] = d["steps"]
+        row["mean_batch"] = round(d["batch_sum"] / d["steps"], 2) if d["steps"] else 0.0
         return row
 
 
@@ -124,7 +129,8 @@ async def _published(timing: ReplicaTiming, before: dict | None, n: int, timeout
     while True:
         await asyncio.sleep(1.2)
         after = await asyncio.to_thread(timing.read)
-        done = before is None or after is None or after["requests"] - before["requests"] >= n
+        grown = ReplicaTiming.delta(before, after)
+        done = grown is None or grown["requests"] >= n
         if done or time.monotonic() > deadline:
             return after
 
@@ -220,9 +226,8 @@ async def run(base: str, api_key: str, admin_key: str, concurrencies=(1, 4, 16),
                                    per_request=ReplicaTiming.per_request(t_before, t_after, row.pop("mean_ms")))
                         if row["per_request"] is None and t_before is not None and t_after is not None:
                             # why a level has no phases: what the replicas had published around it
-                            row["timing_missing"] = {"requests_before": t_before["requests"],
-                                                     "requests_after": t_after["requests"],
-                                                     "pids_before": t_before["pids"], "pids_after": t_after["pids"]}
+                            row["timing_missing"] = {"requests_before": {p: v["requests"] for p, v in t_before.items()},
+                                                     "requests_after": {p: v["requests"] for p, v in t_after.items()}}
                         results.append(row)
                         progress(f"round {rnd} concurrency {c} sparsity {s}: {row['throughput_rps']} req/s")
                     offset += n

@@ -221,31 +221,3 @@ def test_dejavu_sparse_prompt_equals_token_by_token_decode():
     torch.testing.assert_close(last, step, atol=ATOL, rtol=0)
     dense = P.DejaVu(method.predictors, 0.5, sparse_prompt=False)
     assert not torch.allclose(gm.prefill(ids, dense, 0)[1], last, atol=1e-3)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_norm_and_rotation_equal_the_models_own(dtype):
-    """The runtime's one-operator RMSNorm and its roll-based rotation compute what the
-    model's RMSNorm module and transformers' apply_rotary_pos_emb do."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    from adapter.runtime.model_view import norm_fn, rotate
-
-    model = tiny_llama().to(dtype)
-    view = ModelView(model)
-    norm = model.model.layers[1].input_layernorm
-    torch.nn.init.normal_(norm.weight)  # not the all-ones of a fresh model
-    fast = norm_fn(norm)
-    assert fast is not norm and norm_fn(torch.nn.LayerNorm(8)).__class__ is torch.nn.LayerNorm
-    x = torch.randn(5, view.shape.hidden, generator=torch.Generator().manual_seed(0)).to(dtype)
-    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=0, rtol=0)
-    # the norm's float32 sum may run in another order: one bfloat16 step at most
-    torch.testing.assert_close(fast(x), norm(x), **(tol if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)))
-    pos = torch.arange(7, 12)
-    cos, signed_sin = view.rope(x, pos)
-    ref_cos, ref_sin = view._rotary(x[None], pos[None])
-    q = torch.randn(view.shape.heads, 5, view.shape.head_dim).to(dtype)
-    k = torch.randn(view.shape.kv_heads, 5, view.shape.head_dim).to(dtype)
-    want_q, want_k = apply_rotary_pos_emb(q, k, ref_cos[0], ref_sin[0], unsqueeze_dim=0)
-    torch.testing.assert_close(rotate(q, cos[None], signed_sin[None]), want_q, **tol)
-    torch.testing.assert_close(rotate(k, cos[None], signed_sin[None]), want_k, **tol)

@@ -23,12 +23,26 @@ def snapshot(requests, replica_ms, steps, batch_sum, **ms):
 def test_per_request_breakdown_is_the_difference_over_the_level_per_request():
     before = snapshot(10, 1000.0, 50, 60, queue=5.0, prefill=100.0, decode=400.0, finish=20.0)
     after = snapshot(30, 3000.0, 90, 220, queue=45.0, prefill=300.0, decode=1600.0, finish=60.0)
-    row = ReplicaTiming.per_request(before, after, client_ms=130.0)
+    row = ReplicaTiming.per_request({7: before}, {7: after}, client_ms=130.0)
     assert row["queue_ms"] == 2.0 and row["prefill_ms"] == 10.0 and row["decode_ms"] == 60.0
     assert row["finish_ms"] == 2.0 and row["replica_ms"] == 100.0
     assert row["gateway_and_hops_ms"] == 30.0 and row["decode_steps"] == 40 and row["mean_batch"] == 4.0
-    assert ReplicaTiming.per_request(None, after, 1.0) is None
-    assert ReplicaTiming.per_request(after, after, 1.0) is None
+    assert ReplicaTiming.per_request(None, {7: after}, 1.0) is None
+    assert ReplicaTiming.per_request({7: after}, {7: after}, 1.0) is None
+
+
+def test_a_replica_gone_or_new_does_not_break_the_breakdown():
+    """A replica that stopped publishing keeps its key until it expires, and vanishes from a
+    later read; a replacement starts from zero: neither may turn a level's figures negative
+    or empty (the null levels of earlier runs)."""
+    old = snapshot(250, 90000.0, 900, 2000, prefill=50000.0)
+    before = snapshot(10, 1000.0, 50, 60, queue=5.0, prefill=100.0, decode=400.0, finish=20.0)
+    after = snapshot(30, 3000.0, 90, 220, queue=45.0, prefill=300.0, decode=1600.0, finish=60.0)
+    row = ReplicaTiming.per_request({1: old, 7: before}, {7: after}, client_ms=130.0)
+    assert row["prefill_ms"] == 10.0 and row["replica_ms"] == 100.0 and row["decode_steps"] == 40
+    new = snapshot(4, 400.0, 8, 16, prefill=40.0)
+    row = ReplicaTiming.per_request({7: before}, {7: after, 9: new}, client_ms=130.0)
+    assert row["prefill_ms"] == (200.0 + 40.0) / 24 and row["decode_steps"] == 48
 
 
 def test_ratios_are_medians_over_rounds_against_dense():
