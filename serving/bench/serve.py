@@ -100,8 +100,8 @@ class ReplicaTiming:
             b = before.get(pid)
             for k in ("requests", "replica_ms", "steps", "batch_sum"):
                 total[k] += s[k] - (b[k] if b else 0)
-            for k in PHASES:
-                total["ms"][k] += s["ms"][k] - (b["ms"][k] if b else 0.0)
+            for k in PHASES:  # .get: a replica of an older version has fewer phases
+                total["ms"][k] += s["ms"].get(k, 0.0) - (b["ms"].get(k, 0.0) if b else 0.0)
         return total
 
     @staticmethod

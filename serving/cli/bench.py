@@ -341,7 +341,7 @@ def bench_serve(
     table = Table(title=f"bench serve {result['model']}, max_tokens {result['max_tokens']}, "
                         f"{result['prompts']} distinct suite prompts")
     for col in ("sparsity", "eff.", "conc.", "requests", "failed", "req/s", "tokens/s", "p50 ms", "p99 ms",
-                "client", "gateway+hops", "queue", "prefill", "decode", "detok", "finish", "batch"):
+                "client", "gateway+hops", "queue", "prefill", "of it copy", "decode", "detok", "finish", "batch"):
         table.add_column(col, justify="right")
     for r in result["results"]:
         pr = r["per_request"] or {}
@@ -352,7 +352,7 @@ def bench_serve(
         table.add_row(f"{r['sparsity']:.2f}", f"{r['effective_sparsity'] or 0:.2f}", str(r["concurrency"]),
                       str(r["requests"]), str(r["failed"]), f"{r['throughput_rps']:.2f}", f"{r['tokens_per_s']:.0f}",
                       f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}", ms("client_ms"), ms("gateway_and_hops_ms"),
-                      ms("queue_ms"), ms("prefill_ms"), ms("decode_ms"), ms("detokenize_ms"), ms("finish_ms"),
+                      ms("queue_ms"), ms("prefill_ms"), ms("gather_ms"), ms("decode_ms"), ms("detokenize_ms"), ms("finish_ms"),
                       f"{pr.get('mean_batch', 0):.1f}")
     wide = Console(stderr=as_json)  # its own: the width is set for this table only
     if not wide.is_terminal:  # a pipe or file: rich would squeeze the table to 80 columns

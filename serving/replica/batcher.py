@@ -71,8 +71,9 @@ class LoopStats:
                 "recent": list(self.recent)}
 
 
-# where a request's time goes inside the replica (summed over requests)
-PHASES = ("queue", "prefill", "decode", "detokenize", "finish")
+# where a request's time goes inside the replica (summed over requests); "gather" is the part
+# of "prefill" spent finding or copying the request's own mask weights (not a phase of its own)
+PHASES = ("queue", "prefill", "gather", "decode", "detokenize", "finish")
 
 
 class Batcher:

@@ -237,6 +237,7 @@ class Engine:
                      params=SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed),
                      gen=gen, scores=scores, holdback=max((len(s) for s in req.stop), default=1) - 1)
         act.timing["prefill_ms"] = (time.perf_counter() - t0) * 1000
+        act.timing["gather_ms"] = seq.gather_ms
         if req.max_tokens == 0:  # echo only: the prompt's scores, no completion
             act.done = True
         return act, logits
