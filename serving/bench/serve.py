@@ -95,11 +95,12 @@ class ReplicaTiming:
         replica not in `before` counts from zero; one gone since is left out)."""
         if before is None or after is None:
             return None
-        total = {"requests": 0, "replica_ms": 0.0, "steps": 0, "batch_sum": 0, "ms": {k: 0.0 for k in PHASES}}
+        counters = ("requests", "replica_ms", "steps", "batch_sum", "gather_hits", "gather_misses")
+        total = {**{k: 0 for k in counters}, "ms": {k: 0.0 for k in PHASES}}
         for pid, s in after.items():
             b = before.get(pid)
-            for k in ("requests", "replica_ms", "steps", "batch_sum"):
-                total[k] += s[k] - (b[k] if b else 0)
+            for k in counters:  # .get: a replica of an older version publishes fewer
+                total[k] += s.get(k, 0) - (b.get(k, 0) if b else 0)
             for k in PHASES:  # .get: a replica of an older version has fewer phases
                 total["ms"][k] += s["ms"].get(k, 0.0) - (b["ms"].get(k, 0.0) if b else 0.0)
         return total
@@ -117,6 +118,7 @@ class ReplicaTiming:
         row["replica_ms"] = round(replica, 2)
         row["gateway_and_hops_ms"] = round(client_ms - replica, 2)
         row["client_ms"] = round(client_ms, 2)
+        row["gather_hits"], row["gather_misses"] = d["gather_hits"], d["gather_misses"]  # mask copies found / made
         row["decode_steps"] = d["steps"]
         row["mean_batch"] = round(d["batch_sum"] / d["steps"], 2) if d["steps"] else 0.0
         return row

@@ -125,8 +125,10 @@ class GatedLLM:
                 log.debug("could not publish the decode loop's timing: %s", exc)
 
     def timing(self) -> dict:
+        cache = self.engine.runtime.cache.stats()  # the mask copies: found vs made
         return {**self.batcher.stats.as_dict(), "replica_ms": round(self.handler_ms, 3),
-                "requests": self.handled, "pid": os.getpid(), "startup": self.startup}
+                "requests": self.handled, "pid": os.getpid(), "startup": self.startup,
+                "gather_hits": cache["hits"], "gather_misses": cache["misses"]}
 
     def _channel(self) -> tuple[asyncio.Queue, Callable[[tuple], None]]:
         queue: asyncio.Queue = asyncio.Queue()

@@ -23,7 +23,9 @@ def snapshot(requests, replica_ms, steps, batch_sum, **ms):
 def test_per_request_breakdown_is_the_difference_over_the_level_per_request():
     before = snapshot(10, 1000.0, 50, 60, queue=5.0, prefill=100.0, decode=400.0, finish=20.0)
     after = snapshot(30, 3000.0, 90, 220, queue=45.0, prefill=300.0, decode=1600.0, finish=60.0)
+    before["gather_hits"], after["gather_hits"], after["gather_misses"] = 3, 8, 4
     row = ReplicaTiming.per_request({7: before}, {7: after}, client_ms=130.0)
+    assert row["gather_hits"] == 5 and row["gather_misses"] == 4
     assert row["queue_ms"] == 2.0 and row["prefill_ms"] == 10.0 and row["decode_ms"] == 60.0
     assert row["finish_ms"] == 2.0 and row["replica_ms"] == 100.0
     assert row["gateway_and_hops_ms"] == 30.0 and row["decode_steps"] == 40 and row["mean_batch"] == 4.0
