@@ -21,6 +21,7 @@ and groups, K kept neurons, V vocab, C cache capacity.
 
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence as Seq
@@ -57,6 +58,7 @@ class Sequence:
     layouts: list[AttnLayout | AttnWeights] | None = None  # per layer: its kept heads (no copy)
     gather: Callable[[], list[LayerWeights]] | None = None  # makes (or finds) `own`
     gather_ms: float = 0.0  # of its prefill, the time spent finding or copying `own`
+    gather_faults: int = 0  # the process's minor page faults meanwhile (fresh memory the copy touched)
 
     @property
     def weights(self) -> list[LayerWeights]:
@@ -301,9 +303,10 @@ class GatedModel:
         st.mask = method.choose(self.shape, st.predictor_input)
         st.gather = lambda mask=st.mask: self.cache.get(mask)
         if gather or self.cache.has(st.mask):
-            t0 = time.perf_counter()
+            t0, f0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             st.own = self.cache.get(st.mask)
             st.gather_ms = (time.perf_counter() - t0) * 1000
+            st.gather_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
         else:
             st.layouts = [lay or d.attn for lay, d in zip(mask_layouts(self.view.layers, st.mask, self.shape), dense)]
         st.effective_sparsity = self._effective(method, st.mask)

@@ -60,6 +60,7 @@ class LoopStats:
     cancelled: int = 0
     errors: int = 0
     max_batch: int = 0  # the largest batch a decode step ran
+    gather_faults: int = 0  # minor page faults of the process while prefills copied their masks' weights
     batch_sum: int = 0  # sum of batch sizes over steps (mean = batch_sum / steps)
     ms: dict = field(default_factory=lambda: {k: 0.0 for k in PHASES})
     recent: deque = field(default_factory=lambda: deque(maxlen=256))  # (request_id, tokens, reason, steps)
@@ -67,7 +68,7 @@ class LoopStats:
     def as_dict(self) -> dict:
         return {"steps": self.steps, "admitted": self.admitted, "finished": self.finished,
                 "cancelled": self.cancelled, "errors": self.errors, "max_batch": self.max_batch,
-                "batch_sum": self.batch_sum, "ms": {k: round(v, 3) for k, v in self.ms.items()},
+                "batch_sum": self.batch_sum, "gather_faults": self.gather_faults, "ms": {k: round(v, 3) for k, v in self.ms.items()},
                 "recent": list(self.recent)}
 
 
@@ -221,6 +222,7 @@ class Batcher:
         st.finished += 1
         for k in PHASES:
             st.ms[k] += res.timing.get(f"{k}_ms", 0.0)
+        st.gather_faults += res.timing.get("gather_faults", 0)
         st.recent.append((t.req.request_id, len(res.token_ids), res.finish_reason, t.steps))
         self._emit(t, ("done", res))
 

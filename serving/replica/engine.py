@@ -238,6 +238,7 @@ class Engine:
                      gen=gen, scores=scores, holdback=max((len(s) for s in req.stop), default=1) - 1)
         act.timing["prefill_ms"] = (time.perf_counter() - t0) * 1000
         act.timing["gather_ms"] = seq.gather_ms
+        act.timing["gather_faults"] = seq.gather_faults
         if req.max_tokens == 0:  # echo only: the prompt's scores, no completion
             act.done = True
         return act, logits
