@@ -46,7 +46,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -112,12 +112,16 @@ def dense_layer(ref: LayerRefs, shape: Shape) -> LayerWeights:
     return LayerWeights(attn, ffn)
 
 
+Take = Callable[[tuple[int, ...]], torch.Tensor]  # an empty tensor of that shape, from a copy's memory
+
+
 @torch.no_grad()
-def _rows_into(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def _rows_into(parts: list[tuple[torch.Tensor, torch.Tensor]], take: Take | None = None) -> torch.Tensor:
     """The rows idx of each matrix, stacked into one new matrix: index_select straight into
     its slice (no intermediate copies; about twice as fast as cat of W[idx])."""
     first = parts[0][0]
-    out = first.new_empty(sum(idx.numel() for _, idx in parts), first.shape[1])
+    shape = (sum(idx.numel() for _, idx in parts), first.shape[1])
+    out = take(shape) if take is not None else first.new_empty(shape)
     at = 0
     for w, idx in parts:
         torch.index_select(w, 0, idx, out=out[at:at + idx.numel()])
@@ -154,52 +158,103 @@ def mask_layouts(layers: list[LayerRefs], mask: Mask, shape: Shape) -> list[Attn
             for ref, lm in zip(layers, mask.layers)]
 
 
-def gather_attn(ref: LayerRefs, heads: torch.Tensor, groups: torch.Tensor, shape: Shape) -> AttnWeights:
+def _cols(w: torch.Tensor, idx: torch.Tensor, take: Take | None) -> torch.Tensor:
+    """The columns idx of w, as a new (rows, len(idx)) matrix (from `take` when given)."""
+    if take is None:
+        return w.index_select(1, idx)
+    return torch.index_select(w, 1, idx, out=take((w.shape[0], idx.numel())))
+
+
+def gather_attn(ref: LayerRefs, heads: torch.Tensor, groups: torch.Tensor, shape: Shape,
+                take: Take | None = None) -> AttnWeights:
     """q/k/v rows and o columns of the kept heads (Kh,) and groups (Kg,), fused into one copy."""
     lay = attn_layout(heads, groups, shape)
     rows_q, rows_kv = lay.rows_q, lay.rows_kv
     q_w, kv_w = rows_q.numel(), rows_kv.numel()
-    wqkv = _rows_into([(ref.wq, rows_q), (ref.wk, rows_kv), (ref.wv, rows_kv)])
+    wqkv = _rows_into([(ref.wq, rows_q), (ref.wk, rows_kv), (ref.wv, rows_kv)], take)
     bqkv = _cat_bias(
         [None if b is None else b[r] for b, r in ((ref.bq, rows_q), (ref.bk, rows_kv), (ref.bv, rows_kv))],
         [q_w, kv_w, kv_w], wqkv)
     return AttnWeights(
-        qkv=((wqkv, bqkv),), q_width=q_w, kv_width=kv_w, wo=ref.wo.index_select(1, rows_q),
+        qkv=((wqkv, bqkv),), q_width=q_w, kv_width=kv_w, wo=_cols(ref.wo, rows_q, take),
         bo=ref.bo, n_heads=lay.n_heads, n_groups=lay.n_groups, q2g=lay.q2g,
     )
 
 
-def gather_ffn(ref: LayerRefs, neurons: torch.Tensor) -> FfnWeights:
+def gather_ffn(ref: LayerRefs, neurons: torch.Tensor, take: Take | None = None) -> FfnWeights:
     """gate+up (or fc1) rows and down (fc2) columns of the kept neurons (K,), one copy each."""
     gated = ref.w_up is not None
     if gated:
-        w_in = _rows_into([(ref.w_in, neurons), (ref.w_up, neurons)])
+        w_in = _rows_into([(ref.w_in, neurons), (ref.w_up, neurons)], take)
         b_in = None if ref.b_in is None else torch.cat([ref.b_in[neurons], ref.b_in.new_zeros(neurons.numel())])
     else:
-        w_in = ref.w_in.index_select(0, neurons)
+        w_in = _rows_into([(ref.w_in, neurons)], take)
         b_in = None if ref.b_in is None else ref.b_in[neurons]
-    return FfnWeights(inp=((w_in, b_in),), w_down=ref.w_down.index_select(1, neurons),
+    return FfnWeights(inp=((w_in, b_in),), w_down=_cols(ref.w_down, neurons, take),
                       b_down=ref.b_down, gated=gated, width=neurons.numel())
 
 
-def gather_layer(ref: LayerRefs, lm: LayerMask, shape: Shape) -> LayerWeights:
+def gather_layer(ref: LayerRefs, lm: LayerMask, shape: Shape, take: Take | None = None) -> LayerWeights:
     if lm.full:
         return dense_layer(ref, shape)
     device = ref.wq.device
     heads, groups, neurons = lm.heads.to(device), lm.groups.to(device), lm.neurons.to(device)
-    return LayerWeights(gather_attn(ref, heads, groups, shape), gather_ffn(ref, neurons))
+    return LayerWeights(gather_attn(ref, heads, groups, shape, take), gather_ffn(ref, neurons, take))
+
+
+def copy_numel(layers: list[LayerRefs], mask: Mask, shape: Shape) -> int:
+    """Elements of a mask's gathered weight matrices (biases not counted): what gather_layer
+    takes over all layers."""
+    d, dh = shape.hidden, shape.head_dim
+    total = 0
+    for ref, lm in zip(layers, mask.layers):
+        if lm.full:
+            continue
+        q_w, kv_w, k = lm.heads.numel() * dh, lm.groups.numel() * dh, lm.neurons.numel()
+        total += (2 * q_w + 2 * kv_w) * d + (3 if ref.w_up is not None else 2) * k * d
+    return total
+
+
+def _use_count(t: torch.Tensor) -> int | None:
+    """How many tensors share t's memory (views included), or None where torch does not say."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return None if count is None else count(t.untyped_storage()._cdata)
+
+
+_ALONE = _use_count(torch.empty(1))  # the count of a tensor nothing else views
+
+
+class _Memory:
+    """One flat block a mask's copy is carved from (`take`), front to back."""
+
+    def __init__(self, block: torch.Tensor):
+        self.block, self.at = block, 0
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        out = self.block[self.at:self.at + n].view(shape)
+        self.at += n
+        return out
+
+
+SPARE_BLOCKS = 1  # evicted copies whose memory the cache keeps for the next copies
 
 
 class GatherCache:
-    """Byte-bounded LRU of gathered weights, keyed by mask content; thread-safe."""
+    """Byte-bounded LRU of gathered weights, keyed by mask content; thread-safe. An evicted
+    copy's memory is kept (SPARE_BLOCKS, beyond the budget) and the next copy is made into it
+    once no sequence or plan reads it any more."""
 
     def __init__(self, layers: list[LayerRefs], shape: Shape, budget_bytes: int):
         self.layers, self.shape, self.budget = layers, shape, budget_bytes
         self._dense = [dense_layer(ref, shape) for ref in layers]
-        self._entries: OrderedDict[str, tuple[list[LayerWeights], int]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[list[LayerWeights], int, torch.Tensor]] = OrderedDict()
+        self._spare: list[torch.Tensor] = []  # evicted copies' memory, newest first
         self._lock = threading.Lock()
         self.bytes = 0
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.recycled = 0
 
     def dense(self) -> list[LayerWeights]:
         return self._dense
@@ -218,26 +273,44 @@ class GatherCache:
                 self._entries.move_to_end(mask.key)
                 self.hits += 1
                 return entry[0]
-        weights = [gather_layer(ref, lm, self.shape) for ref, lm in zip(self.layers, mask.layers)]
+        block = self._block(copy_numel(self.layers, mask, self.shape))
+        memory = _Memory(block)
+        weights = [gather_layer(ref, lm, self.shape, memory.take) for ref, lm in zip(self.layers, mask.layers)]
         size = sum(w.nbytes() for w, lm in zip(weights, mask.layers) if not lm.full)
         with self._lock:
             self.misses += 1
             if mask.key not in self._entries:
-                self._entries[mask.key] = (weights, size)
+                self._entries[mask.key] = (weights, size, block)
                 self.bytes += size
             self._evict()
         return weights
+
+    def _block(self, numel: int) -> torch.Tensor:
+        """Memory for a copy of numel elements: an evicted copy's block that no sequence or
+        plan reads any more (its pages touched already: a fresh block costs a page fault per
+        4 KiB page, measured at 70 ms per copy of the 309 M checkpoint), else a new one."""
+        ref = self.layers[0].wq
+        with self._lock:
+            for i, block in enumerate(self._spare):
+                if block.numel() >= numel and _ALONE is not None and _use_count(block) == _ALONE:
+                    self.recycled += 1
+                    return self._spare.pop(i)
+        return torch.empty(numel, dtype=ref.dtype, device=ref.device)
 
     def _evict(self) -> None:
         for key in list(self._entries):
             if self.bytes <= self.budget:
                 break
-            _, size = self._entries.pop(key)
+            _, size, block = self._entries.pop(key)
             self.bytes -= size
+            # its memory stays for the next copy (SPARE_BLOCKS of them, the newest), to be
+            # reused once nothing reads it
+            self._spare = ([block] + self._spare)[:SPARE_BLOCKS]
 
     def stats(self) -> dict:
         return {"entries": len(self._entries), "bytes": self.bytes, "budget_bytes": self.budget,
-                "hits": self.hits, "misses": self.misses}
+                "hits": self.hits, "misses": self.misses, "recycled": self.recycled,
+                "spare_bytes": sum(b.numel() * b.element_size() for b in self._spare)}
 
 
 # ---- batch plans: one decode step over rows with distinct masks -----------------------------

@@ -188,6 +188,31 @@ def test_gather_cache_stays_within_budget():
     assert big.cache.stats()["hits"] == 1 and big.cache.stats()["misses"] == 1
 
 
+def test_an_evicted_copy_s_memory_is_reused_only_once_nothing_reads_it():
+    """A copy evicted from the cache leaves its memory for the next copy, which is made into
+    it only when no sequence holds the evicted weights: a sequence still decoding on them
+    keeps its weights and its outputs."""
+    gm = GatedModel(tiny_llama(), RuntimeConfig(gather_cache_mb=0))
+    ref = GatedModel(gm.model)
+    methods = [P.Static(random_mask(gm.shape, 0.5, seed), 0.5) for seed in range(4)]
+    ids = prompt()
+    held, _ = gm.prefill(ids, methods[0], 4)  # decodes on copy 0, evicted at once (budget 0)
+    before = [w.ffn.w_down.clone() for w in held.own]
+    gm.prefill(ids, methods[1], 0)  # copy 1: copy 0's memory is still read by `held`
+    assert gm.cache.stats()["recycled"] == 0
+    gm.prefill(ids, methods[2], 0)  # copy 2 may reuse copy 1's memory (no one holds it)
+    assert gm.cache.stats()["recycled"] == 1 and gm.cache.stats()["spare_bytes"] > 0
+    assert all(torch.equal(a, w.ffn.w_down) for a, w in zip(before, held.own))
+    solo, _ = ref.prefill(ids, methods[0], 4)
+    tok = torch.tensor([ids[-1]])
+    torch.testing.assert_close(gm.decode([held], tok), ref.decode([solo], tok), atol=ATOL, rtol=0)
+    # copies made into reused memory equal fresh ones
+    _, got = gm.prefill(ids, methods[3], 0, all_logits=True)
+    _, want = ref.prefill(ids, methods[3], 0, all_logits=True)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert gm.cache.stats()["recycled"] == 2
+
+
 def test_bad_requests_get_clear_errors():
     gm = GatedModel(tiny_opt())
     with pytest.raises(RequestError, match="empty"):
