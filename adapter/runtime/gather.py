@@ -239,7 +239,8 @@ class _Memory:
         return out
 
 
-SPARE_BLOCKS = 1  # evicted copies whose memory the cache keeps for the next copies
+SPARE_BLOCKS = 2  # evicted copies whose memory the cache keeps for the next copies
+BLOCK_HEADROOM = 1.1  # a copy's block holds this much more than it needs
 
 
 class GatherCache:
@@ -295,7 +296,8 @@ class GatherCache:
                 if block.numel() >= numel and _ALONE is not None and _use_count(block) == _ALONE:
                     self.recycled += 1
                     return self._spare.pop(i)
-        return torch.empty(numel, dtype=ref.dtype, device=ref.device)
+        # with headroom: the next masks' copies differ in size by a few percent (global mode)
+        return torch.empty(int(numel * BLOCK_HEADROOM), dtype=ref.dtype, device=ref.device)
 
     def _evict(self) -> None:
         for key in list(self._entries):
