@@ -109,7 +109,8 @@ class GatedModel:
         self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         self.view = ModelView(self.model)
         self.shape: Shape = self.view.shape
-        self.cache = GatherCache(self.view.layers, self.shape, self.config.gather_cache_mb << 20)
+        self.cache = GatherCache(self.view.layers, self.shape, self.config.gather_cache_mb << 20,
+                                 self.config.gather_recycle)
         # decode plans of batch compositions (content-keyed values, like the gather cache)
         self.plans = PlanCache(self.config.gather_cache_mb << 20)
         self.plan_horizon = UNION_HORIZON_STEPS

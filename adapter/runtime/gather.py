@@ -244,15 +244,16 @@ BLOCK_HEADROOM = 1.1  # a copy's block holds this much more than it needs
 
 
 class GatherCache:
-    """Byte-bounded LRU of gathered weights, keyed by mask content; thread-safe. An evicted
-    copy's memory is kept (SPARE_BLOCKS, beyond the budget) and the next copy is made into it
-    once no sequence or plan reads it any more."""
+    """Byte-bounded LRU of gathered weights, keyed by mask content; thread-safe. With
+    `recycle` (runtime.gather_recycle), an evicted copy's memory is kept (SPARE_BLOCKS, beyond
+    the budget) and the next copy is made into it once no sequence or plan reads it any more."""
 
-    def __init__(self, layers: list[LayerRefs], shape: Shape, budget_bytes: int):
-        self.layers, self.shape, self.budget = layers, shape, budget_bytes
+    def __init__(self, layers: list[LayerRefs], shape: Shape, budget_bytes: int, recycle: bool = False):
+        self.layers, self.shape, self.budget, self.recycle = layers, shape, budget_bytes, recycle
         self._dense = [dense_layer(ref, shape) for ref in layers]
-        self._entries: OrderedDict[str, tuple[list[LayerWeights], int, torch.Tensor]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[list[LayerWeights], int, torch.Tensor | None]] = OrderedDict()
         self._spare: list[torch.Tensor] = []  # evicted copies' memory, newest first
+        self._blocks = 0  # blocks made and not dropped: in entries, in _spare or being filled
         self._lock = threading.Lock()
         self.bytes = 0
         self.hits = self.misses = self.recycled = 0
@@ -275,27 +276,36 @@ class GatherCache:
                 self.hits += 1
                 return entry[0]
         block = self._block(copy_numel(self.layers, mask, self.shape))
-        memory = _Memory(block)
-        weights = [gather_layer(ref, lm, self.shape, memory.take) for ref, lm in zip(self.layers, mask.layers)]
+        take = None if block is None else _Memory(block).take
+        weights = [gather_layer(ref, lm, self.shape, take) for ref, lm in zip(self.layers, mask.layers)]
         size = sum(w.nbytes() for w, lm in zip(weights, mask.layers) if not lm.full)
         with self._lock:
             self.misses += 1
             if mask.key not in self._entries:
                 self._entries[mask.key] = (weights, size, block)
                 self.bytes += size
+            elif block is not None:  # another thread made it meanwhile: ours is spare memory
+                self._spare.insert(0, block)
             self._evict()
         return weights
 
-    def _block(self, numel: int) -> torch.Tensor:
+    def _block(self, numel: int) -> torch.Tensor | None:
         """Memory for a copy of numel elements: an evicted copy's block that no sequence or
         plan reads any more (its pages touched already: a fresh block costs a page fault per
-        4 KiB page, measured at 70 ms per copy of the 309 M checkpoint), else a new one."""
+        4 KiB page, measured at 70 ms per copy of the 309 M checkpoint); else a new block while
+        fewer than SPARE_BLOCKS + 1 exist; else None (the copy's matrices are allocated one by
+        one, as the allocator likes: one large fresh block would fault on every page)."""
+        if not self.recycle:
+            return None
         ref = self.layers[0].wq
         with self._lock:
             for i, block in enumerate(self._spare):
                 if block.numel() >= numel and _ALONE is not None and _use_count(block) == _ALONE:
                     self.recycled += 1
                     return self._spare.pop(i)
+            if _ALONE is None or self._blocks >= SPARE_BLOCKS + 1:
+                return None
+            self._blocks += 1
         # with headroom: the next masks' copies differ in size by a few percent (global mode)
         return torch.empty(int(numel * BLOCK_HEADROOM), dtype=ref.dtype, device=ref.device)
 
@@ -305,9 +315,11 @@ class GatherCache:
                 break
             _, size, block = self._entries.pop(key)
             self.bytes -= size
-            # its memory stays for the next copy (SPARE_BLOCKS of them, the newest), to be
-            # reused once nothing reads it
-            self._spare = ([block] + self._spare)[:SPARE_BLOCKS]
+            if block is not None:  # its memory stays for a next copy, reused once nothing reads it
+                self._spare.insert(0, block)
+        while len(self._spare) > SPARE_BLOCKS:  # the oldest goes (freed when no one reads it)
+            self._spare.pop()
+            self._blocks -= 1
 
     def stats(self) -> dict:
         return {"entries": len(self._entries), "bytes": self.bytes, "budget_bytes": self.budget,

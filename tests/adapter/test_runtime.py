@@ -192,7 +192,7 @@ def test_an_evicted_copy_s_memory_is_reused_only_once_nothing_reads_it():
     """A copy evicted from the cache leaves its memory for the next copy, which is made into
     it only when no sequence holds the evicted weights: a sequence still decoding on them
     keeps its weights and its outputs."""
-    gm = GatedModel(tiny_llama(), RuntimeConfig(gather_cache_mb=0))
+    gm = GatedModel(tiny_llama(), RuntimeConfig(gather_cache_mb=0, gather_recycle=True))
     ref = GatedModel(gm.model)
     methods = [P.Static(random_mask(gm.shape, 0.5, seed), 0.5) for seed in range(4)]
     ids = prompt()
@@ -211,6 +211,10 @@ def test_an_evicted_copy_s_memory_is_reused_only_once_nothing_reads_it():
     _, want = ref.prefill(ids, methods[3], 0, all_logits=True)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     assert gm.cache.stats()["recycled"] == 2
+    off = GatedModel(gm.model, RuntimeConfig(gather_cache_mb=0))  # the default: no memory kept
+    for m in methods:
+        off.prefill(ids, m, 0)
+    assert off.cache.stats()["recycled"] == 0 and off.cache.stats()["spare_bytes"] == 0
 
 
 def test_bad_requests_get_clear_errors():
