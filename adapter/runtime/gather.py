@@ -43,6 +43,7 @@ neurons; Hu/Gu/U the union's heads, groups and neurons.
 
 from __future__ import annotations
 
+import resource
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -256,7 +257,7 @@ class GatherCache:
         self._blocks = 0  # blocks made and not dropped: in entries, in _spare or being filled
         self._lock = threading.Lock()
         self.bytes = 0
-        self.hits = self.misses = self.recycled = 0
+        self.hits = self.misses = self.recycled = self.faults = 0
 
     def dense(self) -> list[LayerWeights]:
         return self._dense
@@ -275,12 +276,15 @@ class GatherCache:
                 self._entries.move_to_end(mask.key)
                 self.hits += 1
                 return entry[0]
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         block = self._block(copy_numel(self.layers, mask, self.shape))
         take = None if block is None else _Memory(block).take
         weights = [gather_layer(ref, lm, self.shape, take) for ref, lm in zip(self.layers, mask.layers)]
         size = sum(w.nbytes() for w, lm in zip(weights, mask.layers) if not lm.full)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         with self._lock:
             self.misses += 1
+            self.faults += faults  # the process's, while copying: fresh memory the copies touched
             if mask.key not in self._entries:
                 self._entries[mask.key] = (weights, size, block)
                 self.bytes += size
@@ -323,7 +327,7 @@ class GatherCache:
 
     def stats(self) -> dict:
         return {"entries": len(self._entries), "bytes": self.bytes, "budget_bytes": self.budget,
-                "hits": self.hits, "misses": self.misses, "recycled": self.recycled,
+                "hits": self.hits, "misses": self.misses, "recycled": self.recycled, "faults": self.faults,
                 "spare_bytes": sum(b.numel() * b.element_size() for b in self._spare)}
 
 

@@ -95,7 +95,8 @@ class ReplicaTiming:
         replica not in `before` counts from zero; one gone since is left out)."""
         if before is None or after is None:
             return None
-        counters = ("requests", "replica_ms", "steps", "batch_sum", "gather_hits", "gather_misses", "gather_faults")
+        counters = ("requests", "replica_ms", "steps", "batch_sum", "gather_hits", "gather_misses", "gather_faults",
+                    "copy_faults", "gather_recycled")
         total = {**{k: 0 for k in counters}, "ms": {k: 0.0 for k in PHASES}}
         for pid, s in after.items():
             b = before.get(pid)
@@ -119,7 +120,9 @@ class ReplicaTiming:
         row["gateway_and_hops_ms"] = round(client_ms - replica, 2)
         row["client_ms"] = round(client_ms, 2)
         row["gather_hits"], row["gather_misses"] = d["gather_hits"], d["gather_misses"]  # mask copies found / made
-        row["gather_faults"] = d["gather_faults"]  # minor page faults while copying: fresh memory
+        row["gather_faults"] = d["gather_faults"]  # minor page faults while prefills copied: fresh memory
+        # every copy's (prefills' and those decode steps make), and copies made into kept memory
+        row["copy_faults"], row["gather_recycled"] = d["copy_faults"], d["gather_recycled"]
         row["decode_steps"] = d["steps"]
         row["mean_batch"] = round(d["batch_sum"] / d["steps"], 2) if d["steps"] else 0.0
         return row

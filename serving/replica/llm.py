@@ -128,7 +128,8 @@ class GatedLLM:
         cache = self.engine.runtime.cache.stats()  # the mask copies: found vs made
         return {**self.batcher.stats.as_dict(), "replica_ms": round(self.handler_ms, 3),
                 "requests": self.handled, "pid": os.getpid(), "startup": self.startup,
-                "gather_hits": cache["hits"], "gather_misses": cache["misses"]}
+                "gather_hits": cache["hits"], "gather_misses": cache["misses"],
+                "copy_faults": cache["faults"], "gather_recycled": cache["recycled"]}
 
     def _channel(self) -> tuple[asyncio.Queue, Callable[[tuple], None]]:
         queue: asyncio.Queue = asyncio.Queue()

@@ -210,7 +210,7 @@ def test_an_evicted_copy_s_memory_is_reused_only_once_nothing_reads_it():
     _, got = gm.prefill(ids, methods[3], 0, all_logits=True)
     _, want = ref.prefill(ids, methods[3], 0, all_logits=True)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-    assert gm.cache.stats()["recycled"] == 2
+    assert gm.cache.stats()["recycled"] == 2 and gm.cache.stats()["faults"] >= 0
     off = GatedModel(gm.model, RuntimeConfig(gather_cache_mb=0))  # the default: no memory kept
     for m in methods:
         off.prefill(ids, m, 0)
