@@ -19,7 +19,7 @@ class RuntimeConfig(BaseModel):
         False, description="keep evicted copies' memory (two blocks beyond the budget) and make the "
         "next copies into it once nothing reads it, so a lone request's copy does not fault on fresh "
         "pages: on the 309 M checkpoint sparse/dense 1.37-1.48 at concurrency 1 against 1.13-1.39, "
-        "but 0.83-0.92 at concurrency 4 against 0.98-1.05 (docs/SERVING.md)")
+        "but 0.83-0.97 at concurrency 4 against 0.98-1.05 (docs/SERVING.md)")
     mode: Literal["per_layer", "global"] = Field(
         "global", description="global: one budget over all gated layers (at 600 test prompts it keeps "
         "0.873 accuracy at 0.7 against 0.735 per_layer, and ties at 0.5; docs/RESULTS.md); per_layer: "
