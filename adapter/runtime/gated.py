@@ -21,7 +21,6 @@ and groups, K kept neurons, V vocab, C cache capacity.
 
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence as Seq
@@ -304,10 +303,10 @@ class GatedModel:
         st.mask = method.choose(self.shape, st.predictor_input)
         st.gather = lambda mask=st.mask: self.cache.get(mask)
         if gather or self.cache.has(st.mask):
-            t0, f0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t0, f0 = time.perf_counter(), self.cache.faults
             st.own = self.cache.get(st.mask)
             st.gather_ms = (time.perf_counter() - t0) * 1000
-            st.gather_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+            st.gather_faults = self.cache.faults - f0  # counted by the cache while it copied
         else:
             st.layouts = [lay or d.attn for lay, d in zip(mask_layouts(self.view.layers, st.mask, self.shape), dense)]
         st.effective_sparsity = self._effective(method, st.mask)

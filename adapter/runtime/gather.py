@@ -43,6 +43,7 @@ neurons; Hu/Gu/U the union's heads, groups and neurons.
 
 from __future__ import annotations
 
+import math
 import resource
 import threading
 from collections import OrderedDict
@@ -232,9 +233,7 @@ class _Memory:
         self.block, self.at = block, 0
 
     def take(self, shape: tuple[int, ...]) -> torch.Tensor:
-        n = 1
-        for s in shape:
-            n *= s
+        n = math.prod(shape)
         out = self.block[self.at:self.at + n].view(shape)
         self.at += n
         return out
@@ -277,7 +276,7 @@ class GatherCache:
                 self.hits += 1
                 return entry[0]
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        block = self._block(copy_numel(self.layers, mask, self.shape))
+        block = self._block(mask)
         take = None if block is None else _Memory(block).take
         weights = [gather_layer(ref, lm, self.shape, take) for ref, lm in zip(self.layers, mask.layers)]
         size = sum(w.nbytes() for w, lm in zip(weights, mask.layers) if not lm.full)
@@ -293,21 +292,21 @@ class GatherCache:
             self._evict()
         return weights
 
-    def _block(self, numel: int) -> torch.Tensor | None:
-        """Memory for a copy of numel elements: an evicted copy's block that no sequence or
+    def _block(self, mask: Mask) -> torch.Tensor | None:
+        """Memory for the mask's copy (copy_numel elements): an evicted copy's block that no sequence or
         plan reads any more (its pages touched already: a fresh block costs a page fault per
         4 KiB page, measured at 70 ms per copy of the 309 M checkpoint); else a new block while
         fewer than SPARE_BLOCKS + 1 exist; else None (the copy's matrices are allocated one by
         one, as the allocator likes: one large fresh block would fault on every page)."""
-        if not self.recycle:
+        if not self.recycle or _ALONE is None:
             return None
-        ref = self.layers[0].wq
+        numel, ref = copy_numel(self.layers, mask, self.shape), self.layers[0].wq
         with self._lock:
             for i, block in enumerate(self._spare):
-                if block.numel() >= numel and _ALONE is not None and _use_count(block) == _ALONE:
+                if block.numel() >= numel and _use_count(block) == _ALONE:
                     self.recycled += 1
                     return self._spare.pop(i)
-            if _ALONE is None or self._blocks >= SPARE_BLOCKS + 1:
+            if self._blocks >= SPARE_BLOCKS + 1:
                 return None
             self._blocks += 1
         # with headroom: the next masks' copies differ in size by a few percent (global mode)
@@ -484,10 +483,10 @@ def _batch_count(parts: list[torch.Tensor], union: int, keep: float) -> int:
 def _batch_heads(shape: Shape, lms: list[LayerMask], keep: float = 1.0,
                  union: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Batch-invariant heads for one layer: `keep` times as many heads as the rows keep on
-    average (at most `union`, the rows' distinct heads), those most rows keep (ties to those more rows hold the KV group of), and per row the
-    batch heads it can attend with: those of the KV groups its cache holds (a row's cache
-    has only its own mask's groups). A row left without any gets its most-kept own head
-    added to the batch's. Returns (the batch's heads, per row its heads)."""
+    average (at most `union`, the rows' distinct heads), those most rows keep (ties to those
+    more rows hold the KV group of), and per row the batch heads it can attend with: those
+    of the KV groups its cache holds (a row's cache has only its own mask's groups). A row
+    left without any gets its most-kept own head added to the batch's. Returns (the batch's heads, per row its heads)."""
     k = _batch_count([lm.heads for lm in lms], shape.heads if union is None else union, keep)
     holds = torch.zeros(shape.heads, dtype=torch.long)
     for lm in lms:
@@ -602,7 +601,7 @@ def _plan_layer(ref: LayerRefs, shape: Shape, lms: list[LayerMask], horizon: int
         parts_n = [lm.neurons for lm in lms]
         neurons_b = _most_kept(shape.ffn, parts_n, _batch_count(parts_n, neurons_u.numel(), batch_keep))
         old = kept.get(("ffn", layer))
-        if old is not None and _keeps(old.units, neurons_b, [lm.neurons for lm in lms], shape.ffn):
+        if old is not None and _keeps(old.units, neurons_b, parts_n, shape.ffn):
             neurons_b, reuse["ffn"] = old.units, old.weights
         ffn_bytes["batch"] = neurons_b.numel() * per_neuron
 

@@ -26,6 +26,22 @@ ReportOpt = typer.Option(None, "--out", help="Also write the JSON report here.")
 DTYPES = ("float32", "bfloat16")
 
 
+def _comma_list(flag: str, text: str, cast, lo, hi, names: tuple[str, str], example: str) -> tuple:
+    """A comma list option's values, each cast and in [lo, hi], or a CLI error naming the flag;
+    names: what the values are called (plural, one)."""
+    try:
+        values = tuple(cast(v) for v in text.split(","))
+    except ValueError:
+        fail(f"{flag} {text!r}: give {names[0]} as a comma list, like {example}")
+    if any(not lo <= v <= hi for v in values):
+        fail(f"{flag} {text!r}: every {names[1]} must be in [{lo}, {hi}]")
+    return values
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    return _comma_list("--batch", text, int, 1, 64, ("batch sizes", "batch size"), "1,4,8")
+
+
 def _emit(report: dict, out: Optional[Path], as_json: bool) -> None:
     """Write the report to `out` when given; print it as one JSON object with --json."""
     if out:
@@ -58,12 +74,7 @@ def bench_speed(
 
     sizes: int | list[int] = batch_size
     if batch is not None:
-        try:
-            sizes = [int(b) for b in batch.split(",")]
-        except ValueError:
-            fail(f"--batch {batch!r}: give batch sizes as a comma list, like 1,4,8")
-        if any(not 1 <= b <= 64 for b in sizes):
-            fail(f"--batch {batch!r}: every batch size must be in [1, 64]")
+        sizes = list(_batch_sizes(batch))
     settings = settings_or_exit(config)
     try:
         result = bench.run_speed(settings.runtime, arch=arch, quick=quick, batch_size=sizes,
@@ -149,20 +160,10 @@ def bench_batch_quality(
     from adapter.runtime.loading import ModelLoadError, load
     from adapter.selection.artifact import PredictorMismatch
 
-    try:
-        sizes = tuple(int(b) for b in batch.split(","))
-    except ValueError:
-        fail(f"--batch {batch!r}: give batch sizes as a comma list, like 1,4,8")
-    if any(not 1 <= b <= 64 for b in sizes):
-        fail(f"--batch {batch!r}: every batch size must be in [1, 64]")
+    sizes = _batch_sizes(batch)
     if any(not 0 < s < 1 for s in sparsities):
         fail("--sparsity must be in (0, 1)")
-    try:
-        keeps = tuple(float(k) for k in batch_keep.split(","))
-    except ValueError:
-        fail(f"--batch-keep {batch_keep!r}: give numbers as a comma list, like 1,1.5")
-    if any(not 1.0 <= k <= 8.0 for k in keeps):
-        fail(f"--batch-keep {batch_keep!r}: every value must be in [1, 8]")
+    keeps = _comma_list("--batch-keep", batch_keep, float, 1, 8, ("numbers", "value"), "1,1.5")
     settings = settings_or_exit(config)
     settings.runtime.apply_threads()
     name = model or settings.model.name
