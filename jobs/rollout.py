@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from statistics import NormalDist
 
 import redis
 
@@ -50,7 +48,7 @@ from jobs.shadow_reader import available, sample_reader
 from monitor.alerts import AlertStore
 from monitor.keys import Keys
 from monitor.redis_client import redis_client
-from monitor.service import window_stats
+from monitor.service import bound, slo_breach, window_stats, z_of
 from monitor.state import ControlStore, ControlUpdate
 
 log = logging.getLogger(__name__)
@@ -66,26 +64,6 @@ def arm_rows(client: redis.Redis, prefix: str, version: str, arm: str, since_gen
 
 def arm_stats(client: redis.Redis, prefix: str, version: str, arm: str, since_generation: int) -> dict:
     return window_stats(arm_rows(client, prefix, version, arm, since_generation))
-
-
-def _mean_var(values: list[float]) -> tuple[float, float]:
-    """Mean and the variance of the mean (sample variance / n; 0 for fewer than 2)."""
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    return mean, var / n
-
-
-def bound(a: list[float], b: list[float] | None, z: float) -> dict:
-    """Mean of a (minus the mean of b) with its two-sided normal bounds at z standard errors
-    (Welch: the arms' variances are not assumed equal). Per-sample values are independent
-    requests, so the central limit theorem holds once a few dozen are in."""
-    m, v = _mean_var(a)
-    if b:
-        mb, vb = _mean_var(b)
-        m, v = m - mb, v + vb
-    half = z * math.sqrt(v)
-    return {"estimate": round(m, 5), "lower": round(m - half, 5), "upper": round(m + half, 5)}
 
 
 class Controller:
@@ -225,7 +203,7 @@ class Controller:
         g = canary["generation"]
         ch = arm_rows(self.r, self.p, canary["version"], "challenger", g)
         champ = arm_rows(self.r, self.p, canary["champion"], "champion", g)
-        z = NormalDist().inv_cdf(self.s.canary.confidence)
+        z = z_of(self.s.canary.confidence)
         ev = {"challenger": window_stats(ch), "champion": window_stats(champ),
               "elapsed_s": round(time.time() - canary["started"], 1), "confidence": self.s.canary.confidence}
         if ch:
@@ -242,18 +220,15 @@ class Controller:
         below it. Under a fallback the champion serves dense, and the dense outputs the
         challenger's samples are compared with are the reference: its agreement with them
         must clear the SLO with the bound (lower bound of top-1 >= slo.top1_min, upper bound
-        of mean KL <= slo.kl_mean_max). A point estimate breaking the SLO is rolled back at
-        once; still undecided at canary.timeout_s is a rollback (no evidence of no harm)."""
+        of mean KL <= slo.kl_mean_max). A challenger whose bounds break the SLO (as the
+        monitor judges the champion, at canary.confidence) is rolled back at once; still undecided at canary.timeout_s is a rollback (no evidence of no harm)."""
         canary = self.store.state()["canary"]
         ev = self.evidence(canary)
         ch, champ = ev["challenger"], ev["champion"]
         slo, cs = self.s.monitor.slo, self.s.canary
         breach = []
         if ch["count"] >= min(slo.min_samples, cs.min_samples):
-            if ch["kl_mean"] > slo.kl_mean_max:
-                breach.append(f"mean KL {ch['kl_mean']:.4f} > {slo.kl_mean_max}")
-            if ch["top1"] < slo.top1_min:
-                breach.append(f"top-1 agreement {ch['top1']:.3f} < {slo.top1_min}")
+            breach = slo_breach(ev["challenger_top1"], ev["challenger_kl"], slo, cs.confidence)
         if breach:
             return [self.rollback(canary, "the challenger broke the SLO: " + "; ".join(breach), ev)]
         state = self.control.get()

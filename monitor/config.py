@@ -10,13 +10,17 @@ from pydantic import BaseModel, ConfigDict, Field
 class SloSettings(BaseModel):
     """The champion's fidelity SLO over its last `window` shadow samples. Broken when the
     window holds at least `min_samples` and its mean KL(dense || sparse) exceeds
-    `kl_mean_max` or its top-1 agreement falls below `top1_min`."""
+    `kl_mean_max` or its top-1 agreement falls below `top1_min`, clearly: at `confidence`
+    (one-sided) the lower bound of the mean KL is above its limit, or the upper bound of the
+    top-1 agreement below its own (None: the point estimates). A few hard prompts in a row
+    are no breach; a predictor that is worse is one within a few dozen samples."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     kl_mean_max: float = Field(0.5, gt=0.0)
     top1_min: float = Field(0.8, ge=0.0, le=1.0)
     min_samples: int = Field(20, ge=1)
     window: int = Field(200, ge=1)
+    confidence: float | None = Field(0.95, gt=0.5, lt=1)
 
 
 class DriftSettings(BaseModel):

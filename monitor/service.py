@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 from typing import Callable
 
 import numpy as np
@@ -33,7 +35,7 @@ import redis
 
 from monitor import drift as drift_mod
 from monitor.alerts import AlertSettings, AlertStore, Notifier
-from monitor.config import MonitorSettings
+from monitor.config import MonitorSettings, SloSettings
 from monitor.keys import Keys
 from monitor.redis_client import redis_client
 from monitor.state import ControlState, ControlStore, ControlUpdate
@@ -65,6 +67,44 @@ def window_stats(rows: list[dict]) -> dict:
     return {"count": len(rows), "kl_mean": float(kl.mean()), "kl_p95": float(np.percentile(kl, 95)),
             "top1": float(np.mean([r["top1"] for r in rows])),
             "exact_match": float(np.mean([bool(r["exact_match"]) for r in rows]))}
+
+
+def _mean_var(values: list[float]) -> tuple[float, float]:
+    """Mean and the variance of the mean (sample variance / n; 0 for fewer than 2)."""
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, var / n
+
+
+def bound(a: list[float], b: list[float] | None, z: float) -> dict:
+    """Mean of a (minus the mean of b) with its two-sided normal bounds at z standard errors
+    (Welch: the arms' variances are not assumed equal). Per-sample values are independent
+    requests, so the central limit theorem holds once a few dozen are in."""
+    m, v = _mean_var(a)
+    if b:
+        mb, vb = _mean_var(b)
+        m, v = m - mb, v + vb
+    half = z * math.sqrt(v)
+    return {"estimate": round(m, 5), "lower": round(m - half, 5), "upper": round(m + half, 5)}
+
+
+def slo_breach(top1: dict, kl: dict, slo: SloSettings, confidence: float | None) -> list[str]:
+    """What of the SLO `top1` and `kl` (bounds as `bound` gives them) break, clearly at the
+    one-sided `confidence` (None: their estimates). Empty: no breach."""
+    t, k = (top1["estimate"], kl["estimate"]) if confidence is None else (top1["upper"], kl["lower"])
+    at = "" if confidence is None else f" ({confidence:.0%} bound {{b:.4f}})"
+    out = []
+    if k > slo.kl_mean_max:
+        out.append(f"mean KL {kl['estimate']:.4f} > {slo.kl_mean_max}" + at.format(b=k))
+    if t < slo.top1_min:
+        out.append(f"top-1 agreement {top1['estimate']:.3f} < {slo.top1_min}" + at.format(b=t))
+    return out
+
+
+def z_of(confidence: float | None) -> float:
+    """Standard errors of a one-sided bound at `confidence` (0: the point estimate)."""
+    return 0.0 if confidence is None else NormalDist().inv_cdf(confidence)
 
 
 class Monitor:
@@ -198,16 +238,16 @@ class Monitor:
         version = self.champion_version(state)
         if state is None or version is None:
             return None
-        stats = window_stats(self.window(version, "champion"))
-        if stats["count"] < slo.min_samples:
+        rows = self.window(version, "champion")
+        stats = window_stats(rows)
+        if stats["count"] < slo.min_samples or state.fallback != "none":
             return None
-        reasons = []
-        if stats["kl_mean"] > slo.kl_mean_max:
-            reasons.append(f"mean KL {stats['kl_mean']:.4f} > {slo.kl_mean_max}")
-        if stats["top1"] < slo.top1_min:
-            reasons.append(f"top-1 agreement {stats['top1']:.3f} < {slo.top1_min}")
-        if not reasons or state.fallback != "none":
+        z = z_of(slo.confidence)
+        top1, kl = bound([x["top1"] for x in rows], None, z), bound([x["kl_mean"] for x in rows], None, z)
+        reasons = slo_breach(top1, kl, slo, slo.confidence)
+        if not reasons:
             return None
+        stats = {**stats, "top1_bound": top1, "kl_bound": kl}
         new = self.control.update(ControlUpdate(fallback=self.cfg.fallback), by="monitor")
         self.r.set(self.keys.monitor_fallback_seen, new.fallback)
         evidence = {"window": stats, "slo": slo.model_dump(), "reasons": reasons, "generation": new.generation,

@@ -40,7 +40,8 @@ def monitor_status(as_json: bool = JsonOpt, url: Optional[str] = UrlOpt, config:
     slo = summary["slo"]
     console.print(f"monitor {data['active'] or 'none active'}; summary {data['age_s']} s old; champion "
               f"{summary['champion']}; fallback {summary['fallback']}; SLO: mean KL <= {slo['kl_mean_max']}, "
-              f"top-1 >= {slo['top1_min']} over the last {slo['window']} (min {slo['min_samples']})")
+              f"top-1 >= {slo['top1_min']} over the last {slo['window']} (min {slo['min_samples']}"
+              + (f", breaches clear at {slo['confidence']:.0%})" if slo.get("confidence") else ")"))
     table = Table(title="fidelity windows")
     for col in ("version", "arm", "window", "total", "mean KL", "p95 KL", "top-1", "exact"):
         table.add_column(col, justify="right")

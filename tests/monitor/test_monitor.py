@@ -105,6 +105,35 @@ def test_broken_slo_pulls_the_fallback_lever_once_and_clearing_it_is_recovered(r
     assert len(manual) == 2 and manual[0].evidence["updated_by"] == "admin-api"  # newest first
 
 
+def test_a_run_of_hard_prompts_is_no_breach_but_a_worse_predictor_is(redis_url):
+    """Per-sample top-1 over 4 tokens: a healthy champion's 10 samples in a row can average
+    below the SLO's 0.8 (the embedded model's 8 hardest in a row: 0.81); only a clear breach
+    (the one-sided bound at slo.confidence) pulls the lever."""
+    r = redis.Redis.from_url(redis_url)
+    control = ControlStore(r, "m-hard")
+    control.ensure(ControlDefaults())
+    store = SampleStore(r, "m-hard", 10_000)
+    mon = make_monitor(redis_url, "m-hard")
+    for i, t in enumerate([1.0, 0.5, 0.75, 1.0, 0.5, 0.75, 1.0, 0.5, 1.0, 0.75]):  # mean 0.775
+        add_sample(store, i, kl=0.2, top1=t)
+    mon.step()
+    assert control.get().fallback == "none"
+    window = mon.window("1", "champion")
+    assert len(window) == 10 and np.mean([x["top1"] for x in window]) < 0.8  # the bare estimate breaks
+    # the same window judged on the estimates: the lever (what a run of hard prompts used to do)
+    point = make_monitor(redis_url, "m-hard", cfg=settings(confidence=None), instance="point")
+    assert point.check_slo()["reasons"] == ["top-1 agreement 0.775 < 0.8"]
+    control.update(ControlUpdate(fallback="none"), by="cli")
+    mon.step()
+    for i, t in enumerate([0.5, 0.25, 0.75, 0.5, 0.5, 0.25, 0.5, 0.75, 0.5, 0.25] * 2, start=10):
+        add_sample(store, i, kl=0.2, top1=t)  # a worse predictor: mean 0.475
+    mon.step()
+    state = control.get()
+    assert state.fallback == "dense" and state.updated_by == "monitor"
+    ev = AlertStore(r, "m-hard", AlertSettings()).list(kind="fallback")[0].evidence
+    assert ev["window"]["top1_bound"]["upper"] < 0.8 and "95% bound" in ev["reasons"][0]
+
+
 def test_only_one_monitor_is_active(redis_url):
     a = make_monitor(redis_url, "m3", instance="a")
     b = make_monitor(redis_url, "m3", instance="b")
