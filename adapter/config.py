@@ -16,10 +16,18 @@ class RuntimeConfig(BaseModel):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (CPU); None: torch default")
     gather_cache_mb: int = Field(512, ge=0, description="byte budget of the gathered-weights LRU")
     gather_recycle: bool = Field(
-        False, description="keep evicted copies' memory (two blocks beyond the budget) and make the "
-        "next copies into it once nothing reads it, so a lone request's copy does not fault on fresh "
-        "pages: on the 309 M checkpoint sparse/dense 1.37-1.48 at concurrency 1 against 1.13-1.39, "
-        "but 0.83-0.97 at concurrency 4 against 0.98-1.05 (docs/SERVING.md)")
+        True, description="keep evicted copies' memory (two blocks beyond the budget) and make the "
+        "next copies into it once nothing reads it, so a copy does not fault on fresh pages (70 ms "
+        "and more per copy of the 309 M checkpoint); with prompt_copy_tokens, sparse/dense on it "
+        "1.36-1.41 at concurrency 1, 0.96-1.03 at 4, 1.13-1.16 at 16, against 1.25-1.30, 0.90-1.00 "
+        "and 1.10-1.13 without it (docs/SERVING.md)")
+    prompt_copy_tokens: int | None = Field(
+        32, ge=1, description="a request that joins a busy batch has its prompt run on a copy of its "
+        "mask's weights when the prompt holds at least this many tokens: (1 - s) of the prompt's FLOPs "
+        "repay the copy (on the 309 M checkpoint the break-even is near 30 tokens: at 45 a third less "
+        "time than the prompt on the full weights with the mask applied, copy included); the sequence "
+        "does not keep the copy (its decode steps share the batch's products), the gather cache does "
+        "while its budget lasts. None: such prompts always run on the full weights (dense FLOPs)")
     mode: Literal["per_layer", "global"] = Field(
         "global", description="global: one budget over all gated layers (at 600 test prompts it keeps "
         "0.873 accuracy at 0.7 against 0.735 per_layer, and ties at 0.5; docs/RESULTS.md); per_layer: "

@@ -277,9 +277,12 @@ class GatedModel:
         what a sequence that decodes alone needs; False runs it on the full weights with the
         mask applied (no copy) when the gathered ones are not cached, for a sequence that
         joins a busy batch, whose decode steps share union or dense products; its copy is
-        made later only if a plan asks for it (`Sequence.weights`). With batch units on
-        (`batch_parts`), such a prompt runs the layers the batch holds units for on those
-        units' copies instead (no copy, (1 - s) of the FLOPs; `_masked_layer`)."""
+        made later only if a plan asks for it (`Sequence.weights`). A prompt of at least
+        runtime.prompt_copy_tokens runs on its mask's copy all the same, for (1 - s) of the
+        FLOPs, and the sequence lets go of the copy after (the cache keeps it while its budget
+        lasts). With batch units on (`batch_parts`), such a prompt runs the layers the batch
+        holds units for on those units' copies instead (no copy, (1 - s) of the FLOPs;
+        `_masked_layer`)."""
         t = len(ids)
         if t == 0:
             raise RequestError("the prompt is empty")
@@ -302,13 +305,15 @@ class GatedModel:
         st.predictor_input = attn0[t - 1 if select_at is None else select_at]
         st.mask = method.choose(self.shape, st.predictor_input)
         st.gather = lambda mask=st.mask: self.cache.get(mask)
-        if gather or self.cache.has(st.mask):
+        # a joiner's long prompt repays a copy it does not keep (its decode shares the batch's products)
+        for_prompt = not gather and self._copy_for_prompt(method, st.mask, t)
+        if gather or for_prompt or self.cache.has(st.mask):
             t0, f0 = time.perf_counter(), self.cache.faults
             st.own = self.cache.get(st.mask)
             st.gather_ms = (time.perf_counter() - t0) * 1000
             st.gather_faults = self.cache.faults - f0  # counted by the cache while it copied
         else:
-            st.layouts = [lay or d.attn for lay, d in zip(mask_layouts(self.view.layers, st.mask, self.shape), dense)]
+            st.layouts = self._layouts(st.mask)
         st.effective_sparsity = self._effective(method, st.mask)
         for layer in range(1, self.shape.layers):
             self._alloc(st, layer, st.attn_layout(layer).n_groups, cap, h.dtype)
@@ -323,7 +328,21 @@ class GatedModel:
             else:
                 h = self._masked_layer(st, layer, h, rope, 0)
         st.length = t
+        if for_prompt:  # let the cache evict (or recycle) the copy; a plan that wants it asks again
+            st.own, st.layouts = None, self._layouts(st.mask)
         return st, self.view.logits(h if all_logits else h[-1:])
+
+    def _layouts(self, mask: masks.Mask) -> list[AttnLayout | AttnWeights]:
+        dense = self.cache.dense()
+        return [lay or d.attn for lay, d in zip(mask_layouts(self.view.layers, mask, self.shape), dense)]
+
+    def _copy_for_prompt(self, method, mask: masks.Mask, t: int) -> bool:
+        """Whether a prompt of t tokens that would run on the full weights (a joiner's) should
+        run on its mask's copy instead: long enough to repay it (runtime.prompt_copy_tokens),
+        and not when batch units give it (1 - s) of the FLOPs without a copy."""
+        n = self.config.prompt_copy_tokens
+        return (n is not None and t >= n and not mask.dense and not self.batch_parts
+                and not (method.per_token and method.sparse_prompt))
 
     @torch.inference_mode()
     def predictor_input(self, ids: Seq[int]) -> torch.Tensor:

@@ -143,7 +143,7 @@ class Batcher:
         eng, st = self.engine, self.stats
         rows = [] if self._logits is None else [self._logits]
         # a sequence that will decode by itself needs its mask's own weight copy; one that
-        # joins others shares their products and is prefilled without one
+        # joins others shares their products and keeps none (a long prompt borrows one)
         alone = not self._running and len(new) == 1 and not self._waiting
         for t in new:
             if t.cancelled:

@@ -213,8 +213,9 @@ class Engine:
         """Plan and prefill one request; returns its state and the logits (1, V) that pick its
         first token. With echo the prompt's own scores are taken from the same prefill (all
         logits, under the mask the whole prompt selected). `alone`: whether it is expected to
-        decode by itself; one that joins a busy batch is prefilled without a weight copy of
-        its own (its steps share the batch's union or dense products)."""
+        decode by itself; one that joins a busy batch keeps no weight copy of its own (its
+        steps share the batch's union or dense products; a long prompt runs on a copy it then
+        drops, runtime.prompt_copy_tokens)."""
         t0 = time.perf_counter()
         ids = self.prompt_ids(req.prompt)
         plan = self.plan(req)

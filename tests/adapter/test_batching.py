@@ -4,6 +4,7 @@ the plan the byte model picks never reads more weight bytes than the dense step.
 import pytest
 import torch
 
+from adapter.config import RuntimeConfig
 from adapter.runtime import gated as gated_mod
 from adapter.runtime import masks
 from adapter.runtime.gated import GatedModel
@@ -305,6 +306,32 @@ def test_a_prefill_without_a_copy_equals_the_gathered_prefill():
         gm.cache = type(gm.cache)(gm.view.layers, gm.shape, gm.cache.budget)  # cold again
 
 
+def test_a_joiners_long_prompt_runs_on_a_copy_it_does_not_keep():
+    """runtime.prompt_copy_tokens: a joiner's prompt of at least that many tokens runs on its
+    mask's copy ((1 - s) of the FLOPs; the same logits and cache), which the sequence then
+    drops (the cache keeps it); shorter prompts, None, and batch units make no copy."""
+    gm = GatedModel(tiny_llama(kv_heads=2), RuntimeConfig(prompt_copy_tokens=12))
+    ms = overlapping_masks(gm.shape, 2)
+    ref = GatedModel(gm.model, RuntimeConfig(prompt_copy_tokens=None))
+    long_ids, short_ids = prompt(n=12, seed=41), prompt(n=11, seed=42)
+    lazy, got = gm.prefill(long_ids, P.Static(ms[0], 0.5), 3, all_logits=True, gather=False)
+    assert gm.cache.stats()["misses"] == 1 and lazy.gather_ms > 0.0
+    assert not lazy.gathered and gm.cache.has(ms[0])  # the sequence let go of it, the cache did not
+    eager, want = ref.prefill(long_ids, P.Static(ms[0], 0.5), 3, all_logits=True)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    for layer in range(gm.shape.layers):
+        torch.testing.assert_close(lazy.k[layer][:, :12], eager.k[layer][:, :12], atol=ATOL, rtol=0)
+    toks = torch.tensor([long_ids[-1]])
+    torch.testing.assert_close(gm.decode([lazy], toks), ref.decode([eager], toks), atol=ATOL, rtol=0)
+    short, _ = gm.prefill(short_ids, P.Static(ms[1], 0.5), 3, gather=False)
+    assert gm.cache.stats()["misses"] == 1 and not short.gathered  # 11 < 12 tokens: no copy
+    never, _ = ref.prefill(long_ids, P.Static(ms[1], 0.5), 3, gather=False)
+    assert ref.cache.stats()["misses"] == 1 and not never.gathered  # None: only the eager prefill above copied
+    units = GatedModel(gm.model, RuntimeConfig(prompt_copy_tokens=1, batch_heads=True, batch_neurons=True))
+    units.prefill(long_ids, P.Static(ms[1], 0.5), 3, gather=False)
+    assert units.cache.stats()["misses"] == 0  # batch units give the prompt (1 - s) without a copy
+
+
 def test_rows_prefilled_without_a_copy_share_products_and_gather_only_when_alone():
     """A busy batch of rows prefilled without copies decodes on union/dense products (no
     per-row copy is ever made) and equals each row alone; the row left by itself later gets
@@ -338,7 +365,6 @@ def test_rows_prefilled_without_a_copy_share_products_and_gather_only_when_alone
 
 
 def _batch_model(heads: bool, neurons: bool) -> GatedModel:
-    from adapter.config import RuntimeConfig
 
     return GatedModel(tiny_llama(kv_heads=2), RuntimeConfig(batch_heads=heads, batch_neurons=neurons))
 
@@ -521,7 +547,6 @@ def test_step_profile_splits_a_step_into_matmuls_and_the_rest(monkeypatch):
     """`shadowgate bench step-profile` on a tiny shape: per step, matmuls plus the other
     operators make the profiled time, and the ideal is the plan's bytes against dense."""
     from adapter.benchmarks import decode_speed, step_profile
-    from adapter.config import RuntimeConfig
 
     monkeypatch.setitem(decode_speed.ARCHS, "tiny", dict(family="llama", hidden=64, layers=3, heads=8,
                                                          kv_heads=2, ffn=96))

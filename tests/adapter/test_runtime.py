@@ -211,7 +211,7 @@ def test_an_evicted_copy_s_memory_is_reused_only_once_nothing_reads_it():
     _, want = ref.prefill(ids, methods[3], 0, all_logits=True)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     assert gm.cache.stats()["recycled"] == 2 and gm.cache.stats()["faults"] >= 0
-    off = GatedModel(gm.model, RuntimeConfig(gather_cache_mb=0))  # the default: no memory kept
+    off = GatedModel(gm.model, RuntimeConfig(gather_cache_mb=0, gather_recycle=False))  # no memory kept
     for m in methods:
         off.prefill(ids, m, 0)
     assert off.cache.stats()["recycled"] == 0 and off.cache.stats()["spare_bytes"] == 0
