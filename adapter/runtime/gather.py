@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 import resource
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -335,6 +336,7 @@ class GatherCache:
 PlanKind = Literal["per_mask", "union", "dense", "batch"]
 # tie order: no copy first, and the exact kinds before "batch" (which changes rows' units)
 PLAN_KINDS: tuple[PlanKind, ...] = ("per_mask", "dense", "union", "batch")
+PLAN_LAYER_KEYS = tuple(f"{part}_{kind}" for part in ("attn", "ffn") for kind in PLAN_KINDS)
 # the batch units a decode step may run on, by name: the parts that may take kind "batch"
 BATCH_UNITS = {"per_request": frozenset(), "heads": frozenset({"attn"}), "heads_neurons": frozenset({"attn", "ffn"})}
 UNION_HORIZON_STEPS = 32  # decode steps a batch composition is expected to last
@@ -692,6 +694,9 @@ class PlanCache:
         self._lock = threading.Lock()
         self.bytes = 0
         self.hits = self.misses = 0
+        self.build_ms = 0.0  # spent building plans (their union copies included)
+        # over the gated layers of every plan built: how many ran each part as each kind
+        self.layers = dict.fromkeys(PLAN_LAYER_KEYS, 0)
 
     def get(self, key: tuple, build) -> BatchPlan:
         with self._lock:
@@ -700,9 +705,15 @@ class PlanCache:
                 self._entries.move_to_end(key)
                 self.hits += 1
                 return plan
+        t0 = time.perf_counter()
         plan = build()
+        ms = (time.perf_counter() - t0) * 1000
         with self._lock:
             self.misses += 1
+            self.build_ms += ms
+            for lp in plan.layers[1:]:
+                self.layers[f"attn_{lp.attn.kind}"] += 1
+                self.layers[f"ffn_{lp.ffn.kind}"] += 1
             if key not in self._entries:
                 self._entries[key] = plan
                 self.bytes += plan.gathered_bytes
@@ -721,4 +732,4 @@ class PlanCache:
 
     def stats(self) -> dict:
         return {"entries": len(self._entries), "bytes": self.bytes, "budget_bytes": self.budget,
-                "hits": self.hits, "misses": self.misses}
+                "hits": self.hits, "misses": self.misses, "build_ms": round(self.build_ms, 3), **self.layers}

@@ -25,6 +25,7 @@ import time
 import httpx
 import numpy as np
 
+from adapter.runtime.gather import PLAN_KINDS, PLAN_LAYER_KEYS
 from monitor.keys import Keys
 from serving.bench.harness import bearer
 from serving.replica.batcher import PHASES
@@ -96,7 +97,7 @@ class ReplicaTiming:
         if before is None or after is None:
             return None
         counters = ("requests", "replica_ms", "steps", "batch_sum", "gather_hits", "gather_misses", "gather_faults",
-                    "copy_faults", "gather_recycled")
+                    "copy_faults", "gather_recycled", "plan_builds", "plan_ms", *(f"plan_{k}" for k in PLAN_LAYER_KEYS))
         total = {**{k: 0 for k in counters}, "ms": {k: 0.0 for k in PHASES}}
         for pid, s in after.items():
             b = before.get(pid)
@@ -123,9 +124,22 @@ class ReplicaTiming:
         row["gather_faults"] = d["gather_faults"]  # minor page faults while prefills copied: fresh memory
         # every copy's (prefills' and those decode steps make), and copies made into kept memory
         row["copy_faults"], row["gather_recycled"] = d["copy_faults"], d["gather_recycled"]
+        row["plans"] = plan_summary(d)
         row["decode_steps"] = d["steps"]
         row["mean_batch"] = round(d["batch_sum"] / d["steps"], 2) if d["steps"] else 0.0
         return row
+
+
+def plan_summary(d: dict) -> dict:
+    """The decode steps' plans built over a level (counter growth `d`): how many, ms each
+    (their union copies included), and per part the share of gated layers run as each kind."""
+    n = d["plan_builds"]
+    out = {"builds": n, "ms_each": round(d["plan_ms"] / n, 1) if n else 0.0}
+    for part in ("attn", "ffn"):
+        counts = {kind: d[f"plan_{part}_{kind}"] for kind in PLAN_KINDS}
+        if total := sum(counts.values()):
+            out[part] = {kind: round(v / total, 3) for kind, v in counts.items() if v}
+    return out
 
 
 async def _published(timing: ReplicaTiming, before: dict | None, n: int, timeout: float = 6.0) -> dict | None:

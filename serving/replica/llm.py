@@ -24,6 +24,7 @@ from ray import serve
 
 import redis
 
+from adapter.runtime.gather import PLAN_LAYER_KEYS
 from jobs.registry import registry_for
 from monitor.alerts import AlertStore
 from monitor.keys import Keys
@@ -126,10 +127,13 @@ class GatedLLM:
 
     def timing(self) -> dict:
         cache = self.engine.runtime.cache.stats()  # the mask copies: found vs made
+        plans = self.engine.runtime.plans.stats()  # decode steps' plans: built, and their layers' kinds
         return {**self.batcher.stats.as_dict(), "replica_ms": round(self.handler_ms, 3),
                 "requests": self.handled, "pid": os.getpid(), "startup": self.startup,
                 "gather_hits": cache["hits"], "gather_misses": cache["misses"],
-                "copy_faults": cache["faults"], "gather_recycled": cache["recycled"]}
+                "copy_faults": cache["faults"], "gather_recycled": cache["recycled"],
+                "plan_builds": plans["misses"], "plan_ms": plans["build_ms"],
+                **{f"plan_{k}": plans[k] for k in PLAN_LAYER_KEYS}}
 
     def _channel(self) -> tuple[asyncio.Queue, Callable[[tuple], None]]:
         queue: asyncio.Queue = asyncio.Queue()

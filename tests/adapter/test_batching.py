@@ -193,7 +193,7 @@ def test_plan_cache_keeps_the_newest_plan_over_budget():
 
     class Fake:
         def __init__(self, n):
-            self.gathered_bytes = n
+            self.gathered_bytes, self.layers = n, ()
 
     first = cache.get(("a",), lambda: Fake(10))
     assert cache.get(("a",), lambda: Fake(99)) is first  # kept although over budget
@@ -282,6 +282,9 @@ def test_a_short_horizon_does_not_pay_for_a_union_copy():
     short = gm.batch_plan(states, horizon=1)  # a copy read 2x over 1 step costs more than dense
     assert {lp.ffn.kind for lp in short.layers[1:]} == {"dense"} and short.gathered_bytes == 0
     assert gm.batch_plan(states).gathered_bytes == 0  # the cached plan stands for this composition
+    stats = gm.plans.stats()  # one plan built; its gated layers' kinds counted (the replica publishes them)
+    assert stats["misses"] == 1 and stats["hits"] == 1 and stats["build_ms"] > 0
+    assert stats["ffn_dense"] == gm.shape.layers - 1 and stats["ffn_union"] == 0
     gm.plans.clear()
     assert {lp.ffn.kind for lp in gm.batch_plan(states, horizon=32).layers[1:]} == {"union"}
 
