@@ -217,30 +217,6 @@ def test_an_evicted_copy_s_memory_is_reused_only_once_nothing_reads_it():
     assert off.cache.stats()["recycled"] == 0 and off.cache.stats()["spare_bytes"] == 0
 
 
-def test_a_plans_union_copies_go_into_spare_memory_that_no_copy_then_overwrites():
-    """With recycling, a decode plan's union copies are carved from a spare block (fresh
-    pages cost 250 ms per plan on the 309 M checkpoint); while the plan lives, no mask copy is
-    made into that block, and the batch's outputs stay those of each row alone."""
-    gm = GatedModel(tiny_llama(), RuntimeConfig(gather_cache_mb=0))
-    ref = GatedModel(gm.model, RuntimeConfig(gather_recycle=False))
-    methods = [P.Static(random_mask(gm.shape, 0.5, seed), 0.5) for seed in range(6)]
-    held, _ = gm.prefill(prompt(), methods[4], 4)  # evicted at once (budget 0), still read
-    gm.prefill(prompt(), methods[5], 0)  # so this copy gets a block of its own
-    del held
-    assert len(gm.cache._spare) == 2  # both evicted, neither read
-    rows = [gm.prefill(prompt(), m, 8, gather=False)[0] for m in methods[:2]]
-    solo = [ref.prefill(prompt(), m, 8)[0] for m in methods[:2]]
-    plan = gm.batch_plan(rows, force="union")
-    assert gm.cache.stats()["plan_recycled"] == 1
-    union = [lp.ffn.weights.w_down.clone() for lp in plan.layers[1:]]
-    for m in methods[2:4]:  # mask copies meanwhile: into the other spare block or fresh memory
-        gm.prefill(prompt(), m, 0)
-    assert all(torch.equal(a, lp.ffn.weights.w_down) for a, lp in zip(union, plan.layers[1:]))
-    toks = torch.tensor([3, 4])
-    want = torch.cat([ref.decode([st], toks[i:i + 1]) for i, st in enumerate(solo)])
-    torch.testing.assert_close(gm.decode(rows, toks, plan=plan), want, atol=ATOL, rtol=0)
-
-
 def test_bad_requests_get_clear_errors():
     gm = GatedModel(tiny_opt())
     with pytest.raises(RequestError, match="empty"):
