@@ -377,11 +377,12 @@ class GatedModel:
         the batch's composition changes, not per token. `horizon`: the steps the caller
         expects this composition to last (default plan_horizon); it weighs a union copy
         when the plan is built, and a cached plan stands. `force` (tests) is never cached."""
+        @torch.inference_mode()  # its copies may go into spare blocks made under inference mode
         def build() -> BatchPlan:
             return build_plan(self.view.layers, self.shape, [st.mask for st in seqs],
                               [st.method.per_token for st in seqs], max(1, horizon or self.plan_horizon),
                               force, [st.gathered for st in seqs], self.batch_parts, self.batch_kept,
-                              self.batch_keep)
+                              self.batch_keep, self.cache.scratch())
 
         if force is not None:
             return build()

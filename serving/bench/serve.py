@@ -97,7 +97,8 @@ class ReplicaTiming:
         if before is None or after is None:
             return None
         counters = ("requests", "replica_ms", "steps", "batch_sum", "gather_hits", "gather_misses", "gather_faults",
-                    "copy_faults", "gather_recycled", "plan_builds", "plan_ms", *(f"plan_{k}" for k in PLAN_LAYER_KEYS))
+                    "copy_faults", "gather_recycled", "plan_builds", "plan_ms", "plan_recycled",
+                    *(f"plan_{k}" for k in PLAN_LAYER_KEYS))
         total = {**{k: 0 for k in counters}, "ms": {k: 0.0 for k in PHASES}}
         for pid, s in after.items():
             b = before.get(pid)
@@ -132,9 +133,11 @@ class ReplicaTiming:
 
 def plan_summary(d: dict) -> dict:
     """The decode steps' plans built over a level (counter growth `d`): how many, ms each
-    (their union copies included), and per part the share of gated layers run as each kind."""
+    (their union copies included), how many made their copies into kept memory, and per part
+    the share of gated layers run as each kind."""
     n = d["plan_builds"]
-    out = {"builds": n, "ms_each": round(d["plan_ms"] / n, 1) if n else 0.0}
+    out = {"builds": n, "ms_each": round(d["plan_ms"] / n, 1) if n else 0.0,
+           "into_kept_memory": d["plan_recycled"]}  # plans whose union copies went into a spare block
     for part in ("attn", "ffn"):
         counts = {kind: d[f"plan_{part}_{kind}"] for kind in PLAN_KINDS}
         if total := sum(counts.values()):

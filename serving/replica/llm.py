@@ -132,7 +132,7 @@ class GatedLLM:
                 "requests": self.handled, "pid": os.getpid(), "startup": self.startup,
                 "gather_hits": cache["hits"], "gather_misses": cache["misses"],
                 "copy_faults": cache["faults"], "gather_recycled": cache["recycled"],
-                "plan_builds": plans["misses"], "plan_ms": plans["build_ms"],
+                "plan_builds": plans["misses"], "plan_ms": plans["build_ms"], "plan_recycled": cache["plan_recycled"],
                 **{f"plan_{k}": plans[k] for k in PLAN_LAYER_KEYS}}
 
     def _channel(self) -> tuple[asyncio.Queue, Callable[[tuple], None]]:

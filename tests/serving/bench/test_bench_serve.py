@@ -29,11 +29,12 @@ def test_per_request_breakdown_is_the_difference_over_the_level_per_request():
     assert row["queue_ms"] == 2.0 and row["prefill_ms"] == 10.0 and row["decode_ms"] == 60.0
     assert row["finish_ms"] == 2.0 and row["replica_ms"] == 100.0
     assert row["gateway_and_hops_ms"] == 30.0 and row["decode_steps"] == 40 and row["mean_batch"] == 4.0
-    assert row["plans"] == {"builds": 0, "ms_each": 0.0}  # a replica that publishes no plans yet
+    assert row["plans"] == {"builds": 0, "ms_each": 0.0, "into_kept_memory": 0}  # a replica that publishes no plans yet
     before.update(plan_builds=2, plan_ms=100.0, plan_attn_union=10, plan_ffn_dense=10)
-    after.update(plan_builds=6, plan_ms=500.0, plan_attn_union=25, plan_attn_dense=15, plan_ffn_dense=40)
+    after.update(plan_builds=6, plan_ms=500.0, plan_recycled=3, plan_attn_union=25, plan_attn_dense=15, plan_ffn_dense=40)
     plans = ReplicaTiming.per_request({7: before}, {7: after}, client_ms=130.0)["plans"]
-    assert plans == {"builds": 4, "ms_each": 100.0, "attn": {"union": 0.5, "dense": 0.5}, "ffn": {"dense": 1.0}}
+    assert plans == {"builds": 4, "ms_each": 100.0, "into_kept_memory": 3, "attn": {"union": 0.5, "dense": 0.5},
+                     "ffn": {"dense": 1.0}}
     assert ReplicaTiming.per_request(None, {7: after}, 1.0) is None
     assert ReplicaTiming.per_request({7: after}, {7: after}, 1.0) is None
 
