@@ -726,7 +726,8 @@ class PlanCache:
     """Batch plans keyed by the batch's composition (each row's mask key, in row order):
     a plan is built when the composition changes and reused by every step after. Bounded
     by `budget_bytes` of union copies and `max_entries`; the newest plan always stays (the
-    running batch must not rebuild its plan every step). Thread-safe."""
+    running batch must not rebuild its plan every step), and a new plan with copies of its
+    own drops the older ones that have copies. Thread-safe."""
 
     def __init__(self, budget_bytes: int, max_entries: int = 64):
         self.budget, self.max_entries = budget_bytes, max_entries
@@ -755,6 +756,10 @@ class PlanCache:
                 self.layers[f"attn_{lp.attn.kind}"] += 1
                 self.layers[f"ffn_{lp.ffn.kind}"] += 1
             if key not in self._entries:
+                if plan.gathered_bytes:  # a composition that moved on rarely comes back: the
+                    # older plans' union copies go, and their memory to the next plans (scratch)
+                    for old in [k for k, p in self._entries.items() if p.gathered_bytes]:
+                        self.bytes -= self._entries.pop(old).gathered_bytes
                 self._entries[key] = plan
                 self.bytes += plan.gathered_bytes
             self._evict()

@@ -205,6 +205,22 @@ def test_plan_cache_keeps_the_newest_plan_over_budget():
     assert cache.stats()["entries"] == 2
 
 
+def test_a_new_plan_with_copies_drops_the_older_plans_copies():
+    """Compositions that moved on rarely come back: their union copies give way (and their
+    memory to the next plan's copies); plans without copies stay."""
+    cache = PlanCache(budget_bytes=1 << 30)
+
+    class Fake:
+        def __init__(self, n):
+            self.gathered_bytes, self.layers = n, ()
+
+    cheap = cache.get(("x",), lambda: Fake(0))
+    cache.get(("a",), lambda: Fake(10))
+    newest = cache.get(("b",), lambda: Fake(20))
+    assert cache.stats()["entries"] == 2 and cache.stats()["bytes"] == 20
+    assert cache.get(("x",), lambda: Fake(5)) is cheap and cache.get(("b",), lambda: Fake(5)) is newest
+
+
 def test_bench_speed_reports_each_batch_against_its_plan(monkeypatch):
     """`shadowgate bench speed --batch 1,3` on a tiny shape: every row names its batch size,
     its ideal comes from the plan it chose, and the plan's union density is recorded."""
