@@ -18,9 +18,10 @@ class RuntimeConfig(BaseModel):
     gather_recycle: bool = Field(
         True, description="keep evicted copies' memory (two blocks beyond the budget) and make the "
         "next copies into it once nothing reads it, so a copy does not fault on fresh pages (70 ms "
-        "and more per copy of the 309 M checkpoint); with prompt_copy_tokens, sparse/dense on it "
-        "1.36-1.41 at concurrency 1, 0.96-1.03 at 4, 1.13-1.16 at 16, against 1.25-1.30, 0.90-1.00 "
-        "and 1.10-1.13 without it (docs/SERVING.md)")
+        "and more per copy of the 309 M checkpoint); decode plans' union copies get two blocks of "
+        "their own. With prompt_copy_tokens, sparse/dense on it 1.32-1.37 at concurrency 1, "
+        "0.96-1.14 at 4, 1.09-1.16 at 16; without recycling 1.25-1.30, 0.90-1.00 and 1.10-1.13 "
+        "(docs/SERVING.md)")
     prompt_copy_tokens: int | None = Field(
         32, ge=1, description="a request that joins a busy batch has its prompt run on a copy of its "
         "mask's weights when the prompt holds at least this many tokens: (1 - s) of the prompt's FLOPs "
