@@ -221,7 +221,8 @@ class Controller:
         challenger's samples are compared with are the reference: its agreement with them
         must clear the SLO with the bound (lower bound of top-1 >= slo.top1_min, upper bound
         of mean KL <= slo.kl_mean_max). A challenger whose bounds break the SLO (as the
-        monitor judges the champion, at canary.confidence) is rolled back at once; still undecided at canary.timeout_s is a rollback (no evidence of no harm)."""
+        monitor judges the champion, at canary.confidence) is rolled back at once; still
+        undecided at canary.timeout_s is a rollback (no evidence of no harm)."""
         canary = self.store.state()["canary"]
         ev = self.evidence(canary)
         ch, champ = ev["challenger"], ev["champion"]

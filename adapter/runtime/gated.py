@@ -377,7 +377,7 @@ class GatedModel:
         the batch's composition changes, not per token. `horizon`: the steps the caller
         expects this composition to last (default plan_horizon); it weighs a union copy
         when the plan is built, and a cached plan stands. `force` (tests) is never cached."""
-        @torch.inference_mode()  # its copies may go into spare blocks made under inference mode
+        @torch.inference_mode()  # its union copies may go into blocks made under inference mode
         def build() -> BatchPlan:
             return build_plan(self.view.layers, self.shape, [st.mask for st in seqs],
                               [st.method.per_token for st in seqs], max(1, horizon or self.plan_horizon),
@@ -386,8 +386,8 @@ class GatedModel:
 
         if force is not None:
             return build()
-        return self.plans.get((self.batch_parts, self.batch_keep, *("token" if st.method.per_token else st.mask.key for st in seqs)),
-                              build)
+        rows = ("token" if st.method.per_token else st.mask.key for st in seqs)
+        return self.plans.get((self.batch_parts, self.batch_keep, *rows), build)
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], tokens: torch.Tensor, plan: BatchPlan | None = None,

@@ -254,7 +254,9 @@ class GatherCache:
     the budget) and the next copy is made into it once no sequence or plan reads it any more."""
 
     def __init__(self, layers: list[LayerRefs], shape: Shape, budget_bytes: int, recycle: bool = False):
-        self.layers, self.shape, self.budget, self.recycle = layers, shape, budget_bytes, recycle
+        # recycling needs torch to say when nothing reads a block any more
+        self.layers, self.shape, self.budget = layers, shape, budget_bytes
+        self.recycle = recycle and _ALONE is not None
         self._dense = [dense_layer(ref, shape) for ref in layers]
         self._entries: OrderedDict[str, tuple[list[LayerWeights], int, torch.Tensor | None]] = OrderedDict()
         self._spare: list[torch.Tensor] = []  # evicted copies' memory, newest first
@@ -307,7 +309,7 @@ class GatherCache:
         4 KiB page, measured at 70 ms per copy of the 309 M checkpoint); else a new block while
         fewer than SPARE_BLOCKS + 1 exist; else None (the copy's matrices are allocated one by
         one, as the allocator likes: one large fresh block would fault on every page)."""
-        if not self.recycle or _ALONE is None:
+        if not self.recycle:
             return None
         numel, ref = copy_numel(self.layers, mask, self.shape), self.layers[0].wq
         with self._lock:
@@ -330,7 +332,7 @@ class GatherCache:
         concurrency 4 on the 309 M checkpoint, against 18 ms on touched memory. Separate from
         the mask copies' spare blocks: a live plan holding one of those left the joiners'
         prompt copies fresh pages (docs/SERVING.md)."""
-        if not self.recycle or _ALONE is None:
+        if not self.recycle:
             return None
         memory: _Memory | None = None
 
@@ -526,7 +528,8 @@ def _batch_heads(shape: Shape, lms: list[LayerMask], keep: float = 1.0,
     average (at most `union`, the rows' distinct heads), those most rows keep (ties to those
     more rows hold the KV group of), and per row the batch heads it can attend with: those
     of the KV groups its cache holds (a row's cache has only its own mask's groups). A row
-    left without any gets its most-kept own head added to the batch's. Returns (the batch's heads, per row its heads)."""
+    left without any gets its most-kept own head added to the batch's. Returns (the batch's
+    heads, per row its heads)."""
     k = _batch_count([lm.heads for lm in lms], shape.heads if union is None else union, keep)
     holds = torch.zeros(shape.heads, dtype=torch.long)
     for lm in lms:

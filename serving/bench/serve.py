@@ -137,7 +137,7 @@ def plan_summary(d: dict) -> dict:
     the share of gated layers run as each kind."""
     n = d["plan_builds"]
     out = {"builds": n, "ms_each": round(d["plan_ms"] / n, 1) if n else 0.0,
-           "into_kept_memory": d["plan_recycled"]}  # plans whose union copies went into a spare block
+           "into_kept_memory": d["plan_recycled"]}  # plans whose union copies reused a union block
     for part in ("attn", "ffn"):
         counts = {kind: d[f"plan_{part}_{kind}"] for kind in PLAN_KINDS}
         if total := sum(counts.values()):
