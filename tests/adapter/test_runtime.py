@@ -9,6 +9,7 @@ from adapter.selection import predictors as P
 from adapter.runtime.model_view import ModelView
 from adapter.config import RuntimeConfig
 from adapter.runtime.gated import GatedModel, RequestError
+from adapter.runtime.gather import SPARE_BLOCKS
 from tests.support import tiny_llama, tiny_opt
 
 ATOL = 1e-4
@@ -198,10 +199,15 @@ def test_an_evicted_copy_s_memory_is_reused_only_once_nothing_reads_it():
     ids = prompt()
     held, _ = gm.prefill(ids, methods[0], 4)  # decodes on copy 0, evicted at once (budget 0)
     before = [w.ffn.w_down.clone() for w in held.own]
-    gm.prefill(ids, methods[1], 0)  # copy 1: copy 0's memory is still read by `held`
-    assert gm.cache.stats()["recycled"] == 0
+    # the first copy made the spare blocks too (their pages touched)
+    assert gm.cache.stats()["recycled"] == 0 and gm.cache.stats()["spare_bytes"] > 0
+    block0 = held.own[1].ffn.w_down.untyped_storage().data_ptr()
+    one, _ = gm.prefill(ids, methods[1], 4)  # copy 1: into a spare block, not copy 0's (held)
+    assert gm.cache.stats()["recycled"] == 1
+    assert one.own[1].ffn.w_down.untyped_storage().data_ptr() != block0
+    del one
     gm.prefill(ids, methods[2], 0)  # copy 2 may reuse copy 1's memory (no one holds it)
-    assert gm.cache.stats()["recycled"] == 1 and gm.cache.stats()["spare_bytes"] > 0
+    assert gm.cache.stats()["recycled"] == 2
     assert all(torch.equal(a, w.ffn.w_down) for a, w in zip(before, held.own))
     solo, _ = ref.prefill(ids, methods[0], 4)
     tok = torch.tensor([ids[-1]])
@@ -210,11 +216,32 @@ def test_an_evicted_copy_s_memory_is_reused_only_once_nothing_reads_it():
     _, got = gm.prefill(ids, methods[3], 0, all_logits=True)
     _, want = ref.prefill(ids, methods[3], 0, all_logits=True)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-    assert gm.cache.stats()["recycled"] == 2 and gm.cache.stats()["faults"] >= 0
+    assert gm.cache.stats()["recycled"] == 3 and gm.cache.stats()["faults"] >= 0
     off = GatedModel(gm.model, RuntimeConfig(gather_cache_mb=0, gather_recycle=False))  # no memory kept
     for m in methods:
         off.prefill(ids, m, 0)
     assert off.cache.stats()["recycled"] == 0 and off.cache.stats()["spare_bytes"] == 0
+
+
+def test_spare_blocks_are_made_with_the_first_copy_and_grow_for_a_larger_mask():
+    """The first copy makes every spare block at once (pages touched then, in the replica's
+    warm-up, not in a later round under load); a mask larger than the blocks (a lower
+    sparsity) replaces a free block with a larger one, so the block count stays bounded and
+    the next such mask is made into kept memory again."""
+    gm = GatedModel(tiny_llama(), RuntimeConfig(gather_cache_mb=0, gather_recycle=True))
+    ref = GatedModel(gm.model, RuntimeConfig(gather_recycle=False))
+    ids = prompt()
+    gm.prefill(ids, P.Static(random_mask(gm.shape, 0.7, 0), 0.7), 0)
+    small = gm.cache.stats()["spare_bytes"]
+    assert len(gm.cache._spare) == SPARE_BLOCKS  # without the reserve, the one copy's block alone
+    big = [P.Static(random_mask(gm.shape, 0.2, seed), 0.2) for seed in (1, 2, 3)]
+    for m in big[:2]:
+        gm.prefill(ids, m, 0)
+    assert gm.cache._blocks <= SPARE_BLOCKS + 1 and gm.cache.stats()["spare_bytes"] > small
+    recycled = gm.cache.stats()["recycled"]
+    _, got = gm.prefill(ids, big[2], 0, all_logits=True)
+    assert gm.cache.stats()["recycled"] == recycled + 1
+    torch.testing.assert_close(got, ref.prefill(ids, big[2], 0, all_logits=True)[1], atol=ATOL, rtol=0)
 
 
 def test_union_copies_go_into_blocks_of_their_own_reused_once_their_plan_is_gone():
