@@ -59,8 +59,8 @@ def bench_model(arch: str, quick: bool):
     if spec["family"] == "llama":
         cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=spec["hidden"], intermediate_size=spec["ffn"],
                           num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
-                          num_key_value_heads=spec["kv_heads"], max_position_embeddings=512,
-                          tie_word_embeddings=False)
+                          num_key_value_heads=spec["kv_heads"], max_position_embeddings=2048,
+                          tie_word_embeddings=False)  # room for long prompts (--prompt-tokens)
     else:
         cfg = OPTConfig(vocab_size=VOCAB, hidden_size=spec["hidden"], ffn_dim=spec["ffn"],
                         num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
@@ -193,12 +193,13 @@ def run_speed(runtime: RuntimeConfig, arch: str = "llama-gqa", quick: bool = Fal
               batch_size: int | Sequence[int] = 1, predictor: PredictorConfig = PredictorConfig(),
               methods: Sequence[str] | None = None, sparsities: Sequence[float] | None = None,
               repeats: int | None = None, steps: int | None = None,
-              units: Sequence[str] = ("per_request",)) -> dict:
+              units: Sequence[str] = ("per_request",), prompt_tokens: int = PROMPT_TOKENS) -> dict:
     """batch_size: one size or several (each row of `results` says its own). methods and
     sparsities: a subset of METHODS and of (0, 1) (default: all METHODS at SPARSITIES).
     repeats and steps (decode steps timed per repeat) default to 5 x 32, quick 3 x 16.
     units: the shadowllm rows' batch units, each a row of its own: per_request (the
-    runtime's exact plans), heads, heads_neurons (batch-invariant units, gather.py)."""
+    runtime's exact plans), heads, heads_neurons (batch-invariant units, gather.py).
+    prompt_tokens: each row's prompt (the cache a decode step attends over)."""
     batches = (batch_size,) if isinstance(batch_size, int) else tuple(batch_size)
     methods = METHODS if methods is None else tuple(methods)
     sparsities = SPARSITIES if sparsities is None else tuple(sparsities)
@@ -213,6 +214,8 @@ def run_speed(runtime: RuntimeConfig, arch: str = "llama-gqa", quick: bool = Fal
         raise ValueError(f"sparsities must be in (0, 1), got {list(sparsities)}")
     if not units or (bad := [u for u in units if u not in BATCH_UNITS]):
         raise ValueError(f"unknown units {bad[0] if units else None!r}: use {', '.join(BATCH_UNITS)}")
+    if prompt_tokens < 1:
+        raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
     runtime.apply_threads()
     model, spec = bench_model(arch, quick)
     # room for the static masks and the union copies; per-request shadowllm masks churn
@@ -222,7 +225,7 @@ def run_speed(runtime: RuntimeConfig, arch: str = "llama-gqa", quick: bool = Fal
     rng = torch.Generator().manual_seed(1)
 
     def prompts(n: int) -> list[list[int]]:  # distinct prompts, one per row
-        return [torch.randint(0, VOCAB, (PROMPT_TOKENS,), generator=rng).tolist() for _ in range(n)]
+        return [torch.randint(0, VOCAB, (prompt_tokens,), generator=rng).tolist() for _ in range(n)]
 
     unified = P.random_unified(shape, predictor.hidden, predictor.rank_for(shape.layers, shape.ffn))
     dejavu_preds = P.random_dejavu(shape, predictor.dejavu_rank)
@@ -317,7 +320,7 @@ def run_speed(runtime: RuntimeConfig, arch: str = "llama-gqa", quick: bool = Fal
     out = {
         "device": _device_name(gm.device), "threads": torch.get_num_threads(),
         "dtype": runtime.dtype, "mode": runtime.mode, "model": spec, "batch_sizes": list(batches),
-        "prompt_tokens": PROMPT_TOKENS, "request_tokens": REQUEST_TOKENS,
+        "prompt_tokens": prompt_tokens, "request_tokens": REQUEST_TOKENS,
         "decode_steps": steps, "repeats": repeats, "quick": quick,
         "dense": dense,
         "transformers_ms_per_token": None if hf_ms is None else round(hf_ms, 3),

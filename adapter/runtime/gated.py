@@ -34,7 +34,7 @@ from adapter.runtime import masks
 from adapter.runtime.model_view import ModelView, Shape
 from adapter.config import RuntimeConfig
 from adapter.runtime.gather import (UNION_HORIZON_STEPS, AttnLayout, AttnPlan, AttnWeights, BatchPlan,
-                                    FfnPlan, FfnWeights, GatherCache, LayerPlan, LayerWeights, MaskGroup,
+                                    FfnPlan, FfnWeights, GatherCache, HeadSlots, LayerPlan, LayerWeights, MaskGroup,
                                     PlanCache, PlanKind, attn_layout, build_plan, head_rows,
                                     in_groups, mask_layouts)
 from adapter.selection.base import SelectionMethod
@@ -136,11 +136,13 @@ class GatedModel:
         return tuple(F.linear(x, wt, b) for wt, b in w.qkv)
 
     def _attend(self, st: Sequence, layer: int, q, k, v, n_heads: int, n_groups: int,
-                q2g: torch.Tensor | None, rope, pos0: int) -> torch.Tensor:
+                q2g: HeadSlots | torch.Tensor | None, rope, pos0: int) -> torch.Tensor:
         """One sequence: q (T, Kh*Dh), k/v (T, Kg*Dh) at positions pos0.. -> (T, Kh*Dh).
 
-        Writes k/v into the layer's cache; q2g maps each query head to its cache slot when
-        the kept heads are not spread evenly over the kept groups."""
+        Writes k/v into the layer's cache. When the kept heads are not spread evenly over the
+        kept groups, q2g says where each query head reads: HeadSlots (a mask's layout: the
+        queries padded to plain GQA, the cache read as it is), or a tensor (Kh,) of each
+        head's cache slot (DejaVu's per-token heads: the cache's rows are selected)."""
         t, dh = q.shape[0], self.shape.head_dim
         q = q.view(t, n_heads, dh).transpose(0, 1)
         k = k.view(t, n_groups, dh).transpose(0, 1)
@@ -151,7 +153,10 @@ class GatedModel:
         st.k[layer][:, pos0:end] = k
         st.v[layer][:, pos0:end] = v
         keys, vals = st.k[layer][:, :end], st.v[layer][:, :end]
-        if q2g is not None:
+        slots = q2g if isinstance(q2g, HeadSlots) else None
+        if slots is not None:
+            q, q2g = q.index_select(0, slots.pad), None  # (Kg*P, T, Dh)
+        elif q2g is not None:
             keys, vals = keys.index_select(0, q2g), vals.index_select(0, q2g)
         mask, causal = None, False
         if t > 1 and pos0 == 0:
@@ -161,8 +166,10 @@ class GatedModel:
                     <= torch.arange(pos0, end, device=q.device)[:, None])
         out = F.scaled_dot_product_attention(
             q[None], keys[None], vals[None], attn_mask=mask, is_causal=causal, scale=self.scale,
-            enable_gqa=q2g is None and n_heads != keys.shape[0])
-        return out[0].transpose(0, 1).reshape(t, n_heads * dh)
+            enable_gqa=q2g is None and q.shape[0] != keys.shape[0])[0]
+        if slots is not None:
+            out = out.index_select(0, slots.real)  # (Kh, T, Dh)
+        return out.transpose(0, 1).reshape(t, n_heads * dh)
 
     def _ffn(self, layer: int, w: FfnWeights, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x (n, D) -> (n, D). keep (n, K): each row's own units among w's (batch plans);

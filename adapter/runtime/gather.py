@@ -61,6 +61,44 @@ Proj = tuple[torch.Tensor, torch.Tensor | None]  # (weight (out, D), bias (out,)
 
 
 @dataclass(frozen=True)
+class HeadSlots:
+    """Kept heads spread unevenly over the kept KV groups (say 3, 2, 2 and 1 heads in 4
+    groups). Attention pads the queries to `per_group` heads in every kept group, runs plain
+    GQA over the cache as it is, and takes the real heads' outputs back: two selects of the
+    few query rows, where selecting each head's keys and values out of the cache copied the
+    cache in every layer and step (docs/BENCHMARKS.md: 2.1 ms against 0.14 ms per layer at
+    512 cached tokens, 8 of 16 heads in 4 groups)."""
+
+    pad: torch.Tensor  # (Kg*P,) the kept head in each padded slot; a group's spare slots repeat one of its heads
+    real: torch.Tensor  # (Kh,) each kept head's padded slot
+    per_group: int  # P: the most kept heads of any kept group
+
+    def to(self, device) -> "HeadSlots":
+        return HeadSlots(self.pad.to(device), self.real.to(device), self.per_group)
+
+
+def head_slots(q2g: torch.Tensor, n_groups: int) -> HeadSlots:
+    """q2g (Kh,): each kept head's kept-group slot -> the padded layout, on q2g's device
+    (host work: once per mask and layer). A slot without heads (a batch row's cached group
+    that none of the batch's heads reads) is padding alone."""
+    slot = q2g.cpu().tolist()
+    count = [0] * n_groups
+    real = []
+    for g in slot:
+        real.append((g, count[g]))
+        count[g] += 1
+    p = max(count)
+    first = {}
+    pad = [-1] * (n_groups * p)
+    for i, (g, j) in enumerate(real):
+        pad[g * p + j] = i
+        first.setdefault(g, i)
+    pad = [first.get(at // p, 0) if i < 0 else i for at, i in enumerate(pad)]
+    return HeadSlots(torch.tensor(pad, device=q2g.device), torch.tensor([g * p + j for g, j in real],
+                                                                        device=q2g.device), p)
+
+
+@dataclass(frozen=True)
 class AttnWeights:
     qkv: tuple[Proj, ...]  # one fused projection, or (q, k, v) for a full layer
     q_width: int  # Kh * Dh
@@ -69,7 +107,7 @@ class AttnWeights:
     bo: torch.Tensor | None
     n_heads: int  # Kh
     n_groups: int  # Kg
-    q2g: torch.Tensor | None  # (Kh,) kept-group slot of each kept head; None: uniform GQA
+    q2g: HeadSlots | None  # the kept heads' slots over the kept groups; None: uniform GQA
 
 
 @dataclass(frozen=True)
@@ -142,7 +180,7 @@ class AttnLayout:
     rows_kv: torch.Tensor  # (Kg*Dh,) rows of wk/wv of the kept groups
     n_heads: int  # Kh
     n_groups: int  # Kg
-    q2g: torch.Tensor | None  # (Kh,) kept-group slot of each kept head; None: uniform GQA
+    q2g: HeadSlots | None  # the kept heads' slots over the kept groups; None: uniform GQA
 
 
 def attn_layout(heads: torch.Tensor, groups: torch.Tensor, shape: Shape) -> AttnLayout:
@@ -150,7 +188,7 @@ def attn_layout(heads: torch.Tensor, groups: torch.Tensor, shape: Shape) -> Attn
     sync, for the uniform check: once per mask and layer, never per token)."""
     per_group = torch.bincount(heads // shape.group_size, minlength=shape.kv_heads)[groups]
     uniform = bool((per_group == per_group[0]).all())
-    q2g = None if uniform else torch.searchsorted(groups, heads // shape.group_size)
+    q2g = None if uniform else head_slots(torch.searchsorted(groups, heads // shape.group_size), groups.numel())
     return AttnLayout(rows_q=head_rows(heads, shape.head_dim), rows_kv=head_rows(groups, shape.head_dim),
                       n_heads=heads.numel(), n_groups=groups.numel(), q2g=q2g)
 

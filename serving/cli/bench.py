@@ -66,6 +66,8 @@ def bench_speed(
                                         "(default 32, quick 16)."),
     units: list[str] = typer.Option([], "--units", help="The shadowllm rows' batch units (repeatable): "
                                     "per_request (default), heads, heads_neurons: a row each."),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", min=1, max=4096,
+                                      help="Tokens in each row's prompt: the cache a decode step attends over."),
     out: Optional[Path] = ReportOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
@@ -79,7 +81,8 @@ def bench_speed(
     try:
         result = bench.run_speed(settings.runtime, arch=arch, quick=quick, batch_size=sizes,
                                  methods=methods or None, sparsities=sparsities or None,
-                                 repeats=repeats, steps=steps, units=tuple(units) or ("per_request",))
+                                 repeats=repeats, steps=steps, units=tuple(units) or ("per_request",),
+                                 prompt_tokens=prompt_tokens)
     except ValueError as exc:
         fail(str(exc))
     _emit(result, out, as_json)

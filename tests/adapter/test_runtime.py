@@ -103,8 +103,16 @@ def test_uneven_gqa_mask_gathers_correctly():
     st, logits = gm.prefill(ids, P.Static(mask, 0.5), 0, all_logits=True)
     torch.testing.assert_close(logits, masked_dense_logits(model, ids, mask), atol=ATOL, rtol=0)
     assert [k.shape[0] for k in st.k] == [4, 3, 2]  # only kept groups are cached
-    # query heads 0,1,2,5 read cached groups 0,0,1,2 (the kept groups 0,1,2 in cache order)
-    assert st.weights[1].attn.q2g.tolist() == [0, 0, 1, 2]
+    # query heads 0,1,2,5 read cached groups 0,0,1,2 (the kept groups 0,1,2 in cache order):
+    # padded to 2 query heads per group, group 1's spare slot repeats its head (kept head 2)
+    slots = st.weights[1].attn.q2g
+    assert slots.per_group == 2 and slots.pad.tolist() == [0, 1, 2, 2, 3, 3]
+    assert slots.real.tolist() == [0, 1, 2, 4]
+    # decode steps on the padded layout equal the masked dense model too
+    st, _ = gm.prefill(ids[:6], P.Static(mask, 0.5), len(ids) - 6)
+    for pos in range(6, len(ids)):
+        step = gm.decode([st], torch.tensor([ids[pos]]))[0]
+    torch.testing.assert_close(step, masked_dense_logits(model, ids, mask)[-1], atol=ATOL, rtol=0)
 
 
 def test_skipped_heads_are_not_computed_or_cached():
