@@ -139,6 +139,42 @@ def bench_step_profile(
                   f"profiled {report['profiled_speedup']}x, wall {report['wall_speedup']}x")
 
 
+@bench_app.command("attention")
+def bench_attention(
+    as_json: bool = JsonObjectOpt,
+    cache_tokens: str = typer.Option("128,256,384,512,1024", "--cache-tokens",
+                                     help="Cache lengths, a comma list."),
+    spread: str = typer.Option("3,2,2,1", "--spread", help="Kept heads per kept KV group, a comma list "
+                               "(the bench shape: 4 groups of 4 heads)."),
+    repeats: int = typer.Option(300, "--repeats", min=1, max=100000),
+    out: Optional[Path] = ReportOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """One layer's decode attention with unevenly kept heads: padded queries (the runtime's
+    way) against selecting the cache's rows per head, and dense GQA, by cache length."""
+    from adapter.benchmarks import attention
+
+    settings = settings_or_exit(config)
+    settings.runtime.apply_threads()
+    lengths = _comma_list("--cache-tokens", cache_tokens, int, 1, 32768, ("cache lengths", "cache length"), "128,512")
+    counts = _comma_list("--spread", spread, int, 1, 64, ("head counts", "head count"), "3,2,2,1")
+    try:
+        report = attention.run(lengths, counts, repeats)
+    except ValueError as exc:
+        fail(str(exc))
+    report.update(machine=_machine(settings.runtime))
+    _emit(report, out, as_json)
+    if as_json:
+        return
+    table = Table(title=f"decode attention, kept heads per group {report['spread']}, median of {repeats} (ms)")
+    for col in ("cached tokens", "padded queries", "select keys/values", "dense GQA", "max |diff|"):
+        table.add_column(col, justify="right")
+    for r in report["results"]:
+        table.add_row(str(r["cache_tokens"]), f"{r['padded_ms']:.3f}", f"{r['select_ms']:.3f}",
+                      f"{r['dense_ms']:.3f}", f"{r['max_abs_diff']:.1e}")
+    console.print(table)
+
+
 @bench_app.command("batch-quality")
 def bench_batch_quality(
     as_json: bool = JsonObjectOpt,

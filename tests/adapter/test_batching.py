@@ -582,3 +582,18 @@ def test_step_profile_splits_a_step_into_matmuls_and_the_rest(monkeypatch):
     assert out["ideal_speedup"] == round(out["dense"]["bytes"] / out["shadowllm"]["bytes"], 3)
     with pytest.raises(ValueError, match="unknown units 'all'"):
         step_profile.run(RuntimeConfig(), arch="tiny", units="all", quick=True)
+
+
+def test_attention_bench_pads_uneven_heads_to_the_same_result():
+    """`shadowgate bench attention`: the padded queries give what selecting the cache's rows
+    per head gives, at every cache length, and every path is timed."""
+    from adapter.benchmarks import attention
+
+    out = attention.run(cache_tokens=(7, 33), spread=(3, 2, 2, 1), repeats=2)
+    assert out["kept_heads"] == 8 and out["kept_groups"] == 4 and out["padded_per_group"] == 3
+    assert [r["cache_tokens"] for r in out["results"]] == [7, 33]
+    for r in out["results"]:
+        assert r["max_abs_diff"] < 1e-5
+        assert r["padded_ms"] > 0 and r["select_ms"] > 0 and r["dense_ms"] > 0
+    with pytest.raises(ValueError, match="spread"):
+        attention.run(spread=(5,))

@@ -107,6 +107,9 @@ def test_bad_config_file_is_reported_without_traceback(tmp_path):
     (["bench", "speed", "--units", "all", "--quick"], "unknown units 'all'"),
     (["bench", "step-profile", "--units", "all"], "unknown units 'all'"),
     (["bench", "step-profile", "--sparsity", "1.5"], "sparsity must be in (0, 1)"),
+    (["bench", "attention", "--spread", "5,1"], "spread: at most 4 groups of 1-4 kept heads"),
+    (["bench", "attention", "--cache-tokens", "0"], "every cache length must be in [1, 32768]"),
+    (["bench", "speed", "--prompt-tokens", "0"], "--prompt-tokens"),
 ])
 def test_batch_unit_options_refuse_bad_values_with_a_message(args, message):
     proc = shadowgate(*args)
