@@ -16,12 +16,12 @@ class RuntimeConfig(BaseModel):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (CPU); None: torch default")
     gather_cache_mb: int = Field(512, ge=0, description="byte budget of the gathered-weights LRU")
     gather_recycle: bool = Field(
-        True, description="keep evicted copies' memory (two blocks beyond the budget) and make the "
-        "next copies into it once nothing reads it, so a copy does not fault on fresh pages (70 ms "
-        "and more per copy of the 309 M checkpoint); decode plans' union copies get two blocks of "
-        "their own. With prompt_copy_tokens, sparse/dense on it 1.32-1.37 at concurrency 1, "
-        "0.96-1.14 at 4, 1.09-1.16 at 16; without recycling 1.25-1.30, 0.90-1.00 and 1.10-1.13 "
-        "(docs/SERVING.md)")
+        True, description="keep evicted copies' memory (two spare blocks beyond the budget, made and "
+        "touched with the first copy) and make the next copies into it once nothing reads it, so a "
+        "copy does not fault on fresh pages (70 ms and more per copy of the 309 M checkpoint); decode "
+        "plans' union copies get two blocks of their own. With prompt_copy_tokens, sparse/dense on it "
+        "1.32-1.37 at concurrency 1, 0.96-1.14 at 4, 1.09-1.16 at 16; without recycling 1.25-1.30, "
+        "0.90-1.00 and 1.10-1.13 (docs/SERVING.md)")
     prompt_copy_tokens: int | None = Field(
         32, ge=1, description="a request that joins a busy batch has its prompt run on a copy of its "
         "mask's weights when the prompt holds at least this many tokens: (1 - s) of the prompt's FLOPs "
