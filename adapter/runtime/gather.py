@@ -348,8 +348,9 @@ class GatherCache:
         """Memory for the mask's copy (copy_numel elements): an evicted copy's block that no sequence or
         plan reads any more (its pages touched already: a fresh block costs a page fault per
         4 KiB page, measured at 70 ms per copy of the 309 M checkpoint); else a new block while
-        fewer than SPARE_BLOCKS + 1 exist; else None (the copy's matrices are allocated one by
-        one, as the allocator likes: one large fresh block would fault on every page)."""
+        fewer than SPARE_BLOCKS + 1 exist (the first one made with its spares), or in place of a
+        free block too small for it; else None (the copy's matrices are allocated one by one,
+        as the allocator likes: one large fresh block would fault on every page)."""
         if not self.recycle:
             return None
         numel, ref = copy_numel(self.layers, mask, self.shape), self.layers[0].wq

@@ -50,6 +50,18 @@ def _emit(report: dict, out: Optional[Path], as_json: bool) -> None:
         print(json.dumps(report))
 
 
+def _measured(run, runtime, out: Optional[Path], as_json: bool) -> dict | None:
+    """An in-process bench's report with the machine recorded, written to `out` and printed
+    with --json (then None: no table); a ValueError of the bench is a CLI error."""
+    try:
+        report = run()
+    except ValueError as exc:
+        fail(str(exc))
+    report.update(machine=_machine(runtime))
+    _emit(report, out, as_json)
+    return None if as_json else report
+
+
 @bench_app.command("speed")
 def bench_speed(
     as_json: bool = JsonObjectOpt,
@@ -119,13 +131,9 @@ def bench_step_profile(
     from adapter.benchmarks import step_profile
 
     settings = settings_or_exit(config)
-    try:
-        report = step_profile.run(settings.runtime, arch, batch, sparsity, units, steps, quick)
-    except ValueError as exc:
-        fail(str(exc))
-    report.update(machine=_machine(settings.runtime))
-    _emit(report, out, as_json)
-    if as_json:
+    report = _measured(lambda: step_profile.run(settings.runtime, arch, batch, sparsity, units, steps, quick),
+                       settings.runtime, out, as_json)
+    if report is None:
         return
     table = Table(title=f"decode step, {arch}, batch {batch}, shadowllm {sparsity} ({units}), {steps} steps")
     for col in ("", "wall ms", "profiled ms", "matmul ms", "other ms", "weight MB read"):
@@ -158,13 +166,8 @@ def bench_attention(
     settings.runtime.apply_threads()
     lengths = _comma_list("--cache-tokens", cache_tokens, int, 1, 32768, ("cache lengths", "cache length"), "128,512")
     counts = _comma_list("--spread", spread, int, 1, 64, ("head counts", "head count"), "3,2,2,1")
-    try:
-        report = attention.run(lengths, counts, repeats)
-    except ValueError as exc:
-        fail(str(exc))
-    report.update(machine=_machine(settings.runtime))
-    _emit(report, out, as_json)
-    if as_json:
+    report = _measured(lambda: attention.run(lengths, counts, repeats), settings.runtime, out, as_json)
+    if report is None:
         return
     table = Table(title=f"decode attention, kept heads per group {report['spread']}, median of {repeats} (ms)")
     for col in ("cached tokens", "padded queries", "select keys/values", "dense GQA", "max |diff|"):
