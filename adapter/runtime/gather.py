@@ -82,20 +82,15 @@ def head_slots(q2g: torch.Tensor, n_groups: int) -> HeadSlots:
     (host work: once per mask and layer). A slot without heads (a batch row's cached group
     that none of the batch's heads reads) is padding alone."""
     slot = q2g.cpu().tolist()
-    count = [0] * n_groups
-    real = []
-    for g in slot:
-        real.append((g, count[g]))
+    p = max(slot.count(g) for g in range(n_groups))
+    count, real, pad = [0] * n_groups, [], [None] * (n_groups * p)
+    for i, g in enumerate(slot):  # group g's heads fill its slots g*p, g*p + 1, ...
+        real.append(g * p + count[g])
+        pad[real[-1]] = i
         count[g] += 1
-    p = max(count)
-    first = {}
-    pad = [-1] * (n_groups * p)
-    for i, (g, j) in enumerate(real):
-        pad[g * p + j] = i
-        first.setdefault(g, i)
-    pad = [first.get(at // p, 0) if i < 0 else i for at, i in enumerate(pad)]
-    return HeadSlots(torch.tensor(pad, device=q2g.device), torch.tensor([g * p + j for g, j in real],
-                                                                        device=q2g.device), p)
+    # a group's spare slots repeat its first head (head 0 where it has none)
+    pad = [i if i is not None else (pad[at - at % p] or 0) for at, i in enumerate(pad)]
+    return HeadSlots(torch.tensor(pad, device=q2g.device), torch.tensor(real, device=q2g.device), p)
 
 
 @dataclass(frozen=True)
