@@ -64,17 +64,13 @@ def run(cache_tokens: Seq[int] = CACHE_TOKENS, spread: Seq[int] = SPREAD, repeat
         kept, dense = seq(kg), seq(shape.kv_heads)
         q, k, v = (torch.randn(1, n * dh, generator=gen) for n in (kh, kg, kg))
         qd, kd, vd = (torch.randn(1, n * dh, generator=gen) for n in (shape.heads, shape.kv_heads, shape.kv_heads))
+        paths = {"padded": lambda: gm._attend(kept, 0, q, k, v, kh, kg, slots, None, t),
+                 "select": lambda: gm._attend(kept, 0, q, k, v, kh, kg, select, None, t),
+                 "dense": lambda: gm._attend(dense, 0, qd, kd, vd, shape.heads, shape.kv_heads, None, None, t)}
         with torch.inference_mode():
-            padded = gm._attend(kept, 0, q, k, v, kh, kg, slots, None, t)
-            selected = gm._attend(kept, 0, q, k, v, kh, kg, select, None, t)
-            rows.append({
-                "cache_tokens": t,
-                "padded_ms": round(_ms(lambda: gm._attend(kept, 0, q, k, v, kh, kg, slots, None, t), repeats), 4),
-                "select_ms": round(_ms(lambda: gm._attend(kept, 0, q, k, v, kh, kg, select, None, t), repeats), 4),
-                "dense_ms": round(_ms(lambda: gm._attend(dense, 0, qd, kd, vd, shape.heads, shape.kv_heads,
-                                                         None, None, t), repeats), 4),
-                "max_abs_diff": float((padded - selected).abs().max()),
-            })
+            diff = float((paths["padded"]() - paths["select"]()).abs().max())
+            rows.append({"cache_tokens": t, **{f"{name}_ms": round(_ms(fn, repeats), 4) for name, fn in paths.items()},
+                         "max_abs_diff": diff})
     return {"model": spec, "spread": list(spread), "kept_heads": kh, "kept_groups": kg,
             "padded_per_group": None if slots is None else slots.per_group, "repeats": repeats,
             "threads": torch.get_num_threads(), "results": rows}
